@@ -1,0 +1,118 @@
+"""The one error tree of edgeseal. Stable API.
+
+Every error edgeseal raises at a trust boundary derives from :class:`EdgesealError`, one
+branch per boundary, so callers match on types and never on message text. Each error has
+a ``diagnostics()`` text written for the person at the terminal; only the CLI turns
+errors into exit codes.
+
+Caller mistakes stay ``ValueError``/``TypeError``; calling things in the wrong order is
+``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "DecryptError",
+    "DigestMismatchError",
+    "EdgesealError",
+    "ExpiredError",
+    "KeyFileError",
+    "KeyStoreError",
+    "MalformedBundleError",
+    "MissingExtraError",
+    "NotARecipientError",
+    "RollbackError",
+    "RuntimeBackendError",
+    "SignatureError",
+    "TargetMismatchError",
+    "TrustError",
+    "UnsupportedFormatError",
+]
+
+
+class EdgesealError(Exception):
+    """Base of every error edgeseal raises on purpose."""
+
+    #: What the user can do about it; subclasses override.
+    hint: str = ""
+
+    def diagnostics(self) -> str:
+        """A text for people: what went wrong and, where known, what to do."""
+        text = str(self) or type(self).__name__
+        return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
+class ConfigError(EdgesealError):
+    """A configuration file or value is invalid."""
+
+    hint = "see docs/configuration.md for the schema and its defaults"
+
+
+class MissingExtraError(EdgesealError):
+    """An optional dependency is not installed; the message names the pip install."""
+
+
+class KeyFileError(EdgesealError):
+    """A key file is missing, unreadable, wrongly protected or has a wrong passphrase."""
+
+
+class KeyStoreError(EdgesealError):
+    """A key store (software, TPM 2.0, PKCS#11) failed or refused an operation."""
+
+
+class TrustError(EdgesealError):
+    """The chain of trust does not hold: unknown root, bad or out-of-scope certificate."""
+
+    hint = "check that the bundle was packed by a signer certified by the root this device pins"
+
+
+class BundleError(EdgesealError):
+    """A bundle was rejected. Subclasses say why."""
+
+
+class MalformedBundleError(BundleError):
+    """The bundle's bytes do not follow the format (bad magic, lengths, JSON, truncation)."""
+
+
+class UnsupportedFormatError(MalformedBundleError):
+    """The bundle uses a format version this reader does not know."""
+
+    hint = "upgrade edgeseal on this device, or pack the model with a matching edgeseal"
+
+
+class SignatureError(BundleError):
+    """A signature over the bundle or one of its trust documents does not verify."""
+
+
+class ExpiredError(BundleError):
+    """The bundle, a certificate or a revocation list is past its expiry (or not yet valid)."""
+
+
+class RollbackError(BundleError):
+    """The bundle's version is below the device's version floor."""
+
+    hint = "a device never goes back below its floor; publish a revert release with a higher version"
+
+
+class TargetMismatchError(BundleError):
+    """The bundle was packed for another architecture, runtime or agent version."""
+
+
+class NotARecipientError(BundleError):
+    """The bundle holds no wrapped content key for this device's key."""
+
+    hint = "pack the bundle again with this device among its recipients (--to DEVICE)"
+
+
+class DecryptError(BundleError):
+    """Decryption failed. Deliberately one type for every AEAD, tag and key-unwrap failure."""
+
+
+class DigestMismatchError(BundleError):
+    """A section or chunk does not match the digest the signed manifest lists for it."""
+
+
+class RuntimeBackendError(EdgesealError):
+    """The inference runtime (ONNX Runtime, LiteRT) is missing or refused the model."""

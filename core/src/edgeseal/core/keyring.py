@@ -1,0 +1,267 @@
+"""The workstation's keys: the offline root, signers, revocations, the device registry.
+
+A keyring is a directory (``--keys-dir``, ``$EDGESEAL_KEYS``, default
+``~/.local/share/edgeseal/keys``)::
+
+    root.key  root.pub  root.json     the current root (root.json: version, key id)
+    rotations.json                    root rotation statements, oldest first
+    signers/NAME.key  NAME.cert.json  signer keys and their root-signed certificates
+    revocations.json                  the newest root-signed revocation list
+    devices.json                      the device registry: id -> public key, target
+
+Private keys are written 0600 and refused when group- or world-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeseal.core.encoding import b64d, canonical_json, format_time, parse_json_object, utcnow
+from edgeseal.core.errors import KeyFileError
+from edgeseal.core.files import atomic_write
+from edgeseal.core.keys import (
+    SoftwareSigner,
+    generate_private_key,
+    key_id,
+    load_public_key,
+    public_key_pem,
+    write_private_key,
+    write_public_key,
+)
+from edgeseal.core.manifest import validate_name
+from edgeseal.core.trust import (
+    TrustAnchor,
+    make_revocations,
+    make_rotation,
+    make_signer_certificate,
+    verify_revocations,
+)
+
+__all__ = ["DeviceRecord", "Keyring", "default_keys_dir", "parse_device_public_key"]
+
+
+def default_keys_dir() -> Path:
+    env = os.environ.get("EDGESEAL_KEYS")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "edgeseal/keys"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: str
+    public_key: ec.EllipticCurvePublicKey
+    key_id: str
+    target: str | None
+    key_store: str
+    added: str
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"id": self.id, "key_id": self.key_id, "public_key": public_key_pem(self.public_key),
+                "target": self.target, "key_store": self.key_store, "added": self.added}
+
+
+def parse_device_public_key(data: bytes) -> tuple[ec.EllipticCurvePublicKey, str | None, str]:
+    """A device public key from a PEM file or the JSON ``edgeseal agent init`` prints.
+
+    Returns the key, the device id the JSON names (if any) and its key store kind.
+    """
+    if data.lstrip().startswith(b"{"):
+        obj = parse_json_object(data, "device JSON")
+        pem = obj.get("public_key")
+        if not isinstance(pem, str):
+            raise ValueError("device JSON has no public_key")
+        key = load_public_key(pem, "device public key")
+        if obj.get("key_id") not in (None, key_id(key)):
+            raise ValueError("device JSON key_id does not match its public key")
+        dev = obj.get("device_id")
+        return key, dev if isinstance(dev, str) else None, str(obj.get("key_store", "unknown"))
+    return load_public_key(data, "device public key"), None, "unknown"
+
+
+class Keyring:
+    """The files under a keys directory, and the operations on them."""
+
+    def __init__(self, path: Path, *, passphrase: bytes | None = None) -> None:
+        self.path = Path(path)
+        self.passphrase = passphrase
+
+    # -- root ----------------------------------------------------------------------
+    @property
+    def root_key_path(self) -> Path:
+        return self.path / "root.key"
+
+    @property
+    def root_pub_path(self) -> Path:
+        return self.path / "root.pub"
+
+    def _root_meta(self) -> dict[str, Any]:
+        try:
+            return parse_json_object(self._read(self.path / "root.json"), "root.json")
+        except ValueError as e:
+            raise KeyFileError(str(e)) from e
+
+    def _read(self, p: Path) -> bytes:
+        try:
+            return p.read_bytes()
+        except FileNotFoundError as e:
+            hint = " (run: edgeseal keys init-root)" if p.parent == self.path else ""
+            raise KeyFileError(f"{p} does not exist{hint}") from e
+
+    def init_root(self, *, force: bool = False) -> str:
+        if self.root_key_path.exists() and not force:
+            raise KeyFileError(f"a root key already exists in {self.path}; use keys rotate-root")
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        key = generate_private_key()
+        write_private_key(self.root_key_path, key, passphrase=self.passphrase)
+        write_public_key(self.root_pub_path, key.public_key())
+        kid = key_id(key.public_key())
+        atomic_write(self.path / "root.json", canonical_json({"version": 1, "keyid": kid}))
+        atomic_write(self.path / "rotations.json", b"[]")
+        return kid
+
+    def root_signer(self) -> SoftwareSigner:
+        return SoftwareSigner.from_file(self.root_key_path, passphrase=self.passphrase)
+
+    def anchor(self) -> TrustAnchor:
+        meta = self._root_meta()
+        return TrustAnchor.from_pem_files([self._read(self.root_pub_path)],
+                                          version=int(meta["version"]))
+
+    def rotations(self) -> list[dict[str, Any]]:
+        p = self.path / "rotations.json"
+        if not p.exists():
+            return []
+        data = json.loads(p.read_bytes())
+        if not isinstance(data, list):
+            raise KeyFileError(f"{p} must hold a list")
+        return data
+
+    def rotate_root(self) -> tuple[str, int]:
+        """Make a new root, signed over by the old one; the old key is kept as root-N.key."""
+        old = self.root_signer()
+        version = int(self._root_meta()["version"]) + 1
+        new_key = generate_private_key()
+        new = SoftwareSigner(new_key)
+        statement = make_rotation(old, new, version=version)
+        self.root_key_path.rename(self.path / f"root-{version - 1}.key")
+        write_private_key(self.root_key_path, new_key, passphrase=self.passphrase)
+        write_public_key(self.root_pub_path, new_key.public_key())
+        atomic_write(self.path / "rotations.json", canonical_json([*self.rotations(), statement]))
+        atomic_write(self.path / "root.json", canonical_json({"version": version,
+                                                              "keyid": new.key_id}))
+        # Certificates and revocations signed by the old root are void under the new one.
+        return new.key_id, version
+
+    # -- signers -------------------------------------------------------------------
+    def signer_paths(self, name: str) -> tuple[Path, Path]:
+        validate_name(name, "signer name")
+        return self.path / "signers" / f"{name}.key", self.path / "signers" / f"{name}.cert.json"
+
+    def new_signer(
+        self, name: str, *, roles: Iterable[str], model_patterns: Iterable[str], days: int,
+        signer_passphrase: bytes | None = None, now: datetime | None = None,
+    ) -> dict[str, Any]:
+        key_path, cert_path = self.signer_paths(name)
+        if key_path.exists():
+            raise KeyFileError(f"signer {name!r} already exists in {self.path}")
+        root = self.root_signer()
+        key = generate_private_key()
+        start = now or utcnow()
+        cert = make_signer_certificate(
+            root, key.public_key(), name=name, roles=roles, model_patterns=model_patterns,
+            not_before=start - timedelta(minutes=5), not_after=start + timedelta(days=days),
+        )
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        write_private_key(key_path, key, passphrase=signer_passphrase)
+        atomic_write(cert_path, canonical_json(cert))
+        return cert
+
+    def load_signer(
+        self, name: str, *, signer_passphrase: bytes | None = None
+    ) -> tuple[SoftwareSigner, dict[str, Any]]:
+        key_path, cert_path = self.signer_paths(name)
+        cert = json.loads(self._read(cert_path))
+        signer = SoftwareSigner.from_file(key_path, passphrase=signer_passphrase)
+        return signer, cert
+
+    def signer_names(self) -> list[str]:
+        d = self.path / "signers"
+        return sorted(p.name[: -len(".cert.json")] for p in d.glob("*.cert.json")) if d.exists() else []
+
+    def certificate_payload(self, name: str) -> dict[str, Any]:
+        _, cert_path = self.signer_paths(name)
+        cert = json.loads(self._read(cert_path))
+        return parse_json_object(b64d(cert["payload"], "certificate"), "certificate")
+
+    # -- revocations ---------------------------------------------------------------
+    def revocations(self) -> dict[str, Any] | None:
+        p = self.path / "revocations.json"
+        return json.loads(p.read_bytes()) if p.exists() else None
+
+    def revoke(self, signer: str, *, reason: str, now: datetime | None = None) -> int:
+        """Add a signer (name or key id) to the root-signed revocation list."""
+        kid = signer
+        if not re.fullmatch(r"[0-9a-f]{64}", signer):
+            kid = str(self.certificate_payload(signer)["keyid"])
+        current = self.revocations()
+        revoked: dict[str, str] = {}
+        version = 1
+        if current is not None:
+            existing = verify_revocations(current, self.anchor())
+            revoked = dict(existing.revoked)
+            version = existing.version + 1
+        revoked[kid] = reason
+        doc = make_revocations(self.root_signer(), version=version, revoked=revoked,
+                               issued=now or utcnow())
+        atomic_write(self.path / "revocations.json", canonical_json(doc))
+        return version
+
+    # -- devices -------------------------------------------------------------------
+    def _devices_obj(self) -> dict[str, Any]:
+        p = self.path / "devices.json"
+        if not p.exists():
+            return {}
+        data = json.loads(p.read_bytes())
+        return dict(data.get("devices", {}))
+
+    def devices(self) -> list[DeviceRecord]:
+        out = []
+        for dev_id, d in sorted(self._devices_obj().items()):
+            out.append(DeviceRecord(dev_id, load_public_key(d["public_key"]), d["key_id"],
+                                    d.get("target"), d.get("key_store", "unknown"), d["added"]))
+        return out
+
+    def device(self, dev_id: str) -> DeviceRecord:
+        for d in self.devices():
+            if d.id == dev_id:
+                return d
+        raise KeyFileError(f"device {dev_id!r} is not in the registry (edgeseal keys add-device)")
+
+    def add_device(
+        self, dev_id: str, key: ec.EllipticCurvePublicKey, *, target: str | None,
+        key_store: str = "unknown",
+    ) -> DeviceRecord:
+        validate_name(dev_id, "device id")
+        devices = self._devices_obj()
+        rec = DeviceRecord(dev_id, key, key_id(key), target, key_store, format_time(utcnow()))
+        devices[dev_id] = rec.to_obj()
+        atomic_write(self.path / "devices.json", canonical_json({"devices": devices}))
+        return rec
+
+    def remove_device(self, dev_id: str) -> None:
+        devices = self._devices_obj()
+        if dev_id not in devices:
+            raise KeyFileError(f"device {dev_id!r} is not in the registry")
+        del devices[dev_id]
+        atomic_write(self.path / "devices.json", canonical_json({"devices": devices}))

@@ -1,0 +1,36 @@
+"""TFLite models: check the flatbuffer and read its I/O schema with LiteRT."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeseal.core.errors import MissingExtraError
+from edgeseal.core.manifest import TensorSpec
+from edgeseal.packager.onnx_model import ModelError
+
+__all__ = ["is_tflite", "tflite_io"]
+
+
+def is_tflite(data: bytes) -> bool:
+    return len(data) >= 8 and data[4:8] == b"TFL3"
+
+
+def tflite_io(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Load the model in LiteRT (as the device will) and read its inputs and outputs."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as e:
+        raise MissingExtraError("packing TFLite models needs LiteRT: pip install ai-edge-litert") from e
+    try:
+        interp = Interpreter(model_content=data)
+    except (ValueError, RuntimeError) as e:
+        raise ModelError(f"LiteRT cannot load this TFLite model: {e}") from e
+
+    def spec(d: dict[str, object]) -> TensorSpec:
+        sig = d.get("shape_signature")
+        shape = d["shape"] if sig is None or not len(sig) else sig  # type: ignore[arg-type]
+        dims = tuple(int(x) if int(x) >= 0 else "?" for x in shape)  # type: ignore[union-attr]
+        return TensorSpec(str(d["name"]), np.dtype(d["dtype"]).name, dims)  # type: ignore[call-overload]
+
+    return (tuple(spec(d) for d in interp.get_input_details()),
+            tuple(spec(d) for d in interp.get_output_details()))

@@ -1,0 +1,80 @@
+"""Shared fixtures: a workstation keyring, simulated devices, sample models and bundles."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from edgeseal.core.config import Config
+from edgeseal.core.keyring import Keyring
+from edgeseal.core.keys import generate_private_key
+from edgeseal.core.keystore import InMemoryKey
+from edgeseal.core.reader import VerifyPolicy
+from edgeseal.packager.pack import PackResult, pack_model
+from edgeseal.packager.samples import make_onnx_classifier, make_tflite_dense
+
+#: A fixed "now" for tests that pack and open: bundles are valid around it.
+NOW = datetime(2026, 11, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@dataclass
+class Fleet:
+    ring: Keyring
+    devices: dict[str, InMemoryKey]
+    tmp: Path
+
+    def policy(self, **kw: object) -> VerifyPolicy:
+        base: dict[str, object] = {"anchor": self.ring.anchor(), "now": NOW}
+        base.update(kw)
+        return VerifyPolicy(**base)  # type: ignore[arg-type]
+
+    def pack(self, model: Path, *, name: str = "classifier", version: int = 1,
+             signer: str = "release", to: tuple[str, ...] = ("dev-a",), out: Path | None = None,
+             **kw: object) -> tuple[Path, PackResult]:
+        sgn, cert = self.ring.load_signer(signer)
+        out = out or self.tmp / f"{name}-{version}-{len(list(self.tmp.glob('*.esb')))}.esb"
+        result = pack_model(model, out, name=name, version=version, signer=sgn, certificate=cert,
+                            devices=[self.ring.device(d) for d in to], now=NOW,
+                            revocations=self.ring.revocations(),
+                            root_rotations=self.ring.rotations(), **kw)  # type: ignore[arg-type]
+        return out, result
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    ring = Keyring(tmp_path / "keys")
+    ring.init_root()
+    ring.new_signer("release", roles=["pack"], model_patterns=["*"], days=365,
+                    now=NOW - timedelta(days=1))
+    devices = {}
+    for dev in ("dev-a", "dev-b"):
+        key = InMemoryKey(generate_private_key())
+        ring.add_device(dev, key.public_key, target=None, key_store="software")
+        devices[dev] = key
+    return Fleet(ring, devices, tmp_path)
+
+
+@pytest.fixture
+def onnx_model(tmp_path: Path) -> Path:
+    p = tmp_path / "classifier.onnx"
+    p.write_bytes(make_onnx_classifier(seed=1))
+    return p
+
+
+@pytest.fixture
+def tflite_model(tmp_path: Path) -> Path:
+    p = tmp_path / "dense.tflite"
+    p.write_bytes(make_tflite_dense(seed=2))
+    return p
+
+
+@pytest.fixture
+def config() -> Config:
+    return Config()
+
+
+BundleMaker = Callable[..., tuple[Path, PackResult]]
