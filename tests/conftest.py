@@ -32,15 +32,32 @@ class Fleet:
         base.update(kw)
         return VerifyPolicy(**base)  # type: ignore[arg-type]
 
-    def pack(self, model: Path, *, name: str = "classifier", version: int = 1,
-             signer: str = "release", to: tuple[str, ...] = ("dev-a",), out: Path | None = None,
-             **kw: object) -> tuple[Path, PackResult]:
+    def pack(
+        self,
+        model: Path,
+        *,
+        name: str = "classifier",
+        version: int = 1,
+        signer: str = "release",
+        to: tuple[str, ...] = ("dev-a",),
+        out: Path | None = None,
+        **kw: object,
+    ) -> tuple[Path, PackResult]:
         sgn, cert = self.ring.load_signer(signer)
         out = out or self.tmp / f"{name}-{version}-{len(list(self.tmp.glob('*.esb')))}.esb"
-        result = pack_model(model, out, name=name, version=version, signer=sgn, certificate=cert,
-                            devices=[self.ring.device(d) for d in to], now=NOW,
-                            revocations=self.ring.revocations(),
-                            root_rotations=self.ring.rotations(), **kw)  # type: ignore[arg-type]
+        result = pack_model(
+            model,
+            out,
+            name=name,
+            version=version,
+            signer=sgn,
+            certificate=cert,
+            devices=[self.ring.device(d) for d in to],
+            now=NOW,
+            revocations=self.ring.revocations(),
+            root_rotations=self.ring.rotations(),
+            **kw,
+        )  # type: ignore[arg-type]
         return out, result
 
 
@@ -48,8 +65,9 @@ class Fleet:
 def fleet(tmp_path: Path) -> Fleet:
     ring = Keyring(tmp_path / "keys")
     ring.init_root()
-    ring.new_signer("release", roles=["pack"], model_patterns=["*"], days=365,
-                    now=NOW - timedelta(days=1))
+    ring.new_signer(
+        "release", roles=["pack"], model_patterns=["*"], days=365, now=NOW - timedelta(days=1)
+    )
     devices = {}
     for dev in ("dev-a", "dev-b"):
         key = InMemoryKey(generate_private_key())

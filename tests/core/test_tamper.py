@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeseal.core.config import Limits
 from edgeseal.core.errors import (
     DecryptError,
     DigestMismatchError,
@@ -17,7 +18,6 @@ from edgeseal.core.errors import (
     TrustError,
 )
 from edgeseal.core.layout import HEADER_LEN, parse_header
-from edgeseal.core.config import Limits
 from edgeseal.core.reader import BundleFile, unwrap_content_key
 
 
@@ -73,9 +73,9 @@ def _payload_offsets(data: bytes, result) -> list[int]:
         end = pos + entry.sealed_size
         while pos < end:
             n = min(result.manifest.chunk_size + 16, end - pos)
-            out += [pos, pos + (n - 16) // 2, pos + n - 17] + list(range(pos + n - 16, pos + n))
+            out += [pos, pos + (n - 16) // 2, pos + n - 17, *list(range(pos + n - 16, pos + n))]
             pos += n
-    return sorted(set(o for o in out if h.payload_offset <= o < h.total_len))
+    return sorted({o for o in out if h.payload_offset <= o < h.total_len})
 
 
 @pytest.mark.parametrize("region", ["header", "manifest", "trust", "signature"])
@@ -111,7 +111,7 @@ def test_flips_at_every_region_boundary_are_rejected(fleet, sealed):
 def test_truncation_at_any_offset_is_rejected(fleet, sealed):
     data, _ = sealed
     _, regions = _regions(data)
-    cuts = set(range(0, HEADER_LEN + 8))
+    cuts = set(range(HEADER_LEN + 8))
     for start, end in regions.values():
         cuts |= {start - 1, start, start + 1, end - 1}
     cuts |= set(range(0, len(data), 97))

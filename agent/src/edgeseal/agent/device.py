@@ -43,8 +43,13 @@ class DeviceHome:
     def info_path(self) -> Path:
         return self.path / "device.json"
 
-    def init(self, *, root_public_keys: list[bytes], device_id: str | None = None,
-             passphrase: bytes | None = None) -> dict[str, Any]:
+    def init(
+        self,
+        *,
+        root_public_keys: list[bytes],
+        device_id: str | None = None,
+        passphrase: bytes | None = None,
+    ) -> dict[str, Any]:
         """Provision: make the device key, pin the root(s), write device.json."""
         if self.info_path.exists():
             raise KeyFileError(f"{self.path} is already provisioned")
@@ -57,10 +62,15 @@ class DeviceHome:
             atomic_write(self.path / "roots" / f"{kid[:16]}.pub", public_key_pem(key).encode())
         store = SoftwareKeyStore.create(self.path / "device.key", passphrase=passphrase)
         dev_id = validate_name(device_id or f"dev-{store.key_id[:12]}", "device id")
-        info = {"device_id": dev_id, "key_id": store.key_id, "key_store": store.kind,
-                "hardware_backed": store.hardware_backed, "label": store.label,
-                "public_key": public_key_pem(store.public_key),
-                "architecture": machine_architecture()}
+        info = {
+            "device_id": dev_id,
+            "key_id": store.key_id,
+            "key_store": store.kind,
+            "hardware_backed": store.hardware_backed,
+            "label": store.label,
+            "public_key": public_key_pem(store.public_key),
+            "architecture": machine_architecture(),
+        }
         atomic_write(self.info_path, canonical_json(info))
         return info
 
@@ -68,8 +78,9 @@ class DeviceHome:
         try:
             data: dict[str, Any] = json.loads(self.info_path.read_bytes())
         except FileNotFoundError as e:
-            raise KeyFileError(f"{self.path} is not a provisioned device home "
-                               "(run: edgeseal agent init)") from e
+            raise KeyFileError(
+                f"{self.path} is not a provisioned device home (run: edgeseal agent init)"
+            ) from e
         return data
 
     def key_store(self, *, passphrase: bytes | None = None) -> KeyStore:
@@ -80,8 +91,10 @@ class DeviceHome:
         return store
 
     def anchor(self) -> TrustAnchor:
-        keys = [load_public_key(p.read_bytes(), str(p))
-                for p in sorted((self.path / "roots").glob("*.pub"))]
+        keys = [
+            load_public_key(p.read_bytes(), str(p))
+            for p in sorted((self.path / "roots").glob("*.pub"))
+        ]
         if not keys:
             raise KeyFileError(f"no pinned root in {self.path / 'roots'}")
         return TrustAnchor({key_id(k): k for k in keys})

@@ -36,13 +36,17 @@ class MemoryStatus:
     note: str
 
     def to_obj(self) -> dict[str, object]:
-        return {"kind": self.kind, "locked": self.locked,
-                "excluded_from_core_dumps": self.excluded_from_core_dumps, "note": self.note}
+        return {
+            "kind": self.kind,
+            "locked": self.locked,
+            "excluded_from_core_dumps": self.excluded_from_core_dumps,
+            "note": self.note,
+        }
 
 
 def make_process_undumpable() -> bool:
     """``prctl(PR_SET_DUMPABLE, 0)``: no core dumps, no same-uid ptrace of this process."""
-    return _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    return bool(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
 
 
 def _memfd_secret(size: int) -> tuple[mmap.mmap, str] | None:
@@ -69,8 +73,9 @@ class SecretBuffer:
         mapped = _memfd_secret(size) if size else None
         if mapped is not None:
             self._mm = mapped[0]
-            self._status = MemoryStatus("memfd_secret", True, True,
-                                        "pages removed from the kernel direct map")
+            self._status = MemoryStatus(
+                "memfd_secret", True, True, "pages removed from the kernel direct map"
+            )
             self._locked = False  # memfd_secret pages are locked by the kernel itself
         else:
             self._mm = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -79,9 +84,14 @@ class SecretBuffer:
                 self._mm.madvise(mmap.MADV_DONTDUMP)
                 dontdump = True
             self._locked = _libc.mlock(self._address(), max(size, 1)) == 0
-            note = "" if self._locked else (
-                f"mlock refused ({os.strerror(ctypes.get_errno())}): raise RLIMIT_MEMLOCK "
-                "(LimitMEMLOCK= in the unit) or the pages may be swapped")
+            note = (
+                ""
+                if self._locked
+                else (
+                    f"mlock refused ({os.strerror(ctypes.get_errno())}): raise RLIMIT_MEMLOCK "
+                    "(LimitMEMLOCK= in the unit) or the pages may be swapped"
+                )
+            )
             self._status = MemoryStatus("anonymous", self._locked, dontdump, note)
         self._base = memoryview(self._mm)
         self.view = self._base[:size]

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from edgeseal.agent.memory import SecretBuffer
+from edgeseal.agent.runtimes import InferenceSession, OnnxSession, TfliteSession
 from edgeseal.core.config import Config
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import Manifest
 from edgeseal.core.reader import BundleFile, VerifiedBundle, VerifyPolicy, unwrap_content_key, wipe
 from edgeseal.core.weights import parse_weights_index
-from edgeseal.agent.memory import SecretBuffer
-from edgeseal.agent.runtimes import InferenceSession, OnnxSession, TfliteSession
 
 __all__ = ["OpenedModel", "open_bundle"]
 
@@ -50,8 +50,11 @@ class OpenedModel:
     def status(self) -> dict[str, Any]:
         m = self.manifest
         return {
-            "model": m.model_name, "version": m.version, "bundle_id": m.bundle_id,
-            "signer": self.bundle.signer.name, "key_store": self.key_store_kind,
+            "model": m.model_name,
+            "version": m.version,
+            "bundle_id": m.bundle_id,
+            "signer": self.bundle.signer.name,
+            "key_store": self.key_store_kind,
             "hardware_backed": self.hardware_backed,
             "memory": {name: b.status().to_obj() for name, b in self.buffers.items()},
             **self.session.status(),
@@ -71,7 +74,11 @@ class OpenedModel:
 
 
 def open_bundle(
-    path: Path, *, key_store: KeyStore, policy: VerifyPolicy, config: Config,
+    path: Path,
+    *,
+    key_store: KeyStore,
+    policy: VerifyPolicy,
+    config: Config,
     progress: Progress | None = None,
 ) -> OpenedModel:
     buffers: dict[str, SecretBuffer] = {}
@@ -98,11 +105,18 @@ def open_bundle(
     return OpenedModel(vb, session, buffers, key_store.kind, key_store.hardware_backed)
 
 
-def _session(vb: VerifiedBundle, buffers: dict[str, SecretBuffer], config: Config) -> InferenceSession:
+def _session(
+    vb: VerifiedBundle, buffers: dict[str, SecretBuffer], config: Config
+) -> InferenceSession:
     graph = bytes(buffers["graph"].view)
     if vb.manifest.model_format == "tflite":
         return TfliteSession(graph, config.runtime)
     weights = buffers.get("weights")
     entries = parse_weights_index(weights.view) if weights is not None else []
-    return OnnxSession(graph, weights.view if weights else None, entries, config.runtime,
-                       providers=vb.manifest.target.execution_providers)
+    return OnnxSession(
+        graph,
+        weights.view if weights else None,
+        entries,
+        config.runtime,
+        providers=vb.manifest.target.execution_providers,
+    )

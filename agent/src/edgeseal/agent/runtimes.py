@@ -25,8 +25,12 @@ from edgeseal.core.weights import PLACEHOLDER_DIR, TensorEntry
 __all__ = ["InferenceSession", "OnnxSession", "TfliteSession", "available_providers"]
 
 log = logging.getLogger(__name__)
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 class InferenceSession(Protocol):
@@ -43,8 +47,9 @@ def _ort() -> Any:
     try:
         import onnxruntime
     except ImportError as e:
-        raise MissingExtraError("running ONNX models needs ONNX Runtime: "
-                                "pip install onnxruntime") from e
+        raise MissingExtraError(
+            "running ONNX models needs ONNX Runtime: pip install onnxruntime"
+        ) from e
     return onnxruntime
 
 
@@ -59,25 +64,36 @@ class OnnxSession:
     runtime = "onnxruntime"
 
     def __init__(
-        self, graph: bytes, weights: memoryview | None, entries: list[TensorEntry],
-        config: RuntimeConfig, *, providers: tuple[str, ...] = (),
+        self,
+        graph: bytes,
+        weights: memoryview | None,
+        entries: list[TensorEntry],
+        config: RuntimeConfig,
+        *,
+        providers: tuple[str, ...] = (),
     ) -> None:
         ort = _ort()
         so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                              _OPT_LEVELS[config.graph_optimization])
+        so.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization]
+        )
         if config.intra_op_threads:
             so.intra_op_num_threads = config.intra_op_threads
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                    PLACEHOLDER_DIR)
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", PLACEHOLDER_DIR
+        )
         if config.disable_prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
         self._arrays: list[np.ndarray] = []
         self._values: list[Any] = []
         for e in entries:
             assert weights is not None
-            arr = np.frombuffer(weights, dtype=np.dtype(e.dtype).newbyteorder("<"),
-                                count=int(np.prod(e.shape)), offset=e.offset).reshape(e.shape)
+            arr = np.frombuffer(
+                weights,
+                dtype=np.dtype(e.dtype).newbyteorder("<"),
+                count=int(np.prod(e.shape)),
+                offset=e.offset,
+            ).reshape(e.shape)
             value = ort.OrtValue.ortvalue_from_numpy(arr)
             self._arrays.append(arr)
             self._values.append(value)
@@ -96,7 +112,7 @@ class OnnxSession:
             results = self._session.run(None, dict(inputs))
         except Exception as e:
             raise RuntimeBackendError(f"inference failed: {e}") from e
-        return dict(zip(self.output_names, results))
+        return dict(zip(self.output_names, results, strict=False))
 
     def close(self) -> None:
         self._session = None
@@ -104,8 +120,11 @@ class OnnxSession:
         self._arrays.clear()
 
     def status(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "providers": self.providers,
-                "weights_handed_over": "OrtValue views of the locked buffer (no copy)"}
+        return {
+            "runtime": self.runtime,
+            "providers": self.providers,
+            "weights_handed_over": "OrtValue views of the locked buffer (no copy)",
+        }
 
 
 class TfliteSession:
@@ -118,11 +137,14 @@ class TfliteSession:
             try:
                 from tflite_runtime.interpreter import Interpreter
             except ImportError as e:
-                raise MissingExtraError("running TFLite models needs LiteRT: pip install "
-                                        "ai-edge-litert (or tflite-runtime with numpy<2)") from e
+                raise MissingExtraError(
+                    "running TFLite models needs LiteRT: pip install "
+                    "ai-edge-litert (or tflite-runtime with numpy<2)"
+                ) from e
         try:
             self._interp: Any = Interpreter(
-                model_content=model, num_threads=config.intra_op_threads or None)
+                model_content=model, num_threads=config.intra_op_threads or None
+            )
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise RuntimeBackendError(f"LiteRT refused the model: {e}") from e
@@ -147,6 +169,8 @@ class TfliteSession:
         self._interp = None
 
     def status(self) -> dict[str, Any]:
-        return {"runtime": self.runtime,
-                "weights_handed_over": "as immutable bytes: LiteRT's Python API copies the "
-                "model and the copy cannot be wiped"}
+        return {
+            "runtime": self.runtime,
+            "weights_handed_over": "as immutable bytes: LiteRT's Python API copies the "
+            "model and the copy cannot be wiped",
+        }

@@ -27,8 +27,9 @@ EcdhFn = Callable[[bytes], bytes]
 
 _KEM_ID, _KDF_ID, _AEAD_ID = 0x0010, 0x0001, 0x0001
 _KEM_SUITE = b"KEM" + _KEM_ID.to_bytes(2, "big")
-_HPKE_SUITE = b"HPKE" + _KEM_ID.to_bytes(2, "big") + _KDF_ID.to_bytes(2, "big") + \
-    _AEAD_ID.to_bytes(2, "big")
+_HPKE_SUITE = (
+    b"HPKE" + _KEM_ID.to_bytes(2, "big") + _KDF_ID.to_bytes(2, "big") + _AEAD_ID.to_bytes(2, "big")
+)
 _SUITE = hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
 
 

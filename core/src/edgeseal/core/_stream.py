@@ -64,8 +64,14 @@ class SectionCipher:
     """Seals or opens the chunks of one section."""
 
     def __init__(
-        self, content_key: bytes, *, bundle_id: str, section: str, plaintext_size: int,
-        chunk_size: int, cipher: str,
+        self,
+        content_key: bytes,
+        *,
+        bundle_id: str,
+        section: str,
+        plaintext_size: int,
+        chunk_size: int,
+        cipher: str,
     ) -> None:
         if len(content_key) != KEY_LEN:
             raise ValueError("content key must be 32 bytes")
@@ -82,8 +88,11 @@ class SectionCipher:
         if self.count > MAX_CHUNKS:
             raise ValueError("too many chunks for the 32-bit chunk counter")
         self._ad = binding(
-            bundle_id=bundle_id, section=section, plaintext_size=plaintext_size,
-            chunk_size=chunk_size, cipher=cipher,
+            bundle_id=bundle_id,
+            section=section,
+            plaintext_size=plaintext_size,
+            chunk_size=chunk_size,
+            cipher=cipher,
         )
 
     def plaintext_len(self, index: int) -> int:

@@ -42,18 +42,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-keys_app = typer.Typer(help="Root, signer and device keys on the workstation.",
-                       no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Root, signer and device keys on the workstation.", no_args_is_help=True
+)
 app.add_typer(keys_app, name="keys")
 
-KeysDir = Annotated[Path, typer.Option("--keys-dir", envvar="EDGESEAL_KEYS",
-                                       help="Keyring directory.", show_default=False)]
-PassFile = Annotated[Path | None, typer.Option(
-    "--passphrase-file", help="File whose first line is the root key passphrase "
-    "(else $EDGESEAL_PASSPHRASE; none: key stored unencrypted).")]
+KeysDir = Annotated[
+    Path,
+    typer.Option(
+        "--keys-dir", envvar="EDGESEAL_KEYS", help="Keyring directory.", show_default=False
+    ),
+]
+PassFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--passphrase-file",
+        help="File whose first line is the root key passphrase "
+        "(else $EDGESEAL_PASSPHRASE; none: key stored unencrypted).",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-Config = Annotated[Path | None, typer.Option("--config", envvar="EDGESEAL_CONFIG",
-                                             help="edgeseal TOML config file.")]
+Config = Annotated[
+    Path | None,
+    typer.Option("--config", envvar="EDGESEAL_CONFIG", help="edgeseal TOML config file."),
+]
 
 
 def _keyring(keys_dir: Path | None, passphrase_file: Path | None) -> Keyring:
@@ -62,19 +74,34 @@ def _keyring(keys_dir: Path | None, passphrase_file: Path | None) -> Keyring:
 
 @keys_app.command("init-root")
 @reports_errors
-def init_root(keys_dir: KeysDir = None,  # type: ignore[assignment]
-              passphrase_file: PassFile = None, force: bool = False,
-              as_json: Json = False) -> None:
+def init_root(
+    keys_dir: KeysDir = None,  # type: ignore[assignment]
+    passphrase_file: PassFile = None,
+    force: bool = False,
+    as_json: Json = False,
+) -> None:
     """Create the offline root key. Devices pin its public key (root.pub)."""
     ring = _keyring(keys_dir, passphrase_file)
     kid = ring.init_root(force=force)
-    emit({"ok": True, "root_key_id": kid, "root_public_key": str(ring.root_pub_path),
-          "encrypted": ring.passphrase is not None}, as_json=as_json,
-         render=lambda: out_console.print(
-             f"root key {kid[:16]} created in {ring.path}\n"
-             f"devices pin: {ring.root_pub_path}"
-             + ("" if ring.passphrase else "\n[yellow]warning[/]: root key stored without a "
-                "passphrase (give --passphrase-file for anything but a demo)")))
+    emit(
+        {
+            "ok": True,
+            "root_key_id": kid,
+            "root_public_key": str(ring.root_pub_path),
+            "encrypted": ring.passphrase is not None,
+        },
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"root key {kid[:16]} created in {ring.path}\n"
+            f"devices pin: {ring.root_pub_path}"
+            + (
+                ""
+                if ring.passphrase
+                else "\n[yellow]warning[/]: root key stored without a "
+                "passphrase (give --passphrase-file for anything but a demo)"
+            )
+        ),
+    )
 
 
 @keys_app.command("new-signer")
@@ -82,60 +109,88 @@ def init_root(keys_dir: KeysDir = None,  # type: ignore[assignment]
 def new_signer(
     name: Annotated[str, typer.Argument(help="Signer name, e.g. ci-release.")],
     role: Annotated[list[str], typer.Option("--role", help="pack and/or deploy.")] = ["pack"],  # noqa: B006
-    models: Annotated[list[str], typer.Option("--models", help="Model-name glob(s) it may sign.")] = ["*"],  # noqa: B006
+    models: Annotated[
+        list[str], typer.Option("--models", help="Model-name glob(s) it may sign.")
+    ] = ["*"],  # noqa: B006
     days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
-    signer_passphrase_file: Annotated[Path | None, typer.Option(
-        help="Encrypt the signer key with this passphrase (first line).")] = None,
+    signer_passphrase_file: Annotated[
+        Path | None, typer.Option(help="Encrypt the signer key with this passphrase (first line).")
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Create a signer key and a certificate for it signed by the root."""
     ring = _keyring(keys_dir, passphrase_file)
-    ring.new_signer(name, roles=role, model_patterns=models, days=days,
-                    signer_passphrase=passphrase_from(signer_passphrase_file,
-                                                      env="EDGESEAL_SIGNER_PASSPHRASE"))
+    ring.new_signer(
+        name,
+        roles=role,
+        model_patterns=models,
+        days=days,
+        signer_passphrase=passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"),
+    )
     payload = ring.certificate_payload(name)
-    emit({"ok": True, "signer": payload}, as_json=as_json,
-         render=lambda: out_console.print(
-             f"signer {name} ({payload['keyid'][:16]}) roles={','.join(payload['roles'])} "
-             f"models={','.join(payload['model_patterns'])} until {payload['not_after']}"))
+    emit(
+        {"ok": True, "signer": payload},
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"signer {name} ({payload['keyid'][:16]}) roles={','.join(payload['roles'])} "
+            f"models={','.join(payload['model_patterns'])} until {payload['not_after']}"
+        ),
+    )
 
 
 @keys_app.command("rotate-root")
 @reports_errors
-def rotate_root(keys_dir: KeysDir = None,  # type: ignore[assignment]
-                passphrase_file: PassFile = None, as_json: Json = False) -> None:
+def rotate_root(
+    keys_dir: KeysDir = None,  # type: ignore[assignment]
+    passphrase_file: PassFile = None,
+    as_json: Json = False,
+) -> None:
     """Replace the root key; the new root is announced by a statement the old root signs.
 
     Signers must be certified again under the new root (keys new-signer)."""
     ring = _keyring(keys_dir, passphrase_file)
     kid, version = ring.rotate_root()
-    emit({"ok": True, "root_key_id": kid, "version": version}, as_json=as_json,
-         render=lambda: out_console.print(
-             f"root rotated to version {version} ({kid[:16]}); bundles now carry the rotation "
-             "statement so devices pinning the old root follow it"))
+    emit(
+        {"ok": True, "root_key_id": kid, "version": version},
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"root rotated to version {version} ({kid[:16]}); bundles now carry the rotation "
+            "statement so devices pinning the old root follow it"
+        ),
+    )
 
 
 @keys_app.command("revoke")
 @reports_errors
-def revoke(signer: Annotated[str, typer.Argument(help="Signer name or key id.")],
-           reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "revoked",
-           keys_dir: KeysDir = None,  # type: ignore[assignment]
-           passphrase_file: PassFile = None, as_json: Json = False) -> None:
+def revoke(
+    signer: Annotated[str, typer.Argument(help="Signer name or key id.")],
+    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "revoked",
+    keys_dir: KeysDir = None,  # type: ignore[assignment]
+    passphrase_file: PassFile = None,
+    as_json: Json = False,
+) -> None:
     """Revoke a signer: a root-signed list, carried in every bundle packed after this."""
     ring = _keyring(keys_dir, passphrase_file)
     version = ring.revoke(signer, reason=reason)
-    emit({"ok": True, "revocations_version": version}, as_json=as_json,
-         render=lambda: out_console.print(f"revoked {signer} (revocation list v{version})"))
+    emit(
+        {"ok": True, "revocations_version": version},
+        as_json=as_json,
+        render=lambda: out_console.print(f"revoked {signer} (revocation list v{version})"),
+    )
 
 
 @keys_app.command("add-device")
 @reports_errors
 def add_device(
     device_id: Annotated[str, typer.Argument(help="Device id (as in its certificate/topics).")],
-    pubkey_file: Annotated[Path, typer.Argument(help="PEM, or the JSON device provisioning "
-                                                "prints.", exists=True, dir_okay=False)],
+    pubkey_file: Annotated[
+        Path,
+        typer.Argument(
+            help="PEM, or the JSON device provisioning prints.", exists=True, dir_okay=False
+        ),
+    ],
     target: Annotated[str | None, typer.Option(help=f"One of: {', '.join(TARGETS)}.")] = None,
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     as_json: Json = False,
@@ -146,51 +201,77 @@ def add_device(
     key, named, store = parse_device_public_key(pubkey_file.read_bytes())
     if named is not None and named != device_id:
         raise ValueError(f"{pubkey_file} is for device {named!r}, not {device_id!r}")
-    rec = Keyring(keys_dir or default_keys_dir()).add_device(device_id, key, target=target,
-                                                             key_store=store)
-    emit({"ok": True, "device": rec.to_obj()}, as_json=as_json,
-         render=lambda: out_console.print(
-             f"device {device_id} ({rec.key_id[:16]}, key store {store}) registered"))
+    rec = Keyring(keys_dir or default_keys_dir()).add_device(
+        device_id, key, target=target, key_store=store
+    )
+    emit(
+        {"ok": True, "device": rec.to_obj()},
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"device {device_id} ({rec.key_id[:16]}, key store {store}) registered"
+        ),
+    )
 
 
 @keys_app.command("remove")
 @reports_errors
-def remove(device_id: str, keys_dir: KeysDir = None,  # type: ignore[assignment]
-           as_json: Json = False) -> None:
+def remove(
+    device_id: str,
+    keys_dir: KeysDir = None,  # type: ignore[assignment]
+    as_json: Json = False,
+) -> None:
     """Remove a device from the registry (bundles already packed still open on it)."""
     Keyring(keys_dir or default_keys_dir()).remove_device(device_id)
-    emit({"ok": True, "removed": device_id}, as_json=as_json,
-         render=lambda: out_console.print(f"device {device_id} removed"))
+    emit(
+        {"ok": True, "removed": device_id},
+        as_json=as_json,
+        render=lambda: out_console.print(f"device {device_id} removed"),
+    )
 
 
 @keys_app.command("list")
 @reports_errors
-def list_keys(keys_dir: KeysDir = None,  # type: ignore[assignment]
-              as_json: Json = False) -> None:
+def list_keys(
+    keys_dir: KeysDir = None,  # type: ignore[assignment]
+    as_json: Json = False,
+) -> None:
     """Show the root, the signers, the revocations and the registered devices."""
     ring = Keyring(keys_dir or default_keys_dir())
     anchor = ring.anchor()
     signers = [ring.certificate_payload(n) for n in ring.signer_names()]
     revs = ring.revocations()
-    revoked = (parse_json_object(b64d(revs["payload"], "revocations"), "revocations")["revoked"]
-               if revs else [])
+    revoked = (
+        parse_json_object(b64d(revs["payload"], "revocations"), "revocations")["revoked"]
+        if revs
+        else []
+    )
     revoked_ids = {r["keyid"] for r in revoked}
     devices = [d.to_obj() for d in ring.devices()]
-    data = {"root": {"key_ids": list(anchor.keys), "version": anchor.version},
-            "signers": signers, "revoked": revoked, "devices": devices}
+    data = {
+        "root": {"key_ids": list(anchor.keys), "version": anchor.version},
+        "signers": signers,
+        "revoked": revoked,
+        "devices": devices,
+    }
 
     def render() -> None:
         out_console.print(f"root v{anchor.version}: {', '.join(k[:16] for k in anchor.keys)}")
         t = Table("signer", "key id", "roles", "models", "valid until", "status")
         for s in signers:
-            t.add_row(s["name"], s["keyid"][:16], ",".join(s["roles"]),
-                      ",".join(s["model_patterns"]), s["not_after"],
-                      "[red]revoked[/]" if s["keyid"] in revoked_ids else "ok")
+            t.add_row(
+                s["name"],
+                s["keyid"][:16],
+                ",".join(s["roles"]),
+                ",".join(s["model_patterns"]),
+                s["not_after"],
+                "[red]revoked[/]" if s["keyid"] in revoked_ids else "ok",
+            )
         out_console.print(t)
         d = Table("device", "key id", "target", "key store", "added")
         for dev in devices:
-            d.add_row(dev["id"], dev["key_id"][:16], dev["target"] or "-", dev["key_store"],
-                      dev["added"])
+            d.add_row(
+                dev["id"], dev["key_id"][:16], dev["target"] or "-", dev["key_store"], dev["added"]
+            )
         out_console.print(d)
 
     emit(data, as_json=as_json, render=render)
@@ -203,11 +284,14 @@ def _unverified_summary(path: Path) -> dict[str, Any]:
         header = parse_header(prefix[:HEADER_LEN], file_len=bf.size, limits=cfg.limits)
     try:
         unverified_manifest = parse_json_object(
-            prefix[header.manifest_offset : header.trust_offset], "manifest")
+            prefix[header.manifest_offset : header.trust_offset], "manifest"
+        )
         unverified_trust = parse_json_object(
-            prefix[header.trust_offset : header.signature_offset], "trust block")
-        cert = parse_json_object(b64d(unverified_trust["signer"]["payload"], "certificate"),
-                                 "certificate")
+            prefix[header.trust_offset : header.signature_offset], "trust block"
+        )
+        cert = parse_json_object(
+            b64d(unverified_trust["signer"]["payload"], "certificate"), "certificate"
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise MalformedBundleError(f"cannot read bundle metadata: {e}") from e
     recipients = unverified_manifest.get("recipients", [])
@@ -216,11 +300,26 @@ def _unverified_summary(path: Path) -> dict[str, Any]:
         "file": str(path),
         "size": bf.size,
         "format_version": header.format_version,
-        "manifest": {**unverified_manifest,
-                     "recipients": [{"device": r.get("device"), "keyid": r.get("keyid")}
-                                    for r in recipients if isinstance(r, dict)]},
-        "signer": {k: cert.get(k) for k in ("name", "keyid", "roles", "model_patterns",
-                                            "not_before", "not_after", "issuer")},
+        "manifest": {
+            **unverified_manifest,
+            "recipients": [
+                {"device": r.get("device"), "keyid": r.get("keyid")}
+                for r in recipients
+                if isinstance(r, dict)
+            ],
+        },
+        "signer": {
+            k: cert.get(k)
+            for k in (
+                "name",
+                "keyid",
+                "roles",
+                "model_patterns",
+                "not_before",
+                "not_after",
+                "issuer",
+            )
+        },
         "root_rotations": len(unverified_trust.get("rotations") or []),
         "carries_revocations": unverified_trust.get("revocations") is not None,
     }
@@ -228,8 +327,9 @@ def _unverified_summary(path: Path) -> dict[str, Any]:
 
 @app.command("inspect")
 @reports_errors
-def inspect(bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-            as_json: Json = False) -> None:
+def inspect(
+    bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)], as_json: Json = False
+) -> None:
     """Show everything a bundle says, without a private key. Nothing here is verified:
     use `edgeseal verify` for that."""
     s = _unverified_summary(bundle)
@@ -237,28 +337,43 @@ def inspect(bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]
 
     def render() -> None:
         model = m.get("model", {})
-        out_console.print(f"[bold]{bundle}[/] ({s['size']:,} bytes, format v{s['format_version']})"
-                          "  [yellow](not verified: run edgeseal verify)[/]")
-        out_console.print(f"model {model.get('name')} v{model.get('version')} "
-                          f"({model.get('format')}), bundle {m.get('bundle_id')}")
+        out_console.print(
+            f"[bold]{bundle}[/] ({s['size']:,} bytes, format v{s['format_version']})"
+            "  [yellow](not verified: run edgeseal verify)[/]"
+        )
+        out_console.print(
+            f"model {model.get('name')} v{model.get('version')} "
+            f"({model.get('format')}), bundle {m.get('bundle_id')}"
+        )
         out_console.print(f"created {m.get('created')}, expires {m.get('expires')}")
         tgt = m.get("target", {})
-        out_console.print(f"target {','.join(tgt.get('architectures', []))} runtime "
-                          f"{tgt.get('runtime')} agent>={tgt.get('min_agent_version')}")
-        out_console.print(f"cipher {m.get('cipher')}, chunks of {m.get('chunk_size'):,} bytes; "
-                          f"key wrap {m.get('key_wrap')}")
-        out_console.print(f"signer {s['signer']['name']} ({str(s['signer']['keyid'])[:16]}), "
-                          f"roles {s['signer']['roles']}, valid until {s['signer']['not_after']}")
+        out_console.print(
+            f"target {','.join(tgt.get('architectures', []))} runtime "
+            f"{tgt.get('runtime')} agent>={tgt.get('min_agent_version')}"
+        )
+        out_console.print(
+            f"cipher {m.get('cipher')}, chunks of {m.get('chunk_size'):,} bytes; "
+            f"key wrap {m.get('key_wrap')}"
+        )
+        out_console.print(
+            f"signer {s['signer']['name']} ({str(s['signer']['keyid'])[:16]}), "
+            f"roles {s['signer']['roles']}, valid until {s['signer']['not_after']}"
+        )
         t = Table("section", "plaintext bytes", "chunks", "sha256")
         for sec in m.get("sections", []):
-            t.add_row(sec.get("name"), f"{sec.get('plaintext_size', 0):,}",
-                      str(len(sec.get("chunks", []))), str(sec.get("sha256"))[:16])
+            t.add_row(
+                sec.get("name"),
+                f"{sec.get('plaintext_size', 0):,}",
+                str(len(sec.get("chunks", []))),
+                str(sec.get("sha256"))[:16],
+            )
         out_console.print(t)
         io = m.get("io", {})
         for kind in ("inputs", "outputs"):
             for tensor in io.get(kind, []):
-                out_console.print(f"{kind[:-1]} {tensor['name']}: {tensor['dtype']} "
-                                  f"{tensor['shape']}")
+                out_console.print(
+                    f"{kind[:-1]} {tensor['name']}: {tensor['dtype']} {tensor['shape']}"
+                )
         rec = m["recipients"]
         shown = ", ".join(str(r["device"]) for r in rec[:8])
         out_console.print(f"{len(rec)} recipient(s): {shown}{' ...' if len(rec) > 8 else ''}")
@@ -270,12 +385,22 @@ def inspect(bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]
 @reports_errors
 def verify(
     bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-    root: Annotated[list[Path], typer.Option("--root", exists=True, dir_okay=False,
-                                             help="Pinned root public key(s) (root.pub).")],
-    device_key: Annotated[Path | None, typer.Option(
-        help="A device private key: also unwrap and decrypt every section (in memory).")] = None,
-    at: Annotated[str | None, typer.Option(help="Verify as of this UTC time "
-                                           "(2026-01-31T12:00:00Z) instead of now.")] = None,
+    root: Annotated[
+        list[Path],
+        typer.Option(
+            "--root", exists=True, dir_okay=False, help="Pinned root public key(s) (root.pub)."
+        ),
+    ],
+    device_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="A device private key: also unwrap and decrypt every section (in memory)."
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(help="Verify as of this UTC time (2026-01-31T12:00:00Z) instead of now."),
+    ] = None,
     config: Config = None,
     as_json: Json = False,
 ) -> None:
@@ -284,9 +409,16 @@ def verify(
     now = parse_time(at, "--at") if at else utcnow()
     anchor = TrustAnchor.from_pem_files([p.read_bytes() for p in root])
     policy = VerifyPolicy(anchor=anchor, now=now, limits=cfg.limits)
-    steps = ["V1 header and lengths", "V2-V3 trust block and root", "V4 revocations",
-             "V5 signer certificate", "V6 bundle signature", "V7 manifest and signer scope",
-             "V8 expiry", "V11 section layout"]
+    steps = [
+        "V1 header and lengths",
+        "V2-V3 trust block and root",
+        "V4 revocations",
+        "V5 signer certificate",
+        "V6 bundle signature",
+        "V7 manifest and signer scope",
+        "V8 expiry",
+        "V11 section layout",
+    ]
     with BundleFile.open(bundle) as bf:
         vb = bf.verify(policy)
         if device_key is not None:
@@ -297,23 +429,39 @@ def verify(
                     wipe(bf.read_section(vb, entry.name, ckey))
             finally:
                 wipe(ckey)
-            steps += ["V12 content key unwrapped", "V13 chunk digests and AEAD tags",
-                      "V14 section digests"]
+            steps += [
+                "V12 content key unwrapped",
+                "V13 chunk digests and AEAD tags",
+                "V14 section digests",
+            ]
     m = vb.manifest
-    data = {"ok": True, "model": m.model_name, "version": m.version, "bundle_id": m.bundle_id,
-            "signer": vb.signer.name, "signer_key_id": vb.signer.key_id,
-            "root_version": vb.anchor.version, "checked": steps, "at": format_time(now)}
-    emit(data, as_json=as_json, render=lambda: out_console.print(
-        "\n".join(f"[green]✓[/] {s}" for s in steps)
-        + f"\n[bold green]verified[/]: {m.model_name} v{m.version}, signed by "
-          f"{vb.signer.name} ({vb.signer.key_id[:16]})"))
+    data = {
+        "ok": True,
+        "model": m.model_name,
+        "version": m.version,
+        "bundle_id": m.bundle_id,
+        "signer": vb.signer.name,
+        "signer_key_id": vb.signer.key_id,
+        "root_version": vb.anchor.version,
+        "checked": steps,
+        "at": format_time(now),
+    }
+    emit(
+        data,
+        as_json=as_json,
+        render=lambda: out_console.print(
+            "\n".join(f"[green]✓[/] {s}" for s in steps)
+            + f"\n[bold green]verified[/]: {m.model_name} v{m.version}, signed by "
+            f"{vb.signer.name} ({vb.signer.key_id[:16]})"
+        ),
+    )
 
 
 def _register_parts() -> None:
     for ep in sorted(entry_points(group="edgeseal.commands"), key=lambda e: e.name):
         try:
             ep.load()(app)
-        except Exception as e:  # noqa: BLE001 - a broken part must not take the CLI down
+        except Exception as e:
             err_console.print(f"[yellow]warning[/]: command group {ep.name!r} failed to load: {e}")
 
 
@@ -324,9 +472,11 @@ def main() -> None:
         app()
     except SystemExit:
         raise
-    except Exception as e:  # noqa: BLE001
-        err_console.print(f"[bold red]internal error[/]: {type(e).__name__}: {e} "
-                          "(this is a bug in edgeseal: please report it)")
+    except Exception as e:
+        err_console.print(
+            f"[bold red]internal error[/]: {type(e).__name__}: {e} "
+            "(this is a bug in edgeseal: please report it)"
+        )
         sys.exit(EXIT_INTERNAL)
 
 

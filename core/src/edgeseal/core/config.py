@@ -18,7 +18,7 @@ from edgeseal.core.errors import ConfigError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["BundleConfig", "Config", "DeviceConfig", "Limits", "RuntimeConfig", "load_config"]
 
@@ -117,8 +117,9 @@ def _build(cls: type[Any], table: object, where: str) -> Any:
         if isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.{name} must be a list of strings")
-            value = tuple(value)
-        elif type(default) is not type(value):
+            values[name] = tuple(value)
+            continue
+        if type(default) is not type(value):
             raise ConfigError(
                 f"{where}.{name} must be a {type(default).__name__}, got {type(value).__name__}"
             )
@@ -139,13 +140,14 @@ def load_config(path: Path | None = None, *, text: str | None = None) -> Config:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config {path or '<text>'} is not valid TOML: {e}") from e
-    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    sections: dict[str, type[Any]] = {
+        "limits": Limits,
+        "bundle": BundleConfig,
+        "device": DeviceConfig,
+        "runtime": RuntimeConfig,
+    }
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(f"unknown table [{unknown[0]}] (known: {', '.join(sorted(sections))})")
-    built = {
-        name: _build(type(factory()), data[name], name)
-        for name, factory in sections.items()
-        if name in data
-    }
+    built = {name: _build(cls, data[name], name) for name, cls in sections.items() if name in data}
     return Config(**built)

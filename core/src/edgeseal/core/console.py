@@ -27,8 +27,17 @@ from rich.progress import (
 
 from edgeseal.core.errors import EdgesealError
 
-__all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_REJECTED", "EXIT_USAGE", "emit", "err_console",
-           "out_console", "progress_bytes", "reports_errors"]
+__all__ = [
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_REJECTED",
+    "EXIT_USAGE",
+    "emit",
+    "err_console",
+    "out_console",
+    "progress_bytes",
+    "reports_errors",
+]
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -59,10 +68,17 @@ def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except EdgesealError as e:
             if kwargs.get("as_json"):
-                sys.stdout.write(json.dumps({"ok": False, "error": type(e).__name__,
-                                             "message": str(e)}, indent=2) + "\n")
-            err_console.print(f"[bold red]rejected[/]: {type(e).__name__}: {e.diagnostics()}",
-                              highlight=False, markup=True)
+                sys.stdout.write(
+                    json.dumps(
+                        {"ok": False, "error": type(e).__name__, "message": str(e)}, indent=2
+                    )
+                    + "\n"
+                )
+            err_console.print(
+                f"[bold red]rejected[/]: {type(e).__name__}: {e.diagnostics()}",
+                highlight=False,
+                markup=True,
+            )
             raise typer.Exit(EXIT_REJECTED) from None
         except ValueError as e:
             err_console.print(f"[bold red]error[/]: {e}", highlight=False)
@@ -72,13 +88,21 @@ def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @contextlib.contextmanager
-def progress_bytes(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def progress_bytes(
+    description: str, total: int, *, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """A rich progress bar over ``total`` bytes, shown on stderr; yields an ``advance(n)``."""
     if not enabled or not err_console.is_terminal:
         yield lambda n: None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err_console,
-                  transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)

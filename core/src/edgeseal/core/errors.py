@@ -93,7 +93,9 @@ class ExpiredError(BundleError):
 class RollbackError(BundleError):
     """The bundle's version is below the device's version floor."""
 
-    hint = "a device never goes back below its floor; publish a revert release with a higher version"
+    hint = (
+        "a device never goes back below its floor; publish a revert release with a higher version"
+    )
 
 
 class TargetMismatchError(BundleError):

@@ -66,8 +66,14 @@ class DeviceRecord:
     added: str
 
     def to_obj(self) -> dict[str, Any]:
-        return {"id": self.id, "key_id": self.key_id, "public_key": public_key_pem(self.public_key),
-                "target": self.target, "key_store": self.key_store, "added": self.added}
+        return {
+            "id": self.id,
+            "key_id": self.key_id,
+            "public_key": public_key_pem(self.public_key),
+            "target": self.target,
+            "key_store": self.key_store,
+            "added": self.added,
+        }
 
 
 def parse_device_public_key(data: bytes) -> tuple[ec.EllipticCurvePublicKey, str | None, str]:
@@ -121,7 +127,7 @@ class Keyring:
         if self.root_key_path.exists() and not force:
             raise KeyFileError(f"a root key already exists in {self.path}; use keys rotate-root")
         self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        self.path.chmod(0o700)
         key = generate_private_key()
         write_private_key(self.root_key_path, key, passphrase=self.passphrase)
         write_public_key(self.root_pub_path, key.public_key())
@@ -135,8 +141,9 @@ class Keyring:
 
     def anchor(self) -> TrustAnchor:
         meta = self._root_meta()
-        return TrustAnchor.from_pem_files([self._read(self.root_pub_path)],
-                                          version=int(meta["version"]))
+        return TrustAnchor.from_pem_files(
+            [self._read(self.root_pub_path)], version=int(meta["version"])
+        )
 
     def rotations(self) -> list[dict[str, Any]]:
         p = self.path / "rotations.json"
@@ -158,8 +165,9 @@ class Keyring:
         write_private_key(self.root_key_path, new_key, passphrase=self.passphrase)
         write_public_key(self.root_pub_path, new_key.public_key())
         atomic_write(self.path / "rotations.json", canonical_json([*self.rotations(), statement]))
-        atomic_write(self.path / "root.json", canonical_json({"version": version,
-                                                              "keyid": new.key_id}))
+        atomic_write(
+            self.path / "root.json", canonical_json({"version": version, "keyid": new.key_id})
+        )
         # Certificates and revocations signed by the old root are void under the new one.
         return new.key_id, version
 
@@ -169,8 +177,14 @@ class Keyring:
         return self.path / "signers" / f"{name}.key", self.path / "signers" / f"{name}.cert.json"
 
     def new_signer(
-        self, name: str, *, roles: Iterable[str], model_patterns: Iterable[str], days: int,
-        signer_passphrase: bytes | None = None, now: datetime | None = None,
+        self,
+        name: str,
+        *,
+        roles: Iterable[str],
+        model_patterns: Iterable[str],
+        days: int,
+        signer_passphrase: bytes | None = None,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
         key_path, cert_path = self.signer_paths(name)
         if key_path.exists():
@@ -179,8 +193,13 @@ class Keyring:
         key = generate_private_key()
         start = now or utcnow()
         cert = make_signer_certificate(
-            root, key.public_key(), name=name, roles=roles, model_patterns=model_patterns,
-            not_before=start - timedelta(minutes=5), not_after=start + timedelta(days=days),
+            root,
+            key.public_key(),
+            name=name,
+            roles=roles,
+            model_patterns=model_patterns,
+            not_before=start - timedelta(minutes=5),
+            not_after=start + timedelta(days=days),
         )
         key_path.parent.mkdir(parents=True, exist_ok=True)
         write_private_key(key_path, key, passphrase=signer_passphrase)
@@ -197,7 +216,11 @@ class Keyring:
 
     def signer_names(self) -> list[str]:
         d = self.path / "signers"
-        return sorted(p.name[: -len(".cert.json")] for p in d.glob("*.cert.json")) if d.exists() else []
+        return (
+            sorted(p.name[: -len(".cert.json")] for p in d.glob("*.cert.json"))
+            if d.exists()
+            else []
+        )
 
     def certificate_payload(self, name: str) -> dict[str, Any]:
         _, cert_path = self.signer_paths(name)
@@ -222,8 +245,9 @@ class Keyring:
             revoked = dict(existing.revoked)
             version = existing.version + 1
         revoked[kid] = reason
-        doc = make_revocations(self.root_signer(), version=version, revoked=revoked,
-                               issued=now or utcnow())
+        doc = make_revocations(
+            self.root_signer(), version=version, revoked=revoked, issued=now or utcnow()
+        )
         atomic_write(self.path / "revocations.json", canonical_json(doc))
         return version
 
@@ -238,8 +262,16 @@ class Keyring:
     def devices(self) -> list[DeviceRecord]:
         out = []
         for dev_id, d in sorted(self._devices_obj().items()):
-            out.append(DeviceRecord(dev_id, load_public_key(d["public_key"]), d["key_id"],
-                                    d.get("target"), d.get("key_store", "unknown"), d["added"]))
+            out.append(
+                DeviceRecord(
+                    dev_id,
+                    load_public_key(d["public_key"]),
+                    d["key_id"],
+                    d.get("target"),
+                    d.get("key_store", "unknown"),
+                    d["added"],
+                )
+            )
         return out
 
     def device(self, dev_id: str) -> DeviceRecord:
@@ -249,7 +281,11 @@ class Keyring:
         raise KeyFileError(f"device {dev_id!r} is not in the registry (edgeseal keys add-device)")
 
     def add_device(
-        self, dev_id: str, key: ec.EllipticCurvePublicKey, *, target: str | None,
+        self,
+        dev_id: str,
+        key: ec.EllipticCurvePublicKey,
+        *,
+        target: str | None,
         key_store: str = "unknown",
     ) -> DeviceRecord:
         validate_name(dev_id, "device id")

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+from cryptography.hazmat.primitives.serialization import pkcs12
 
 from edgeseal.core.errors import KeyFileError
 from edgeseal.core.files import atomic_write
@@ -98,12 +99,14 @@ def write_private_key(
         encryption: serialization.KeySerializationEncryption = (
             serialization.PrivateFormat.PKCS8.encryption_builder()
             .kdf_rounds(PBKDF2_ROUNDS)
-            .key_cert_algorithm(serialization.pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+            .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
             .build(passphrase)
         )
     else:
         encryption = serialization.NoEncryption()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
     atomic_write(path, pem, mode=0o600)
 
 

@@ -60,8 +60,13 @@ class Header:
 
     def to_bytes(self) -> bytes:
         return _STRUCT.pack(
-            MAGIC, self.format_version, 0, self.manifest_len, self.trust_len,
-            self.signature_len, self.payload_len,
+            MAGIC,
+            self.format_version,
+            0,
+            self.manifest_len,
+            self.trust_len,
+            self.signature_len,
+            self.payload_len,
         )
 
 
@@ -76,22 +81,25 @@ def parse_header(unverified_header: bytes, *, file_len: int, limits: Limits) -> 
         raise MalformedBundleError("not an edgeseal bundle (bad magic bytes)")
     if version != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"bundle format version {version} is not supported (this reader knows "
-            f"{FORMAT_VERSION})"
+            f"bundle format version {version} is not supported (this reader knows {FORMAT_VERSION})"
         )
     if flags != 0:
         raise MalformedBundleError(f"unknown header flags {flags:#06x}")
     if not 0 < m_len <= limits.max_manifest_bytes:
         raise MalformedBundleError(
-            f"manifest length {m_len} outside 1..{limits.max_manifest_bytes} (limits.max_manifest_bytes)"
+            f"manifest length {m_len} outside 1..{limits.max_manifest_bytes} "
+            "(limits.max_manifest_bytes)"
         )
     if not 0 < t_len <= limits.max_trust_bytes:
         raise MalformedBundleError(
-            f"trust block length {t_len} outside 1..{limits.max_trust_bytes} (limits.max_trust_bytes)"
+            f"trust block length {t_len} outside 1..{limits.max_trust_bytes} "
+            "(limits.max_trust_bytes)"
         )
     if s_len != SIGNATURE_LEN:
         raise MalformedBundleError(f"signature length {s_len}, expected {SIGNATURE_LEN}")
-    max_payload = limits.max_sections * (limits.max_section_bytes + (limits.max_section_bytes >> 10))
+    max_payload = limits.max_sections * (
+        limits.max_section_bytes + (limits.max_section_bytes >> 10)
+    )
     if p_len > max_payload:
         raise MalformedBundleError(f"payload length {p_len} exceeds the limits")
     header = Header(version, m_len, t_len, s_len, p_len)

@@ -183,8 +183,21 @@ class Manifest:
 
 
 _KNOWN = {
-    "format", "bundle_id", "model", "created", "expires", "target", "cipher", "key_wrap",
-    "chunk_size", "sections", "recipients", "io", "signer", "quantization", "sbom_digest",
+    "format",
+    "bundle_id",
+    "model",
+    "created",
+    "expires",
+    "target",
+    "cipher",
+    "key_wrap",
+    "chunk_size",
+    "sections",
+    "recipients",
+    "io",
+    "signer",
+    "quantization",
+    "sbom_digest",
 }
 
 
@@ -233,46 +246,8 @@ def _parse(obj: dict[str, Any], payload_len: int, limits: Limits) -> Manifest:
     chunk_size = _get(obj, "chunk_size", int)
     if not 1 <= chunk_size <= limits.max_chunk_bytes:
         raise ValueError(f"chunk size {chunk_size} outside 1..{limits.max_chunk_bytes}")
-    raw_sections = _get(obj, "sections", list)
-    if not 1 <= len(raw_sections) <= limits.max_sections:
-        raise ValueError(f"a bundle has 1..{limits.max_sections} sections")
-    sections: list[SectionEntry] = []
-    offset = 0
-    for s in raw_sections:
-        name = _get(s, "name", str)
-        if name not in SECTION_NAMES or any(x.name == name for x in sections):
-            raise ValueError(f"unknown or repeated section {name!r}")
-        size = _get(s, "plaintext_size", int)
-        if not 0 <= size <= limits.max_section_bytes:
-            raise ValueError(f"section {name} size {size} exceeds limits.max_section_bytes")
-        digest = _get(s, "sha256", str)
-        chunks = _str_list(_get(s, "chunks", list), f"section {name} chunks")
-        if not _HEX64.match(digest) or not all(_HEX64.match(c) for c in chunks):
-            raise ValueError(f"section {name} digests must be SHA-256 hex")
-        # V11: sections lie back to back, each exactly as long as its chunking says.
-        if _get(s, "offset", int) != offset:
-            raise ValueError(f"section {name} does not start where the previous one ends")
-        if _get(s, "sealed_size", int) != sealed_size(size, chunk_size):
-            raise ValueError(f"section {name} sealed size does not match its plaintext size")
-        if len(chunks) != chunk_count(size, chunk_size):
-            raise ValueError(f"section {name} lists the wrong number of chunk digests")
-        sections.append(SectionEntry(name, size, digest, offset, sealed_size(size, chunk_size),
-                                     chunks))
-        offset += sealed_size(size, chunk_size)
-    if offset != payload_len:
-        raise ValueError("sections do not fill the payload exactly")
-    if sections[0].name != "graph":
-        raise ValueError("the first section must be 'graph'")
-    raw_recipients = _get(obj, "recipients", list)
-    if not 1 <= len(raw_recipients) <= limits.max_recipients:
-        raise ValueError(f"a bundle has 1..{limits.max_recipients} recipients")
-    recipients = []
-    for r in raw_recipients:
-        kid = _get(r, "keyid", str)
-        sealed = b64d(_get(r, "sealed_key", str), "recipient sealed_key")
-        if not _HEX64.match(kid) or len(sealed) != _SEALED_KEY_LEN:
-            raise ValueError("a recipient entry is malformed")
-        recipients.append(Recipient(_get(r, "device", str), kid, sealed))
+    sections = _parse_sections(_get(obj, "sections", list), chunk_size, payload_len, limits)
+    recipients = _parse_recipients(_get(obj, "recipients", list), limits)
     target = _get(obj, "target", dict)
     io = _get(obj, "io", dict)
     quantization = obj.get("quantization")
@@ -303,8 +278,8 @@ def _parse(obj: dict[str, Any], payload_len: int, limits: Limits) -> Manifest:
         ),
         cipher=cipher,
         chunk_size=chunk_size,
-        sections=tuple(sections),
-        recipients=tuple(recipients),
+        sections=sections,
+        recipients=recipients,
         inputs=_tensors(io.get("inputs", []), "inputs"),
         outputs=_tensors(io.get("outputs", []), "outputs"),
         signer=_get(obj, "signer", str),
@@ -312,3 +287,52 @@ def _parse(obj: dict[str, Any], payload_len: int, limits: Limits) -> Manifest:
         sbom_digest=sbom,
         extra={k: v for k, v in obj.items() if k not in _KNOWN},
     )
+
+
+def _parse_sections(
+    raw_sections: list[Any], chunk_size: int, payload_len: int, limits: Limits
+) -> tuple[SectionEntry, ...]:
+    if not 1 <= len(raw_sections) <= limits.max_sections:
+        raise ValueError(f"a bundle has 1..{limits.max_sections} sections")
+    sections: list[SectionEntry] = []
+    offset = 0
+    for s in raw_sections:
+        name = _get(s, "name", str)
+        if name not in SECTION_NAMES or any(x.name == name for x in sections):
+            raise ValueError(f"unknown or repeated section {name!r}")
+        size = _get(s, "plaintext_size", int)
+        if not 0 <= size <= limits.max_section_bytes:
+            raise ValueError(f"section {name} size {size} exceeds limits.max_section_bytes")
+        digest = _get(s, "sha256", str)
+        chunks = _str_list(_get(s, "chunks", list), f"section {name} chunks")
+        if not _HEX64.match(digest) or not all(_HEX64.match(c) for c in chunks):
+            raise ValueError(f"section {name} digests must be SHA-256 hex")
+        # V11: sections lie back to back, each exactly as long as its chunking says.
+        if _get(s, "offset", int) != offset:
+            raise ValueError(f"section {name} does not start where the previous one ends")
+        if _get(s, "sealed_size", int) != sealed_size(size, chunk_size):
+            raise ValueError(f"section {name} sealed size does not match its plaintext size")
+        if len(chunks) != chunk_count(size, chunk_size):
+            raise ValueError(f"section {name} lists the wrong number of chunk digests")
+        sections.append(
+            SectionEntry(name, size, digest, offset, sealed_size(size, chunk_size), chunks)
+        )
+        offset += sealed_size(size, chunk_size)
+    if offset != payload_len:
+        raise ValueError("sections do not fill the payload exactly")
+    if sections[0].name != "graph":
+        raise ValueError("the first section must be 'graph'")
+    return tuple(sections)
+
+
+def _parse_recipients(raw_recipients: list[Any], limits: Limits) -> tuple[Recipient, ...]:
+    if not 1 <= len(raw_recipients) <= limits.max_recipients:
+        raise ValueError(f"a bundle has 1..{limits.max_recipients} recipients")
+    recipients = []
+    for r in raw_recipients:
+        kid = _get(r, "keyid", str)
+        sealed = b64d(_get(r, "sealed_key", str), "recipient sealed_key")
+        if not _HEX64.match(kid) or len(sealed) != _SEALED_KEY_LEN:
+            raise ValueError("a recipient entry is malformed")
+        recipients.append(Recipient(_get(r, "device", str), kid, sealed))
+    return tuple(recipients)

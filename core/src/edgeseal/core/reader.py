@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import io
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from edgeseal.core import _hpke
 from edgeseal.core._stream import SectionCipher
@@ -113,7 +114,9 @@ def _unverified_trust(unverified_block: bytes) -> tuple[list[object], object, ob
     return rotations, block["signer"], block.get("revocations")
 
 
-def verify_prelude(unverified_prefix: bytes, *, file_len: int, policy: VerifyPolicy) -> VerifiedBundle:
+def verify_prelude(
+    unverified_prefix: bytes, *, file_len: int, policy: VerifyPolicy
+) -> VerifiedBundle:
     """Check everything before the sealed payload. Pure."""
     # V1: fixed header, every length within limits, the file exactly as long as declared.
     header = parse_header(unverified_prefix[:HEADER_LEN], file_len=file_len, limits=policy.limits)
@@ -140,9 +143,7 @@ def verify_prelude(unverified_prefix: bytes, *, file_len: int, policy: VerifyPol
     if not signer.allows_role("pack"):
         raise TrustError(f"signer {signer.name!r} lacks the 'pack' role")
     # V6: the bundle signature covers header, manifest and trust block.
-    message = signed_message(
-        unverified_prefix[:HEADER_LEN], unverified_manifest, unverified_trust
-    )
+    message = signed_message(unverified_prefix[:HEADER_LEN], unverified_manifest, unverified_trust)
     if not verify_raw_signature(signer.public_key, unverified_sig, message):
         raise SignatureError(f"bundle signature does not verify with signer {signer.name!r}")
     manifest_bytes = unverified_manifest
@@ -159,8 +160,11 @@ def verify_prelude(unverified_prefix: bytes, *, file_len: int, policy: VerifyPol
             f"(allowed: {', '.join(signer.model_patterns)})"
         )
     _check_policy(manifest, policy)
-    trust = {"rotations": rotations, "signer": unverified_cert,
-             "revocations": unverified_revocations}
+    trust = {
+        "rotations": rotations,
+        "signer": unverified_cert,
+        "revocations": unverified_revocations,
+    }
     return VerifiedBundle(header, manifest, manifest_bytes, signer, anchor, revocations, trust)
 
 
@@ -231,7 +235,7 @@ def wipe(buf: bytearray | memoryview) -> None:
 class BundleFile:
     """A bundle on disk (or any seekable binary file), read in bounded pieces."""
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
+    def __init__(self, f: io.BufferedIOBase, size: int) -> None:
         self._f = f
         self.size = size
 
@@ -239,7 +243,7 @@ class BundleFile:
     @contextlib.contextmanager
     def open(cls, path: Path) -> Iterator[BundleFile]:
         try:
-            f = Path(path).open("rb")
+            f = Path(path).open("rb")  # noqa: SIM115 - closed by the with below
         except OSError as e:
             raise MalformedBundleError(f"cannot read bundle {path}: {e.strerror}") from e
         with f:
@@ -275,9 +279,14 @@ class BundleFile:
         m = bundle.manifest
         if len(out) != entry.plaintext_size:
             raise ValueError(f"buffer for {entry.name} must be {entry.plaintext_size} bytes")
-        sc = SectionCipher(bytes(content_key), bundle_id=m.bundle_id, section=entry.name,
-                           plaintext_size=entry.plaintext_size, chunk_size=m.chunk_size,
-                           cipher=m.cipher)
+        sc = SectionCipher(
+            bytes(content_key),
+            bundle_id=m.bundle_id,
+            section=entry.name,
+            plaintext_size=entry.plaintext_size,
+            chunk_size=m.chunk_size,
+            cipher=m.cipher,
+        )
         scratch = bytearray(m.chunk_size + 16)
         view = memoryview(scratch)
         plain_hash = hashlib.sha256()

@@ -28,17 +28,35 @@ class TargetProfile:
 TARGETS: dict[str, TargetProfile] = {
     t.name: t
     for t in (
-        TargetProfile("generic", ("x86_64", "aarch64"), True, ("CPUExecutionProvider",),
-                      "any x86-64 or arm64 Linux device"),
+        TargetProfile(
+            "generic",
+            ("x86_64", "aarch64"),
+            True,
+            ("CPUExecutionProvider",),
+            "any x86-64 or arm64 Linux device",
+        ),
         TargetProfile("x86_64", ("x86_64",), True, ("CPUExecutionProvider",), "x86-64 gateways"),
-        TargetProfile("jetson", ("aarch64",), True,
-                      ("TensorrtExecutionProvider", "CUDAExecutionProvider",
-                       "CPUExecutionProvider"),
-                      "NVIDIA Jetson (Orin, Xavier); GPU providers where present, else CPU"),
-        TargetProfile("rpi5", ("aarch64",), True, ("CPUExecutionProvider",),
-                      "Raspberry Pi 5 (Cortex-A76, AES instructions)"),
-        TargetProfile("rpi4", ("aarch64",), False, ("CPUExecutionProvider",),
-                      "Raspberry Pi 4 (Cortex-A72, no AES instructions: ChaCha20-Poly1305)"),
+        TargetProfile(
+            "jetson",
+            ("aarch64",),
+            True,
+            ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+            "NVIDIA Jetson (Orin, Xavier); GPU providers where present, else CPU",
+        ),
+        TargetProfile(
+            "rpi5",
+            ("aarch64",),
+            True,
+            ("CPUExecutionProvider",),
+            "Raspberry Pi 5 (Cortex-A76, AES instructions)",
+        ),
+        TargetProfile(
+            "rpi4",
+            ("aarch64",),
+            False,
+            ("CPUExecutionProvider",),
+            "Raspberry Pi 4 (Cortex-A72, no AES instructions: ChaCha20-Poly1305)",
+        ),
     )
 }
 

@@ -72,8 +72,9 @@ class TrustAnchor:
 
     @classmethod
     def from_pem_files(cls, blobs: Iterable[bytes], *, version: int = 1) -> TrustAnchor:
-        return cls.from_public_keys((load_public_key(b, "root public key") for b in blobs),
-                                    version=version)
+        return cls.from_public_keys(
+            (load_public_key(b, "root public key") for b in blobs), version=version
+        )
 
 
 @dataclass(frozen=True)
@@ -146,15 +147,18 @@ def apply_rotations(anchor: TrustAnchor, unverified_rotations: Sequence[object])
         if version <= current.version:
             continue
         if version != current.version + 1:
-            raise TrustError(f"root rotation to version {version} skips version "
-                             f"{current.version + 1}")
+            raise TrustError(
+                f"root rotation to version {version} skips version {current.version + 1}"
+            )
         try:
             new_key = load_public_key(new_pem, "rotated root key")
         except ValueError as e:
             raise TrustError(str(e)) from e
         new_id = key_id(new_key)
         payload = verify_envelope(
-            unverified, ROTATION_TYPE, {**current.keys, new_id: new_key},
+            unverified,
+            ROTATION_TYPE,
+            {**current.keys, new_id: new_key},
             require=[new_id],
         )
         if payload.get("previous") not in current.keys or payload.get("keyid") != new_id:

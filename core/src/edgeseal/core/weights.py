@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from edgeseal.core.encoding import canonical_json, parse_json_object
 from edgeseal.core.errors import MalformedBundleError
 
-__all__ = ["ALIGNMENT", "PLACEHOLDER_DIR", "PLACEHOLDER_LOCATION", "DTYPE_SIZES", "TensorEntry", "build_weights_section", "parse_weights_index"]
+__all__ = [
+    "ALIGNMENT",
+    "DTYPE_SIZES",
+    "PLACEHOLDER_DIR",
+    "PLACEHOLDER_LOCATION",
+    "TensorEntry",
+    "build_weights_section",
+    "parse_weights_index",
+]
 
 MAGIC = b"ESW1"
 #: In the ``graph`` section, an initializer whose data moved to the weights section keeps
@@ -37,8 +45,18 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_TENSORS = 1_000_000
 MAX_RANK = 16
 DTYPE_SIZES = {
-    "float32": 4, "float16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2,
-    "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1,
+    "float32": 4,
+    "float16": 2,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "bool": 1,
 }
 
 
@@ -68,8 +86,15 @@ def build_weights_section(tensors: Iterable[tuple[str, str, tuple[int, ...], byt
                 raise ValueError(f"tensor {name}: unsupported dtype {dtype}")
             if len(raw) != math.prod(shape) * DTYPE_SIZES[dtype]:
                 raise ValueError(f"tensor {name}: {len(raw)} bytes do not match its shape")
-            entries.append({"name": name, "dtype": dtype, "shape": list(shape),
-                            "offset": offset, "nbytes": len(raw)})
+            entries.append(
+                {
+                    "name": name,
+                    "dtype": dtype,
+                    "shape": list(shape),
+                    "offset": offset,
+                    "nbytes": len(raw),
+                }
+            )
             offset = _align(offset + len(raw))
         index = canonical_json({"alignment": ALIGNMENT, "tensors": entries})
         needed = _align(8 + len(index))
@@ -80,7 +105,7 @@ def build_weights_section(tensors: Iterable[tuple[str, str, tuple[int, ...], byt
     out = bytearray(total)
     out[0:8] = MAGIC + struct.pack(">I", len(index))
     out[8 : 8 + len(index)] = index
-    for (_, _, _, raw), entry in zip(items, entries):
+    for (_, _, _, raw), entry in zip(items, entries, strict=False):
         start = int(entry["offset"])  # type: ignore[call-overload]
         out[start : start + len(raw)] = raw
     return out

@@ -57,11 +57,24 @@ def signed_message(header: bytes, manifest: bytes, trust: bytes) -> bytes:
 
 
 def _seal_section(
-    name: str, data: memoryview, content_key: bytes, *, bundle_id: str, chunk_size: int,
-    cipher: str, offset: int, progress: Progress | None,
+    name: str,
+    data: memoryview,
+    content_key: bytes,
+    *,
+    bundle_id: str,
+    chunk_size: int,
+    cipher: str,
+    offset: int,
+    progress: Progress | None,
 ) -> tuple[SectionEntry, list[bytes]]:
-    sc = SectionCipher(content_key, bundle_id=bundle_id, section=name, plaintext_size=len(data),
-                       chunk_size=chunk_size, cipher=cipher)
+    sc = SectionCipher(
+        content_key,
+        bundle_id=bundle_id,
+        section=name,
+        plaintext_size=len(data),
+        chunk_size=chunk_size,
+        cipher=cipher,
+    )
     pieces: list[bytes] = []
     digests: list[str] = []
     plain_hash = hashlib.sha256()
@@ -73,8 +86,9 @@ def _seal_section(
         digests.append(hashlib.sha256(sealed).hexdigest())
         if progress:
             progress(len(chunk))
-    entry = SectionEntry(name, len(data), plain_hash.hexdigest(), offset,
-                         sum(len(p) for p in pieces), tuple(digests))
+    entry = SectionEntry(
+        name, len(data), plain_hash.hexdigest(), offset, sum(len(p) for p in pieces), tuple(digests)
+    )
     return entry, pieces
 
 
@@ -121,24 +135,45 @@ def seal_bundle(
         if name not in sections:
             continue
         entry, pieces = _seal_section(
-            name, memoryview(sections[name]).cast("B"), content_key, bundle_id=bundle_id,
-            chunk_size=chunk_size, cipher=cipher, offset=offset, progress=progress,
+            name,
+            memoryview(sections[name]).cast("B"),
+            content_key,
+            bundle_id=bundle_id,
+            chunk_size=chunk_size,
+            cipher=cipher,
+            offset=offset,
+            progress=progress,
         )
         entries.append(entry)
         payload.extend(pieces)
         offset += entry.sealed_size
     info = content_key_info(bundle_id)
     wrapped = tuple(
-        Recipient(validate_name(r.device, "device id"), key_id(r.public_key),
-                  _hpke.seal(r.public_key, content_key, info=info))
+        Recipient(
+            validate_name(r.device, "device id"),
+            key_id(r.public_key),
+            _hpke.seal(r.public_key, content_key, info=info),
+        )
         for r in recipients
     )
     manifest = Manifest(
-        bundle_id=bundle_id, model_name=model_name, version=version, model_format=model_format,
-        created=created, expires=expires, target=target or Target(), cipher=cipher,
-        chunk_size=chunk_size, sections=tuple(entries), recipients=wrapped,
-        inputs=tuple(inputs), outputs=tuple(outputs), signer=signer.key_id,
-        quantization=quantization, sbom_digest=sbom_digest, extra=dict(extra or {}),
+        bundle_id=bundle_id,
+        model_name=model_name,
+        version=version,
+        model_format=model_format,
+        created=created,
+        expires=expires,
+        target=target or Target(),
+        cipher=cipher,
+        chunk_size=chunk_size,
+        sections=tuple(entries),
+        recipients=wrapped,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        signer=signer.key_id,
+        quantization=quantization,
+        sbom_digest=sbom_digest,
+        extra=dict(extra or {}),
     )
     manifest_bytes = manifest.to_bytes()
     trust_bytes = canonical_json(
@@ -148,8 +183,9 @@ def seal_bundle(
             "revocations": dict(revocations) if revocations else None,
         }
     )
-    header = Header(FORMAT_VERSION, len(manifest_bytes), len(trust_bytes), SIGNATURE_LEN,
-                    offset).to_bytes()
+    header = Header(
+        FORMAT_VERSION, len(manifest_bytes), len(trust_bytes), SIGNATURE_LEN, offset
+    ).to_bytes()
     signature = signer.sign(signed_message(header, manifest_bytes, trust_bytes))
     with atomic_writer(out) as f:
         f.write(header)

@@ -34,26 +34,51 @@ def pack(
     """Seal MODEL into a signed, encrypted bundle for the named devices."""
     cfg = load_config(config)
     ring = Keyring(keys_dir or default_keys_dir())
-    sgn, cert = ring.load_signer(signer, signer_passphrase=passphrase_from(
-        signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"))
+    sgn, cert = ring.load_signer(
+        signer,
+        signer_passphrase=passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"),
+    )
     devices = [ring.device(d) for d in to]
     size = model.stat().st_size
     with progress_bytes(f"sealing {model.name}", size, enabled=not as_json) as advance:
         result = pack_model(
-            model, out, name=name, version=version, signer=sgn, certificate=cert,
-            devices=devices, target=get_target(target), chunk_size=cfg.bundle.chunk_bytes,
+            model,
+            out,
+            name=name,
+            version=version,
+            signer=sgn,
+            certificate=cert,
+            devices=devices,
+            target=get_target(target),
+            chunk_size=cfg.bundle.chunk_bytes,
             validity=timedelta(days=days or cfg.bundle.validity_days),
-            revocations=ring.revocations(), root_rotations=ring.rotations(), progress=advance,
+            revocations=ring.revocations(),
+            root_rotations=ring.rotations(),
+            progress=advance,
         )
     m = result.manifest
-    data = {"ok": True, "bundle": str(out), "model": m.model_name, "version": m.version,
-            "bundle_id": m.bundle_id, "format": m.model_format, "cipher": result.cipher,
-            "recipients": [r.device for r in m.recipients], "bytes": out.stat().st_size,
-            "model_bytes": result.model_bytes, "weights_bytes": result.weights_bytes,
-            "expires": m.expires.isoformat()}
-    emit(data, as_json=as_json, render=lambda: out_console.print(
-        f"sealed {m.model_name} v{m.version} ({m.model_format}, {result.cipher}) for "
-        f"{len(m.recipients)} device(s) -> {out} ({data['bytes']:,} bytes)"))
+    data = {
+        "ok": True,
+        "bundle": str(out),
+        "model": m.model_name,
+        "version": m.version,
+        "bundle_id": m.bundle_id,
+        "format": m.model_format,
+        "cipher": result.cipher,
+        "recipients": [r.device for r in m.recipients],
+        "bytes": out.stat().st_size,
+        "model_bytes": result.model_bytes,
+        "weights_bytes": result.weights_bytes,
+        "expires": m.expires.isoformat(),
+    }
+    emit(
+        data,
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"sealed {m.model_name} v{m.version} ({m.model_format}, {result.cipher}) for "
+            f"{len(m.recipients)} device(s) -> {out} ({data['bytes']:,} bytes)"
+        ),
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -90,8 +90,11 @@ def split_onnx(model: onnx.ModelProto, *, min_bytes: int = MIN_WEIGHT_BYTES) -> 
         stub.data_type = init.data_type
         stub.dims.extend(init.dims)
         stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", PLACEHOLDER_LOCATION), ("offset", "0"),
-                           ("length", str(arr.nbytes))):
+        for key, value in (
+            ("location", PLACEHOLDER_LOCATION),
+            ("offset", "0"),
+            ("length", str(arr.nbytes)),
+        ):
             entry = stub.external_data.add()
             entry.key, entry.value = key, value
         stubs.append(stub)

@@ -100,14 +100,18 @@ def pack_model(
         recipients=[RecipientKey(d.id, d.public_key) for d in devices],
         created=created,
         expires=created + validity,
-        target=Target(architectures=profile.architectures, runtime=runtime,
-                      min_agent_version=AGENT_MIN_VERSION,
-                      execution_providers=profile.execution_providers),
+        target=Target(
+            architectures=profile.architectures,
+            runtime=runtime,
+            min_agent_version=AGENT_MIN_VERSION,
+            execution_providers=profile.execution_providers,
+        ),
         cipher=cipher,
         chunk_size=chunk_size,
         revocations=revocations,
         root_rotations=root_rotations,
         progress=progress,
     )
-    return PackResult(manifest, len(data), len(sections["graph"]),
-                      len(sections.get("weights", b"")), cipher)
+    return PackResult(
+        manifest, len(data), len(sections["graph"]), len(sections.get("weights", b"")), cipher
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edgeseal.core.errors import MissingExtraError
@@ -20,17 +22,21 @@ def tflite_io(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as e:
-        raise MissingExtraError("packing TFLite models needs LiteRT: pip install ai-edge-litert") from e
+        raise MissingExtraError(
+            "packing TFLite models needs LiteRT: pip install ai-edge-litert"
+        ) from e
     try:
         interp = Interpreter(model_content=data)
     except (ValueError, RuntimeError) as e:
         raise ModelError(f"LiteRT cannot load this TFLite model: {e}") from e
 
-    def spec(d: dict[str, object]) -> TensorSpec:
+    def spec(d: dict[str, Any]) -> TensorSpec:
         sig = d.get("shape_signature")
-        shape = d["shape"] if sig is None or not len(sig) else sig  # type: ignore[arg-type]
-        dims = tuple(int(x) if int(x) >= 0 else "?" for x in shape)  # type: ignore[union-attr]
-        return TensorSpec(str(d["name"]), np.dtype(d["dtype"]).name, dims)  # type: ignore[call-overload]
+        shape = d["shape"] if sig is None or not len(sig) else sig
+        dims = tuple(int(x) if int(x) >= 0 else "?" for x in shape)
+        return TensorSpec(str(d["name"]), np.dtype(d["dtype"]).name, dims)
 
-    return (tuple(spec(d) for d in interp.get_input_details()),
-            tuple(spec(d) for d in interp.get_output_details()))
+    return (
+        tuple(spec(d) for d in interp.get_input_details()),
+        tuple(spec(d) for d in interp.get_output_details()),
+    )
