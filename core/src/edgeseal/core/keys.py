@@ -4,38 +4,45 @@ Every key in edgeseal is ECDSA/ECDH on NIST P-256 with SHA-256, so that every ke
 live in a TPM 2.0, a PKCS#11 token, OP-TEE or a secure element. A key id is the SHA-256
 of the public key's DER SubjectPublicKeyInfo, in hex.
 
-Private keys at rest are PKCS#8 PEM, encrypted (PBES2: PBKDF2-HMAC-SHA256, 600,000
-rounds, AES-256-CBC) when a passphrase is given, written 0600; a private key file that
-its group or others can read is refused.
+Private keys at rest are PKCS#8 PEM, written 0600; a private key file that its group or
+others can read is refused. With a passphrase, the PKCS#8 DER is sealed with AES-256-GCM
+under a key from Argon2id (64 MiB, 3 passes, 4 lanes, random 16-byte salt) in an
+``EDGESEAL ENCRYPTED PRIVATE KEY`` PEM block whose body is base64 canonical JSON
+(kdf parameters, salt, nonce, ciphertext).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from edgeseal.core.encoding import b64d, b64e, canonical_json, parse_json_object
 from edgeseal.core.errors import KeyFileError
 from edgeseal.core.files import atomic_write
 
 __all__ = [
-    "PBKDF2_ROUNDS",
+    "ENCRYPTED_PEM",
     "Signer",
     "SoftwareSigner",
     "generate_private_key",
     "key_id",
+    "passphrase_from",
     "load_private_key",
     "load_public_key",
     "public_key_pem",
@@ -45,7 +52,8 @@ __all__ = [
     "write_public_key",
 ]
 
-PBKDF2_ROUNDS = 600_000
+ENCRYPTED_PEM = "EDGESEAL ENCRYPTED PRIVATE KEY"
+ARGON2 = {"iterations": 3, "lanes": 4, "memory_cost": 65536}
 RAW_SIGNATURE_LEN = 64
 
 
@@ -91,23 +99,69 @@ def _check_private_mode(path: Path) -> None:
         )
 
 
+def _argon2_key(passphrase: bytes, salt: bytes, params: dict[str, int]) -> bytes:
+    return Argon2id(
+        salt=salt,
+        length=32,
+        iterations=params["iterations"],
+        lanes=params["lanes"],
+        memory_cost=params["memory_cost"],
+    ).derive(passphrase)
+
+
+def _encrypt_pkcs8(der: bytes, passphrase: bytes) -> bytes:
+    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+    ct = AESGCM(_argon2_key(passphrase, salt, ARGON2)).encrypt(nonce, der, ENCRYPTED_PEM.encode())
+    body = base64.encodebytes(
+        canonical_json(
+            {
+                "kdf": "argon2id",
+                **ARGON2,
+                "salt": b64e(salt),
+                "cipher": "AES-256-GCM",
+                "nonce": b64e(nonce),
+                "ciphertext": b64e(ct),
+            }
+        )
+    ).decode("ascii")
+    return f"-----BEGIN {ENCRYPTED_PEM}-----\n{body}-----END {ENCRYPTED_PEM}-----\n".encode()
+
+
+def _decrypt_pkcs8(pem: bytes, passphrase: bytes, path: Path) -> bytes:
+    try:
+        body = pem.split(b"-----")[2]
+        doc = parse_json_object(base64.b64decode(body), "encrypted key")
+        params = {k: int(doc[k]) for k in ARGON2}
+        if doc.get("kdf") != "argon2id" or params["memory_cost"] > 4 * 1024 * 1024:
+            raise ValueError("unsupported key derivation")
+        key = _argon2_key(passphrase, b64d(doc["salt"], "salt"), params)
+        return AESGCM(key).decrypt(
+            b64d(doc["nonce"], "nonce"), b64d(doc["ciphertext"], "ct"), ENCRYPTED_PEM.encode()
+        )
+    except InvalidTag as e:
+        raise KeyFileError(f"wrong passphrase for private key {path}") from e
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise KeyFileError(f"{path} is not a valid encrypted private key: {e}") from e
+
+
 def write_private_key(
     path: Path, key: ec.EllipticCurvePrivateKey, *, passphrase: bytes | None
 ) -> None:
-    """Write ``key`` as PKCS#8 PEM, mode 0600, atomically; encrypted when given a passphrase."""
+    """Write ``key`` mode 0600, atomically: PKCS#8 PEM, or Argon2id-sealed with a passphrase."""
     if passphrase:
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.PrivateFormat.PKCS8.encryption_builder()
-            .kdf_rounds(PBKDF2_ROUNDS)
-            .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
-            .build(passphrase)
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
+        data = _encrypt_pkcs8(der, passphrase)
     else:
-        encryption = serialization.NoEncryption()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-    atomic_write(path, pem, mode=0o600)
+        data = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    atomic_write(path, data, mode=0o600)
 
 
 def write_public_key(path: Path, key: ec.EllipticCurvePublicKey) -> None:
@@ -123,17 +177,19 @@ def load_private_key(path: Path, *, passphrase: bytes | None) -> ec.EllipticCurv
         raise KeyFileError(f"private key {path} does not exist") from e
     except OSError as e:
         raise KeyFileError(f"cannot read private key {path}: {e.strerror}") from e
-    encrypted = b"ENCRYPTED" in pem.split(b"\n", 1)[0]
+    encrypted = pem.lstrip().startswith(f"-----BEGIN {ENCRYPTED_PEM}-----".encode())
     if encrypted and not passphrase:
         raise KeyFileError(
             f"private key {path} is encrypted: give its passphrase "
             "(--passphrase-file or EDGESEAL_PASSPHRASE)"
         )
     try:
-        key = serialization.load_pem_private_key(pem, password=passphrase if encrypted else None)
-    except (ValueError, TypeError) as e:
         if encrypted:
-            raise KeyFileError(f"wrong passphrase for private key {path}") from e
+            assert passphrase is not None
+            key = serialization.load_der_private_key(_decrypt_pkcs8(pem, passphrase, path), None)
+        else:
+            key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
         raise KeyFileError(f"{path} is not a PEM private key") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise KeyFileError(f"private key {path} must be an EC P-256 key")

@@ -1,0 +1,252 @@
+"""The edgeseal command end to end, as a user runs it: outputs, --json and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeseal.packager.samples import make_onnx_classifier, reference_onnx_classifier
+
+
+def run(*args: str, env: dict[str, str], check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeseal.core", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
+    env.pop("EDGESEAL_PASSPHRASE", None)
+    run("keys", "init-root", env=env)
+    run("keys", "new-signer", "release", "--models", "cls-*", env=env)
+    run(
+        "agent",
+        "init",
+        "--home",
+        str(tmp_path / "dev"),
+        "--root",
+        str(tmp_path / "keys/root.pub"),
+        "--id",
+        "cam-01",
+        env=env,
+    )
+    run("keys", "add-device", "cam-01", str(tmp_path / "dev/device.pub.json"), env=env)
+    (tmp_path / "m.onnx").write_bytes(make_onnx_classifier(seed=3))
+    run(
+        "pack",
+        str(tmp_path / "m.onnx"),
+        "--name",
+        "cls-a",
+        "--version",
+        "1",
+        "--signer",
+        "release",
+        "--to",
+        "cam-01",
+        "-o",
+        str(tmp_path / "m.esb"),
+        env=env,
+    )
+    return tmp_path, env
+
+
+def test_pack_inspect_verify_and_infer_work_end_to_end(workspace):
+    tmp, env = workspace
+    info = json.loads(run("inspect", str(tmp / "m.esb"), "--json", env=env).stdout)
+    assert info["verified"] is False
+    assert info["manifest"]["model"] == {"name": "cls-a", "version": 1, "format": "onnx"}
+    assert [r["device"] for r in info["manifest"]["recipients"]] == ["cam-01"]
+    verified = json.loads(
+        run(
+            "verify",
+            str(tmp / "m.esb"),
+            "--root",
+            str(tmp / "keys/root.pub"),
+            "--device-key",
+            str(tmp / "dev/device.key"),
+            "--json",
+            env=env,
+        ).stdout
+    )
+    assert verified["ok"] and "V14 section digests" in verified["checked"]
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)
+    np.save(tmp / "x.npy", x)
+    out = json.loads(
+        run(
+            "agent",
+            "infer",
+            str(tmp / "m.esb"),
+            "--home",
+            str(tmp / "dev"),
+            "--input",
+            str(tmp / "x.npy"),
+            "--json",
+            env=env,
+        ).stdout
+    )
+    np.testing.assert_allclose(
+        np.array(out["outputs"]["probs"]), reference_onnx_classifier(x, seed=3), rtol=1e-5
+    )
+    assert out["status"]["hardware_backed"] is False
+
+
+def test_a_tampered_bundle_exits_1_and_names_the_failure(workspace):
+    tmp, env = workspace
+    data = bytearray((tmp / "m.esb").read_bytes())
+    data[-20] ^= 0x40
+    (tmp / "bad.esb").write_bytes(bytes(data))
+    proc = run("agent", "infer", str(tmp / "bad.esb"), "--home", str(tmp / "dev"), env=env, check=1)
+    assert "DigestMismatchError" in proc.stderr
+    proc = run(
+        "verify",
+        str(tmp / "bad.esb"),
+        "--root",
+        str(tmp / "keys/root.pub"),
+        "--device-key",
+        str(tmp / "dev/device.key"),
+        "--json",
+        env=env,
+        check=1,
+    )
+    assert json.loads(proc.stdout) == {
+        "ok": False,
+        "error": "DigestMismatchError",
+        "message": proc.stdout and json.loads(proc.stdout)["message"],
+    }
+
+
+def test_a_model_outside_the_signers_scope_is_refused_with_exit_1(workspace):
+    tmp, env = workspace
+    proc = run(
+        "pack",
+        str(tmp / "m.onnx"),
+        "--name",
+        "other",
+        "--version",
+        "1",
+        "--signer",
+        "release",
+        "--to",
+        "cam-01",
+        "-o",
+        str(tmp / "o.esb"),
+        env=env,
+        check=1,
+    )
+    assert "may not sign model 'other'" in proc.stderr
+    assert not (tmp / "o.esb").exists()
+
+
+def test_usage_errors_exit_2(workspace):
+    tmp, env = workspace
+    run(
+        "pack",
+        str(tmp / "m.onnx"),
+        "--name",
+        "cls-a",
+        "--version",
+        "1",
+        "--signer",
+        "release",
+        "--to",
+        "cam-01",
+        "-o",
+        str(tmp / "x.esb"),
+        "--target",
+        "pdp11",
+        env=env,
+        check=2,
+    )
+    run("inspect", str(tmp / "missing.esb"), env=env, check=2)
+    run("verify", str(tmp / "m.esb"), env=env, check=2)  # --root is required
+
+
+def test_a_group_readable_private_key_is_refused(workspace):
+    tmp, env = workspace
+    key = tmp / "keys/signers/release.key"
+    key.chmod(0o644)
+    proc = run(
+        "pack",
+        str(tmp / "m.onnx"),
+        "--name",
+        "cls-a",
+        "--version",
+        "2",
+        "--signer",
+        "release",
+        "--to",
+        "cam-01",
+        "-o",
+        str(tmp / "m2.esb"),
+        env=env,
+        check=1,
+    )
+    assert "chmod 600" in proc.stderr
+
+
+def test_an_encrypted_root_key_needs_its_passphrase(tmp_path):
+    env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
+    (tmp_path / "pass").write_text("correct horse\n")
+    (tmp_path / "wrong").write_text("battery staple\n")
+    run("keys", "init-root", "--passphrase-file", str(tmp_path / "pass"), env=env)
+    assert b"ENCRYPTED" in (tmp_path / "keys/root.key").read_bytes()
+    assert "encrypted" in run("keys", "new-signer", "s1", env=env, check=1).stderr
+    assert (
+        "wrong passphrase"
+        in run(
+            "keys",
+            "new-signer",
+            "s1",
+            "--passphrase-file",
+            str(tmp_path / "wrong"),
+            env=env,
+            check=1,
+        ).stderr
+    )
+    run("keys", "new-signer", "s1", "--passphrase-file", str(tmp_path / "pass"), env=env)
+
+
+def test_revocation_and_listing_are_reported_as_json(workspace):
+    tmp, env = workspace
+    run("keys", "revoke", "release", "--reason", "laptop stolen", env=env)
+    listing = json.loads(run("keys", "list", "--json", env=env).stdout)
+    assert listing["revoked"][0]["reason"] == "laptop stolen"
+    assert [d["id"] for d in listing["devices"]] == ["cam-01"]
+    run(
+        "pack",
+        str(tmp / "m.onnx"),
+        "--name",
+        "cls-a",
+        "--version",
+        "2",
+        "--signer",
+        "release",
+        "--to",
+        "cam-01",
+        "-o",
+        str(tmp / "m2.esb"),
+        env=env,
+    )
+    proc = run("agent", "infer", str(tmp / "m2.esb"), "--home", str(tmp / "dev"), env=env, check=1)
+    assert "revoked: laptop stolen" in proc.stderr
+
+
+def test_help_lists_the_groups_every_part_registers(workspace):
+    _, env = workspace
+    out = run("--help", env=env).stdout
+    for command in ("keys", "pack", "inspect", "verify", "agent"):
+        assert command in out
