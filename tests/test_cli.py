@@ -18,6 +18,7 @@ def run(*args: str, env: dict[str, str], check: int | None = 0) -> subprocess.Co
     proc = subprocess.run(
         [sys.executable, "-m", "edgeseal.core", *args],
         env=env,
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
