@@ -1,0 +1,134 @@
+"""PKCS#11 key store: a P-256 key on a token (OP-TEE, secure element, HSM, SoftHSM2).
+
+``CKM_ECDH1_DERIVE`` with ``CKD_NULL`` and the raw uncompressed peer point gives the
+ECDH secret; the HPKE key schedule then runs on the host (edgeseal.core._hpke). The
+private key is generated on the token, sensitive and not extractable.
+
+Module quirks (docs/hardware.md): SoftHSM2 reads ``SOFTHSM2_CONF`` once per process and
+gives random slot ids (select tokens by label); OP-TEE's ``libckteec.so`` needs the
+``tee-supplicant`` running and the ``tee`` snap interface; ATECC608 (cryptoauthlib) and
+SE050 (the plug-and-trust module) keep keys in fixed slots, referenced by label.
+
+Needs the ``edgeseal-hardware[pkcs11]`` extra (python-pkcs11).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeseal.core.errors import KeyStoreError, MissingExtraError
+from edgeseal.core.keys import key_id
+
+__all__ = ["LABEL", "Pkcs11KeyStore"]
+
+LABEL = "PKCS#11 token"
+_libs: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _p11() -> Any:
+    try:
+        import pkcs11
+    except ImportError as e:
+        raise MissingExtraError("the PKCS#11 key store needs python-pkcs11: "
+                                "pip install 'edgeseal-hardware[pkcs11]'") from e
+    return pkcs11
+
+
+def _lib(module: str) -> Any:
+    p = _p11()
+    with _lock:
+        if module not in _libs:
+            try:
+                _libs[module] = p.lib(module)
+            except (RuntimeError, OSError) as e:
+                raise KeyStoreError(f"cannot load PKCS#11 module {module}: {e}") from e
+        return _libs[module]
+
+
+@dataclass(frozen=True)
+class Pkcs11KeyStore:
+    module: str
+    token_label: str
+    key_label: str
+    public_key: ec.EllipticCurvePublicKey
+    pin: str = field(repr=False, default="")
+    kind: str = "pkcs11"
+    hardware_backed: bool = True
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    @property
+    def label(self) -> str:
+        return f"{LABEL} {self.token_label!r} ({self.module})"
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _session(module: str, token_label: str, pin: str, *, rw: bool = False) -> Iterator[Any]:
+        p = _p11()
+        try:
+            token = _lib(module).get_token(token_label=token_label)
+            with token.open(rw=rw, user_pin=pin) as session:
+                yield session
+        except p.exceptions.PKCS11Error as e:
+            raise KeyStoreError(f"PKCS#11 token {token_label!r} refused: "
+                                f"{type(e).__name__} {e}") from e
+
+    @classmethod
+    def create(cls, module: str, token_label: str, pin: str, *, key_label: str) -> Pkcs11KeyStore:
+        p = _p11()
+        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+        a = p.Attribute
+        with cls._session(module, token_label, pin, rw=True) as session:
+            if list(session.get_objects({a.LABEL: key_label, a.CLASS: p.ObjectClass.PRIVATE_KEY})):
+                raise KeyStoreError(f"token {token_label!r} already holds a key {key_label!r}")
+            params = session.create_domain_parameters(
+                p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True)
+            pub, _ = params.generate_keypair(
+                store=True, label=key_label,
+                public_template={a.DERIVE: True},
+                private_template={a.DERIVE: True, a.SENSITIVE: True, a.EXTRACTABLE: False})
+            public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        return cls(module, token_label, key_label, public_key, pin)
+
+    @classmethod
+    def load(cls, module: str, token_label: str, pin: str, *, key_label: str) -> Pkcs11KeyStore:
+        p = _p11()
+        from pkcs11.util.ec import encode_ec_public_key
+
+        with cls._session(module, token_label, pin) as session:
+            try:
+                pub = session.get_key(object_class=p.ObjectClass.PUBLIC_KEY,
+                                      key_type=p.KeyType.EC, label=key_label)
+            except (p.NoSuchKey, p.MultipleObjectsReturned) as e:
+                raise KeyStoreError(f"token {token_label!r}: no single key {key_label!r}") from e
+            public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        return cls(module, token_label, key_label, public_key, pin)
+
+    def ecdh(self, peer_point: bytes) -> bytes:
+        p = _p11()
+        a = p.Attribute
+        with self._session(self.module, self.token_label, self.pin) as session:
+            priv = session.get_key(object_class=p.ObjectClass.PRIVATE_KEY,
+                                   key_type=p.KeyType.EC, label=self.key_label)
+            secret = priv.derive_key(
+                p.KeyType.GENERIC_SECRET, 256,
+                mechanism_param=(p.KDF.NULL, None, bytes(peer_point)),
+                template={a.SENSITIVE: False, a.EXTRACTABLE: True, a.TOKEN: False})
+            try:
+                return bytes(secret[a.VALUE])
+            finally:
+                secret.destroy()
