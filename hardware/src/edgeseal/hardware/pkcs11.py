@@ -37,8 +37,9 @@ def _p11() -> Any:
     try:
         import pkcs11
     except ImportError as e:
-        raise MissingExtraError("the PKCS#11 key store needs python-pkcs11: "
-                                "pip install 'edgeseal-hardware[pkcs11]'") from e
+        raise MissingExtraError(
+            "the PKCS#11 key store needs python-pkcs11: pip install 'edgeseal-hardware[pkcs11]'"
+        ) from e
     return pkcs11
 
 
@@ -80,8 +81,9 @@ class Pkcs11KeyStore:
             with token.open(rw=rw, user_pin=pin) as session:
                 yield session
         except p.exceptions.PKCS11Error as e:
-            raise KeyStoreError(f"PKCS#11 token {token_label!r} refused: "
-                                f"{type(e).__name__} {e}") from e
+            raise KeyStoreError(
+                f"PKCS#11 token {token_label!r} refused: {type(e).__name__} {e}"
+            ) from e
 
     @classmethod
     def create(cls, module: str, token_label: str, pin: str, *, key_label: str) -> Pkcs11KeyStore:
@@ -93,12 +95,14 @@ class Pkcs11KeyStore:
             if list(session.get_objects({a.LABEL: key_label, a.CLASS: p.ObjectClass.PRIVATE_KEY})):
                 raise KeyStoreError(f"token {token_label!r} already holds a key {key_label!r}")
             params = session.create_domain_parameters(
-                p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
-                local=True)
+                p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
+            )
             pub, _ = params.generate_keypair(
-                store=True, label=key_label,
+                store=True,
+                label=key_label,
                 public_template={a.DERIVE: True},
-                private_template={a.DERIVE: True, a.SENSITIVE: True, a.EXTRACTABLE: False})
+                private_template={a.DERIVE: True, a.SENSITIVE: True, a.EXTRACTABLE: False},
+            )
             public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         return cls(module, token_label, key_label, public_key, pin)
@@ -110,8 +114,9 @@ class Pkcs11KeyStore:
 
         with cls._session(module, token_label, pin) as session:
             try:
-                pub = session.get_key(object_class=p.ObjectClass.PUBLIC_KEY,
-                                      key_type=p.KeyType.EC, label=key_label)
+                pub = session.get_key(
+                    object_class=p.ObjectClass.PUBLIC_KEY, key_type=p.KeyType.EC, label=key_label
+                )
             except (p.NoSuchKey, p.MultipleObjectsReturned) as e:
                 raise KeyStoreError(f"token {token_label!r}: no single key {key_label!r}") from e
             public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
@@ -122,12 +127,15 @@ class Pkcs11KeyStore:
         p = _p11()
         a = p.Attribute
         with self._session(self.module, self.token_label, self.pin) as session:
-            priv = session.get_key(object_class=p.ObjectClass.PRIVATE_KEY,
-                                   key_type=p.KeyType.EC, label=self.key_label)
+            priv = session.get_key(
+                object_class=p.ObjectClass.PRIVATE_KEY, key_type=p.KeyType.EC, label=self.key_label
+            )
             secret = priv.derive_key(
-                p.KeyType.GENERIC_SECRET, 256,
+                p.KeyType.GENERIC_SECRET,
+                256,
                 mechanism_param=(p.KDF.NULL, None, bytes(peer_point)),
-                template={a.SENSITIVE: False, a.EXTRACTABLE: True, a.TOKEN: False})
+                template={a.SENSITIVE: False, a.EXTRACTABLE: True, a.TOKEN: False},
+            )
             try:
                 return bytes(secret[a.VALUE])
             finally:

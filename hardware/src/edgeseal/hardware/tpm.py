@@ -44,9 +44,10 @@ def _tss() -> Any:
     try:
         import tpm2_pytss
     except ImportError as e:
-        raise MissingExtraError("the TPM key store needs tpm2-pytss and libtss2: "
-                                "apt install libtss2-dev && pip install 'edgeseal-hardware[tpm]'"
-                                ) from e
+        raise MissingExtraError(
+            "the TPM key store needs tpm2-pytss and libtss2: "
+            "apt install libtss2-dev && pip install 'edgeseal-hardware[tpm]'"
+        ) from e
     return tpm2_pytss
 
 
@@ -67,8 +68,13 @@ def _primary(ectx: Any) -> Any:
     a = t.TPMA_OBJECT
     tmpl = t.TPMT_PUBLIC.parse(
         alg="ecc256:aes128cfb",
-        objectAttributes=a.RESTRICTED | a.DECRYPT | a.FIXEDTPM | a.FIXEDPARENT
-        | a.SENSITIVEDATAORIGIN | a.USERWITHAUTH | a.NODA,
+        objectAttributes=a.RESTRICTED
+        | a.DECRYPT
+        | a.FIXEDTPM
+        | a.FIXEDPARENT
+        | a.SENSITIVEDATAORIGIN
+        | a.USERWITHAUTH
+        | a.NODA,
     )
     return ectx.create_primary(None, t.TPM2B_PUBLIC(tmpl), t.ESYS_TR.OWNER)[0]
 
@@ -80,8 +86,9 @@ def _pcr_selection(pcrs: Sequence[int]) -> str:
 def _session(ectx: Any, srk: Any, *, policy: bool) -> Any:
     """A session salted with the SRK, encrypting the response parameter."""
     t = _tss()
-    sym = t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.AES, keyBits={"aes": 128},
-                         mode={"aes": t.TPM2_ALG.CFB})
+    sym = t.TPMT_SYM_DEF(
+        algorithm=t.TPM2_ALG.AES, keyBits={"aes": 128}, mode={"aes": t.TPM2_ALG.CFB}
+    )
     kind = t.TPM2_SE.POLICY if policy else t.TPM2_SE.HMAC
     s = ectx.start_auth_session(srk, t.ESYS_TR.NONE, kind, sym, t.TPM2_ALG.SHA256)
     # ENCRYPT alone would drop CONTINUESESSION (it replaces the attributes).
@@ -111,8 +118,13 @@ class TpmKeyStore:
         return LABEL + (f", PCR policy {_pcr_selection(self.pcrs)}" if self.pcrs else "")
 
     @classmethod
-    def create(cls, tcti: str, *, pcrs: Sequence[int] = (), owner_auth: str | None = None,
-               ) -> TpmKeyStore:
+    def create(
+        cls,
+        tcti: str,
+        *,
+        pcrs: Sequence[int] = (),
+        owner_auth: str | None = None,
+    ) -> TpmKeyStore:
         t = _tss()
         a = t.TPMA_OBJECT
         pcrs = tuple(sorted(set(pcrs)))
@@ -125,8 +137,12 @@ class TpmKeyStore:
                 policy = t.TPM2B_DIGEST()
                 if pcrs:
                     trial = ectx.start_auth_session(
-                        t.ESYS_TR.NONE, t.ESYS_TR.NONE, t.TPM2_SE.TRIAL,
-                        t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL), t.TPM2_ALG.SHA256)
+                        t.ESYS_TR.NONE,
+                        t.ESYS_TR.NONE,
+                        t.TPM2_SE.TRIAL,
+                        t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
+                        t.TPM2_ALG.SHA256,
+                    )
                     try:
                         ectx.policy_pcr(trial, t.TPM2B_DIGEST(), _pcr_selection(pcrs))
                         policy = ectx.policy_get_digest(trial)
@@ -145,8 +161,12 @@ class TpmKeyStore:
 
     def save(self, path: Path) -> None:
         """Write the wrapped key blob (useless outside this TPM) and its settings."""
-        doc = {"kind": "tpm", "private": b64e(self.private_blob), "public": b64e(self.public_blob),
-               "pcrs": list(self.pcrs)}
+        doc = {
+            "kind": "tpm",
+            "private": b64e(self.private_blob),
+            "public": b64e(self.public_blob),
+            "pcrs": list(self.pcrs),
+        }
         atomic_write(path, json.dumps(doc).encode(), mode=0o600)
 
     @classmethod
