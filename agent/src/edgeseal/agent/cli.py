@@ -17,6 +17,7 @@ from edgeseal.core.config import load_config
 from edgeseal.core.console import emit, out_console, progress_bytes, reports_errors
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.reader import VerifyPolicy
+from edgeseal.hardware.stores import StoreSpec
 
 agent_app = typer.Typer(
     help="The on-device agent: provision, open bundles, run inference.", no_args_is_help=True
@@ -39,13 +40,36 @@ def init(
     device_id: Annotated[
         str | None, typer.Option("--id", help="Device id (default: from its key id).")
     ] = None,
+    key_store: Annotated[str, typer.Option(help="software, tpm or pkcs11.")] = "software",
+    tcti: Annotated[str, typer.Option(help="TPM TCTI (swtpm:path=... for swtpm).")] = (
+        "device:/dev/tpmrm0"
+    ),
+    pcrs: Annotated[str, typer.Option(help="Bind the TPM key to these PCRs, e.g. 7,16.")] = "",
+    pkcs11_module: Annotated[str, typer.Option(help="PKCS#11 module (.so) path.")] = "",
+    token_label: Annotated[str, typer.Option(help="PKCS#11 token label.")] = "",
+    pin_file: Annotated[
+        str, typer.Option(help="File holding the token PIN (else $EDGESEAL_PKCS11_PIN).")
+    ] = "",
     as_json: Json = False,
 ) -> None:
     """Provision this device: make its key, pin the root, print what the registry needs."""
+    try:
+        pcr_list = tuple(int(p) for p in pcrs.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(f"--pcrs must be comma-separated numbers, not {pcrs!r}") from None
+    spec = StoreSpec(
+        kind=key_store,
+        tcti=tcti,
+        pcrs=pcr_list,
+        module=pkcs11_module,
+        token_label=token_label,
+        pin_file=pin_file,
+    )
     info = DeviceHome(home).init(
         root_public_keys=[p.read_bytes() for p in root],
         device_id=device_id,
         passphrase=passphrase_from(None),
+        store=spec,
     )
     (home / "device.pub.json").write_text(json.dumps(info, indent=2))
     emit(

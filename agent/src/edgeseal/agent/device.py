@@ -25,7 +25,7 @@ from edgeseal.core.keys import key_id, load_public_key, public_key_pem
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import validate_name
 from edgeseal.core.trust import TrustAnchor
-from edgeseal.hardware.software import SoftwareKeyStore
+from edgeseal.hardware.stores import StoreSpec
 
 __all__ = ["DeviceHome", "machine_architecture"]
 
@@ -49,8 +49,9 @@ class DeviceHome:
         root_public_keys: list[bytes],
         device_id: str | None = None,
         passphrase: bytes | None = None,
+        store: StoreSpec | None = None,
     ) -> dict[str, Any]:
-        """Provision: make the device key, pin the root(s), write device.json."""
+        """Provision: make the device key in its store, pin the root(s), write device.json."""
         if self.info_path.exists():
             raise KeyFileError(f"{self.path} is already provisioned")
         if not root_public_keys:
@@ -60,15 +61,17 @@ class DeviceHome:
         anchor = TrustAnchor.from_pem_files(root_public_keys)
         for kid, key in anchor.keys.items():
             atomic_write(self.path / "roots" / f"{kid[:16]}.pub", public_key_pem(key).encode())
-        store = SoftwareKeyStore.create(self.path / "device.key", passphrase=passphrase)
-        dev_id = validate_name(device_id or f"dev-{store.key_id[:12]}", "device id")
+        spec = store or StoreSpec()
+        ks = spec.create(self.path, passphrase=passphrase)
+        dev_id = validate_name(device_id or f"dev-{ks.key_id[:12]}", "device id")
         info = {
             "device_id": dev_id,
-            "key_id": store.key_id,
-            "key_store": store.kind,
-            "hardware_backed": store.hardware_backed,
-            "label": store.label,
-            "public_key": public_key_pem(store.public_key),
+            "key_id": ks.key_id,
+            "key_store": ks.kind,
+            "hardware_backed": ks.hardware_backed,
+            "label": ks.label,
+            "store": spec.to_obj(),
+            "public_key": public_key_pem(ks.public_key),
             "architecture": machine_architecture(),
         }
         atomic_write(self.info_path, canonical_json(info))
@@ -85,9 +88,12 @@ class DeviceHome:
 
     def key_store(self, *, passphrase: bytes | None = None) -> KeyStore:
         info = self.info()
-        store = SoftwareKeyStore.load(self.path / "device.key", passphrase=passphrase)
+        spec = StoreSpec.from_obj(info.get("store", {"kind": "software"}))
+        store = spec.load(self.path, passphrase=passphrase)
         if store.key_id != info["key_id"]:
-            raise KeyFileError("device.key does not match device.json")
+            raise KeyFileError(
+                f"the {spec.kind} key store holds another key than device.json names"
+            )
         return store
 
     def anchor(self) -> TrustAnchor:

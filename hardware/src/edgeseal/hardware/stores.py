@@ -1,0 +1,107 @@
+"""Which key store a device uses, and how to create or reopen its key. Stable API.
+
+A :class:`StoreSpec` is what ``device.json`` records (never a secret: the PKCS#11 PIN
+comes from a file or ``EDGESEAL_PKCS11_PIN``, the TPM owner password from
+``EDGESEAL_TPM_OWNER_AUTH``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeseal.core.errors import KeyFileError
+from edgeseal.core.keystore import KeyStore
+
+__all__ = ["StoreSpec"]
+
+KINDS = ("software", "tpm", "pkcs11")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    kind: str = "software"
+    tcti: str = "device:/dev/tpmrm0"
+    pcrs: tuple[int, ...] = ()
+    module: str = ""
+    token_label: str = ""
+    key_label: str = "edgeseal-device"
+    pin_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"key store must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.kind == "pkcs11" and not (self.module and self.token_label):
+            raise ValueError("a PKCS#11 key store needs --pkcs11-module and --token-label")
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "tpm":
+            obj.update(tcti=self.tcti, pcrs=list(self.pcrs))
+        if self.kind == "pkcs11":
+            obj.update(
+                module=self.module,
+                token_label=self.token_label,
+                key_label=self.key_label,
+                pin_file=self.pin_file,
+            )
+        return obj
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> StoreSpec:
+        known = {"kind", "tcti", "pcrs", "module", "token_label", "key_label", "pin_file"}
+        values = {k: v for k, v in obj.items() if k in known}
+        if "pcrs" in values:
+            values["pcrs"] = tuple(values["pcrs"])
+        return cls(**values)
+
+    def _pin(self) -> str:
+        if self.pin_file:
+            try:
+                return Path(self.pin_file).read_text().splitlines()[0]
+            except (OSError, IndexError) as e:
+                raise KeyFileError(f"cannot read the PKCS#11 PIN file {self.pin_file}") from e
+        pin = os.environ.get("EDGESEAL_PKCS11_PIN")
+        if not pin:
+            raise KeyFileError("the PKCS#11 PIN is not set (pin_file or EDGESEAL_PKCS11_PIN)")
+        return pin
+
+    def create(self, home: Path, *, passphrase: bytes | None = None) -> Any:
+        if self.kind == "tpm":
+            from edgeseal.hardware.tpm import TpmKeyStore
+
+            tpm = TpmKeyStore.create(
+                self.tcti, pcrs=self.pcrs, owner_auth=os.environ.get("EDGESEAL_TPM_OWNER_AUTH")
+            )
+            tpm.save(home / "device.tpm.json")
+            return tpm
+        if self.kind == "pkcs11":
+            from edgeseal.hardware.pkcs11 import Pkcs11KeyStore
+
+            return Pkcs11KeyStore.create(
+                self.module, self.token_label, self._pin(), key_label=self.key_label
+            )
+        from edgeseal.hardware.software import SoftwareKeyStore
+
+        return SoftwareKeyStore.create(home / "device.key", passphrase=passphrase)
+
+    def load(self, home: Path, *, passphrase: bytes | None = None) -> KeyStore:
+        if self.kind == "tpm":
+            from edgeseal.hardware.tpm import TpmKeyStore
+
+            return TpmKeyStore.load(
+                home / "device.tpm.json",
+                tcti=self.tcti,
+                owner_auth=os.environ.get("EDGESEAL_TPM_OWNER_AUTH"),
+            )
+        if self.kind == "pkcs11":
+            from edgeseal.hardware.pkcs11 import Pkcs11KeyStore
+
+            return Pkcs11KeyStore.load(
+                self.module, self.token_label, self._pin(), key_label=self.key_label
+            )
+        from edgeseal.hardware.software import SoftwareKeyStore
+
+        return SoftwareKeyStore.load(home / "device.key", passphrase=passphrase)

@@ -1,0 +1,87 @@
+"""Provisioning a device on each key store from the command line, then serving a bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from test_cli import run
+
+
+def _provision_pack_infer(tmp_path, *store_args: str) -> dict:
+    env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
+    run("keys", "init-root", env=env)
+    run("keys", "new-signer", "release", env=env)
+    info = json.loads(
+        run(
+            "agent",
+            "init",
+            "--home",
+            str(tmp_path / "dev"),
+            "--root",
+            str(tmp_path / "keys/root.pub"),
+            "--id",
+            "hw-01",
+            *store_args,
+            "--json",
+            env=env,
+        ).stdout
+    )
+    assert info["hardware_backed"] is True
+    run("keys", "add-device", "hw-01", str(tmp_path / "dev/device.pub.json"), env=env)
+    from edgeseal.packager.samples import make_onnx_classifier
+
+    (tmp_path / "m.onnx").write_bytes(make_onnx_classifier())
+    run(
+        "pack",
+        str(tmp_path / "m.onnx"),
+        "--name",
+        "hw-model",
+        "--version",
+        "1",
+        "--signer",
+        "release",
+        "--to",
+        "hw-01",
+        "-o",
+        str(tmp_path / "m.esb"),
+        env=env,
+    )
+    out = json.loads(
+        run(
+            "agent",
+            "infer",
+            str(tmp_path / "m.esb"),
+            "--home",
+            str(tmp_path / "dev"),
+            "--json",
+            env=env,
+        ).stdout
+    )
+    assert not (tmp_path / "dev/device.key").exists()  # no software key was made
+    return out["status"]
+
+
+@pytest.mark.tpm
+def test_a_tpm_device_is_provisioned_and_serves_from_the_cli(swtpm, tmp_path):
+    status = _provision_pack_infer(tmp_path, "--key-store", "tpm", "--tcti", swtpm.tcti)
+    assert status["key_store"] == "tpm"
+
+
+@pytest.mark.pkcs11
+def test_a_pkcs11_device_is_provisioned_and_serves_from_the_cli(softhsm, tmp_path):
+    (tmp_path / "pin").write_text(softhsm.pin + "\n")
+    status = _provision_pack_infer(
+        tmp_path,
+        "--key-store",
+        "pkcs11",
+        "--pkcs11-module",
+        softhsm.module,
+        "--token-label",
+        softhsm.token_label,
+        "--pin-file",
+        str(tmp_path / "pin"),
+    )
+    assert status["key_store"] == "pkcs11"
