@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from hw_parts import Swtpm
 
-SOFTHSM_MODULES = [
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-]
+from edgeseal.hardware.simulators import SoftHsmToken, Swtpm, find_softhsm_module
 
 
 def _missing(what: str) -> None:
@@ -41,60 +32,21 @@ def _require_module(name: str) -> None:
 def swtpm() -> Iterator[Swtpm]:
     if shutil.which("swtpm") is None:
         _missing("swtpm")
-    pytest.importorskip("tpm2_pytss") if os.environ.get(
-        "EDGESEAL_REQUIRE_ALL_LANES"
-    ) != "1" else __import__("tpm2_pytss")
-    # Unix socket paths are limited to ~107 bytes: keep it short.
-    d = Path(tempfile.mkdtemp(prefix="estpm-", dir="/tmp"))
-    tpm = Swtpm(d, d / "s")
-    tpm.start()
+    _require_module("tpm2_pytss")
+    tpm = Swtpm.in_tempdir().start()
     try:
         yield tpm
     finally:
-        tpm.stop()
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@dataclass
-class SoftHsm:
-    module: str
-    token_label: str
-    pin: str
+        tpm.remove()
 
 
 @pytest.fixture(scope="session")
-def softhsm() -> Iterator[SoftHsm]:
-    module = next((m for m in SOFTHSM_MODULES if Path(m).exists()), None)
-    if module is None or shutil.which("softhsm2-util") is None:
+def softhsm() -> Iterator[SoftHsmToken]:
+    if find_softhsm_module() is None or shutil.which("softhsm2-util") is None:
         _missing("softhsm2")
-    pytest.importorskip("pkcs11") if os.environ.get(
-        "EDGESEAL_REQUIRE_ALL_LANES"
-    ) != "1" else __import__("pkcs11")
-    d = Path(tempfile.mkdtemp(prefix="eshsm-"))
-    (d / "tokens").mkdir()
-    conf = d / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {d / 'tokens'}\nobjectstore.backend = file\n"
-        "log.level = ERROR\nslots.removable = false\n"
-    )
-    # SoftHSM2 reads its config once per process: set it before the module first loads.
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(
-        [
-            "softhsm2-util",
-            "--init-token",
-            "--free",
-            "--label",
-            "edgeseal-test",
-            "--pin",
-            "1234",
-            "--so-pin",
-            "5678",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _require_module("pkcs11")
+    token = SoftHsmToken.create(label="edgeseal-test")
     try:
-        yield SoftHsm(module, "edgeseal-test", "1234")  # type: ignore[arg-type]
+        yield token
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        token.remove()

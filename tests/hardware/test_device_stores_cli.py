@@ -80,7 +80,7 @@ def test_a_pkcs11_device_is_provisioned_and_serves_from_the_cli(softhsm, tmp_pat
         "--pkcs11-module",
         softhsm.module,
         "--token-label",
-        softhsm.token_label,
+        softhsm.label,
         "--pin-file",
         str(tmp_path / "pin"),
     )

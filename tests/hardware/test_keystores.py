@@ -82,28 +82,23 @@ def test_pcr_bound_key_refuses_after_the_pcr_is_extended(swtpm):
 
 @pytest.mark.tpm
 def test_a_tpm_key_blob_does_not_load_into_another_tpm(swtpm, tmp_path):
-    import tempfile
-    from pathlib import Path
-
-    from hw_parts import Swtpm
+    from edgeseal.hardware.simulators import Swtpm
 
     store = TpmKeyStore.create(swtpm.tcti)
     store.save(tmp_path / "k.json")
-    d = Path(tempfile.mkdtemp(prefix="estpm2-", dir="/tmp"))
-    other = Swtpm(d, d / "s")
-    other.start()
+    other = Swtpm.in_tempdir().start()
     try:
         moved = TpmKeyStore.load(tmp_path / "k.json", tcti=other.tcti)
         with pytest.raises(KeyStoreError):
             moved.ecdh(point_bytes(ec.generate_private_key(ec.SECP256R1()).public_key()))
     finally:
-        other.stop()
+        other.remove()
 
 
 @pytest.mark.pkcs11
 def test_pkcs11_key_does_ecdh_on_the_token(softhsm):
     store = Pkcs11KeyStore.create(
-        softhsm.module, softhsm.token_label, softhsm.pin, key_label=f"k{next(_labels)}"
+        softhsm.module, softhsm.label, softhsm.pin, key_label=f"k{next(_labels)}"
     )
     _check_ecdh(store)
 
@@ -111,17 +106,17 @@ def test_pkcs11_key_does_ecdh_on_the_token(softhsm):
 @pytest.mark.pkcs11
 def test_pkcs11_device_opens_a_bundle_packed_for_it(softhsm, fleet, onnx_model):
     label = f"dev{next(_labels)}"
-    Pkcs11KeyStore.create(softhsm.module, softhsm.token_label, softhsm.pin, key_label=label)
-    store = Pkcs11KeyStore.load(softhsm.module, softhsm.token_label, softhsm.pin, key_label=label)
+    Pkcs11KeyStore.create(softhsm.module, softhsm.label, softhsm.pin, key_label=label)
+    store = Pkcs11KeyStore.load(softhsm.module, softhsm.label, softhsm.pin, key_label=label)
     _pack_and_open(fleet, onnx_model, store, device="hsm-dev")
 
 
 @pytest.mark.pkcs11
 def test_pkcs11_wrong_pin_and_unknown_key_are_key_store_errors(softhsm):
     with pytest.raises(KeyStoreError):
-        Pkcs11KeyStore.load(softhsm.module, softhsm.token_label, "0000", key_label="none")
+        Pkcs11KeyStore.load(softhsm.module, softhsm.label, "0000", key_label="none")
     with pytest.raises(KeyStoreError, match="no single key"):
-        Pkcs11KeyStore.load(softhsm.module, softhsm.token_label, softhsm.pin, key_label="none")
+        Pkcs11KeyStore.load(softhsm.module, softhsm.label, softhsm.pin, key_label="none")
 
 
 @pytest.mark.pkcs11
@@ -129,10 +124,10 @@ def test_a_pkcs11_key_cannot_open_what_was_wrapped_for_another(softhsm, fleet, o
     from edgeseal.core.reader import BundleFile, unwrap_content_key
 
     a = Pkcs11KeyStore.create(
-        softhsm.module, softhsm.token_label, softhsm.pin, key_label=f"a{next(_labels)}"
+        softhsm.module, softhsm.label, softhsm.pin, key_label=f"a{next(_labels)}"
     )
     b = Pkcs11KeyStore.create(
-        softhsm.module, softhsm.token_label, softhsm.pin, key_label=f"b{next(_labels)}"
+        softhsm.module, softhsm.label, softhsm.pin, key_label=f"b{next(_labels)}"
     )
     fleet.ring.add_device("hsm-a", a.public_key, target=None)
     bundle, result = fleet.pack(onnx_model, to=("hsm-a",))
