@@ -36,12 +36,12 @@ def workspace(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     run("keys", "new-signer", "release", "--models", "cls-*", env=env)
     run(
         "agent",
-        "init",
+        "provision",
         "--home",
         str(tmp_path / "dev"),
         "--root",
         str(tmp_path / "keys/root.pub"),
-        "--id",
+        "--device-id",
         "cam-01",
         env=env,
     )

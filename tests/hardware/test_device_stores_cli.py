@@ -17,12 +17,12 @@ def _provision_pack_infer(tmp_path, *store_args: str) -> dict:
     info = json.loads(
         run(
             "agent",
-            "init",
+            "provision",
             "--home",
             str(tmp_path / "dev"),
             "--root",
             str(tmp_path / "keys/root.pub"),
-            "--id",
+            "--device-id",
             "hw-01",
             *store_args,
             "--json",
@@ -65,8 +65,8 @@ def _provision_pack_infer(tmp_path, *store_args: str) -> dict:
 
 
 @pytest.mark.tpm
-def test_a_tpm_device_is_provisioned_and_serves_from_the_cli(swtpm, tmp_path):
-    status = _provision_pack_infer(tmp_path, "--key-store", "tpm", "--tcti", swtpm.tcti)
+def test_auto_provisioning_picks_the_tpm_and_serves_from_the_cli(swtpm, tmp_path):
+    status = _provision_pack_infer(tmp_path, "--keystore", "auto", "--tcti", swtpm.tcti)
     assert status["key_store"] == "tpm"
 
 
@@ -75,7 +75,7 @@ def test_a_pkcs11_device_is_provisioned_and_serves_from_the_cli(softhsm, tmp_pat
     (tmp_path / "pin").write_text(softhsm.pin + "\n")
     status = _provision_pack_infer(
         tmp_path,
-        "--key-store",
+        "--keystore",
         "pkcs11",
         "--pkcs11-module",
         softhsm.module,
@@ -85,3 +85,15 @@ def test_a_pkcs11_device_is_provisioned_and_serves_from_the_cli(softhsm, tmp_pat
         str(tmp_path / "pin"),
     )
     assert status["key_store"] == "pkcs11"
+
+
+def test_auto_falls_back_to_pkcs11_then_software(tmp_path):
+    from edgeseal.hardware.stores import choose_store
+
+    missing = f"device:{tmp_path}/tpmrm0"
+    module = tmp_path / "lib.so"
+    assert choose_store("auto", tcti=missing, pkcs11_module="") == "software"
+    assert choose_store("auto", tcti=missing, pkcs11_module=str(module)) == "software"
+    module.write_bytes(b"")
+    assert choose_store("auto", tcti=missing, pkcs11_module=str(module)) == "pkcs11"
+    assert choose_store("software", tcti="swtpm:path=/x", pkcs11_module="") == "software"

@@ -17,7 +17,7 @@ from edgeseal.core.config import load_config
 from edgeseal.core.console import emit, out_console, progress_bytes, reports_errors
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.reader import VerifyPolicy
-from edgeseal.hardware.stores import StoreSpec
+from edgeseal.hardware.stores import StoreSpec, choose_store
 
 agent_app = typer.Typer(
     help="The on-device agent: provision, open bundles, run inference.", no_args_is_help=True
@@ -29,7 +29,7 @@ Home = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-@agent_app.command("init")
+@agent_app.command("provision")
 @reports_errors
 def init(
     home: Home,
@@ -38,9 +38,11 @@ def init(
         typer.Option("--root", exists=True, dir_okay=False, help="Root public key(s) to pin."),
     ],
     device_id: Annotated[
-        str | None, typer.Option("--id", help="Device id (default: from its key id).")
+        str | None, typer.Option("--device-id", help="Device id (default: from its key id).")
     ] = None,
-    key_store: Annotated[str, typer.Option(help="software, tpm or pkcs11.")] = "software",
+    keystore: Annotated[
+        str, typer.Option(help="auto (the strongest present), tpm, pkcs11 or software.")
+    ] = "auto",
     tcti: Annotated[str, typer.Option(help="TPM TCTI (swtpm:path=... for swtpm).")] = (
         "device:/dev/tpmrm0"
     ),
@@ -58,7 +60,7 @@ def init(
     except ValueError:
         raise ValueError(f"--pcrs must be comma-separated numbers, not {pcrs!r}") from None
     spec = StoreSpec(
-        kind=key_store,
+        kind=choose_store(keystore, tcti=tcti, pkcs11_module=pkcs11_module),
         tcti=tcti,
         pcrs=pcr_list,
         module=pkcs11_module,

@@ -82,7 +82,7 @@ class DeviceHome:
             data: dict[str, Any] = json.loads(self.info_path.read_bytes())
         except FileNotFoundError as e:
             raise KeyFileError(
-                f"{self.path} is not a provisioned device home (run: edgeseal agent init)"
+                f"{self.path} is not a provisioned device home (run: edgeseal agent provision)"
             ) from e
         return data
 

@@ -77,7 +77,7 @@ class DeviceRecord:
 
 
 def parse_device_public_key(data: bytes) -> tuple[ec.EllipticCurvePublicKey, str | None, str]:
-    """A device public key from a PEM file or the JSON ``edgeseal agent init`` prints.
+    """A device public key from a PEM file or the JSON ``edgeseal agent provision`` prints.
 
     Returns the key, the device id the JSON names (if any) and its key store kind.
     """

@@ -7,6 +7,7 @@ comes from a file or ``EDGESEAL_PKCS11_PIN``, the TPM owner password from
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from edgeseal.core.errors import KeyFileError
 from edgeseal.core.keystore import KeyStore
 
-__all__ = ["StoreSpec"]
+__all__ = ["StoreSpec", "choose_store"]
 
 KINDS = ("software", "tpm", "pkcs11")
 
@@ -105,3 +106,17 @@ class StoreSpec:
         from edgeseal.hardware.software import SoftwareKeyStore
 
         return SoftwareKeyStore.load(home / "device.key", passphrase=passphrase)
+
+
+def choose_store(requested: str, *, tcti: str, pkcs11_module: str) -> str:
+    """Resolve ``auto`` to the strongest store present: a TPM (its device node exists, or
+    a non-device TCTI such as swtpm was given, and tpm2-pytss is installed), else a
+    configured PKCS#11 module that exists, else software."""
+    if requested != "auto":
+        return requested
+    tpm_present = Path(tcti.split(":", 1)[1]).exists() if tcti.startswith("device:") else bool(tcti)
+    if tpm_present and importlib.util.find_spec("tpm2_pytss") is not None:
+        return "tpm"
+    if pkcs11_module and Path(pkcs11_module).exists():
+        return "pkcs11"
+    return "software"
