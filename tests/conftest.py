@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,7 @@ from edgeseal.core.keystore import InMemoryKey
 from edgeseal.core.reader import VerifyPolicy
 from edgeseal.packager.pack import PackResult, pack_model
 from edgeseal.packager.samples import make_onnx_classifier, make_tflite_dense
-
-#: A fixed "now" for tests that pack and open: bundles are valid around it.
-NOW = datetime(2026, 11, 1, 12, 0, 0, tzinfo=timezone.utc)
+from helpers import NOW
 
 
 @dataclass

@@ -7,11 +7,11 @@ from datetime import timedelta
 
 import pytest
 
-from conftest import NOW
 from edgeseal.core.keys import generate_private_key
 from edgeseal.core.keystore import InMemoryKey
 from edgeseal.core.reader import BundleFile, unwrap_content_key
 from edgeseal.core.writer import RecipientKey, seal_bundle
+from helpers import NOW
 
 
 @pytest.mark.slow

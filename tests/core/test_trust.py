@@ -6,7 +6,6 @@ from datetime import timedelta
 
 import pytest
 
-from conftest import NOW
 from edgeseal.core.errors import (
     ExpiredError,
     RollbackError,
@@ -17,6 +16,7 @@ from edgeseal.core.errors import (
 from edgeseal.core.keyring import Keyring
 from edgeseal.core.reader import BundleFile
 from edgeseal.core.trust import TrustAnchor, verify_revocations
+from helpers import NOW
 
 
 def verify(fleet, path, **policy):

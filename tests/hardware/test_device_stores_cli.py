@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from test_cli import run
+from helpers import run
 
 
 def _provision_pack_infer(tmp_path, *store_args: str) -> dict:

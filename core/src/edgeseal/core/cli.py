@@ -68,6 +68,23 @@ Config = Annotated[
 ]
 
 
+Pkcs11Module = Annotated[
+    str, typer.Option(help="Keep the key on a PKCS#11 token: the module (.so) path.")
+]
+TokenLabel = Annotated[str, typer.Option(help="PKCS#11 token label.")]
+PinFile = Annotated[
+    str, typer.Option(help="File holding the token PIN (else $EDGESEAL_PKCS11_PIN).")
+]
+
+
+def _token_ref(module: str, label: str, pin_file: str) -> dict[str, str] | None:
+    if not module:
+        return None
+    if not label:
+        raise ValueError("--token-label is required with --pkcs11-module")
+    return {"kind": "pkcs11", "module": module, "token_label": label, "pin_file": pin_file}
+
+
 def _keyring(keys_dir: Path | None, passphrase_file: Path | None) -> Keyring:
     return Keyring(keys_dir or default_keys_dir(), passphrase=passphrase_from(passphrase_file))
 
@@ -78,11 +95,15 @@ def init_root(
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
     force: bool = False,
+    pkcs11_module: Pkcs11Module = "",
+    token_label: TokenLabel = "",
+    pin_file: PinFile = "",
     as_json: Json = False,
 ) -> None:
-    """Create the offline root key. Devices pin its public key (root.pub)."""
+    """Create the offline root key (in a file, or on a PKCS#11 token with --pkcs11-module).
+    Devices pin its public key (root.pub)."""
     ring = _keyring(keys_dir, passphrase_file)
-    kid = ring.init_root(force=force)
+    kid = ring.init_root(force=force, token=_token_ref(pkcs11_module, token_label, pin_file))
     emit(
         {
             "ok": True,
@@ -118,9 +139,12 @@ def new_signer(
     signer_passphrase_file: Annotated[
         Path | None, typer.Option(help="Encrypt the signer key with this passphrase (first line).")
     ] = None,
+    pkcs11_module: Pkcs11Module = "",
+    token_label: TokenLabel = "",
+    pin_file: PinFile = "",
     as_json: Json = False,
 ) -> None:
-    """Create a signer key and a certificate for it signed by the root."""
+    """Create a signer key (in a file, or on a PKCS#11 token) and a root-signed certificate."""
     ring = _keyring(keys_dir, passphrase_file)
     ring.new_signer(
         name,
@@ -128,6 +152,7 @@ def new_signer(
         model_patterns=models,
         days=days,
         signer_passphrase=passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"),
+        token=_token_ref(pkcs11_module, token_label, pin_file),
     )
     payload = ring.certificate_payload(name)
     emit(

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from edgeseal.core.encoding import b64d, canonical_json, format_time, parse_json
 from edgeseal.core.errors import KeyFileError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keys import (
+    Signer,
     SoftwareSigner,
     generate_private_key,
     key_id,
@@ -38,6 +40,7 @@ from edgeseal.core.keys import (
     write_public_key,
 )
 from edgeseal.core.manifest import validate_name
+from edgeseal.core.tokens import signer_backend
 from edgeseal.core.trust import (
     TrustAnchor,
     make_revocations,
@@ -123,21 +126,53 @@ class Keyring:
             hint = " (run: edgeseal keys init-root)" if p.parent == self.path else ""
             raise KeyFileError(f"{p} does not exist{hint}") from e
 
-    def init_root(self, *, force: bool = False) -> str:
-        if self.root_key_path.exists() and not force:
+    @property
+    def root_token_path(self) -> Path:
+        return self.path / "root.token.json"
+
+    def _new_key(
+        self,
+        key_path: Path,
+        token_path: Path,
+        token: Mapping[str, Any] | None,
+        key_label: str,
+        passphrase: bytes | None,
+    ) -> Signer:
+        """A new signing key: in a file, or on a token (recorded by reference)."""
+        if token is not None:
+            # A token may hold the keys of several keyrings: make the label unique.
+            ref = {**token, "key_label": f"{key_label}-{secrets.token_hex(4)}"}
+            signer = signer_backend(str(ref["kind"])).create(ref)
+            atomic_write(token_path, canonical_json(ref), mode=0o600)
+            return signer
+        key = generate_private_key()
+        write_private_key(key_path, key, passphrase=passphrase)
+        return SoftwareSigner(key)
+
+    @staticmethod
+    def _load_key(key_path: Path, token_path: Path, passphrase: bytes | None) -> Signer:
+        if token_path.exists():
+            ref = json.loads(token_path.read_bytes())
+            return signer_backend(str(ref["kind"])).load(ref)
+        return SoftwareSigner.from_file(key_path, passphrase=passphrase)
+
+    def init_root(self, *, force: bool = False, token: Mapping[str, Any] | None = None) -> str:
+        """Create the root key, in a file or (``token``) on a PKCS#11 token."""
+        if (self.root_key_path.exists() or self.root_token_path.exists()) and not force:
             raise KeyFileError(f"a root key already exists in {self.path}; use keys rotate-root")
         self.path.mkdir(parents=True, exist_ok=True)
         self.path.chmod(0o700)
-        key = generate_private_key()
-        write_private_key(self.root_key_path, key, passphrase=self.passphrase)
-        write_public_key(self.root_pub_path, key.public_key())
-        kid = key_id(key.public_key())
+        root = self._new_key(
+            self.root_key_path, self.root_token_path, token, "edgeseal-root-1", self.passphrase
+        )
+        write_public_key(self.root_pub_path, root.public_key)
+        kid = root.key_id
         atomic_write(self.path / "root.json", canonical_json({"version": 1, "keyid": kid}))
         atomic_write(self.path / "rotations.json", b"[]")
         return kid
 
-    def root_signer(self) -> SoftwareSigner:
-        return SoftwareSigner.from_file(self.root_key_path, passphrase=self.passphrase)
+    def root_signer(self) -> Signer:
+        return self._load_key(self.root_key_path, self.root_token_path, self.passphrase)
 
     def anchor(self) -> TrustAnchor:
         meta = self._root_meta()
@@ -158,12 +193,21 @@ class Keyring:
         """Make a new root, signed over by the old one; the old key is kept as root-N.key."""
         old = self.root_signer()
         version = int(self._root_meta()["version"]) + 1
-        new_key = generate_private_key()
-        new = SoftwareSigner(new_key)
+        token = None
+        if self.root_token_path.exists():  # the new root goes where the old one is
+            token = json.loads(self.root_token_path.read_bytes())
+            self.root_token_path.rename(self.path / f"root-{version - 1}.token.json")
+        else:
+            self.root_key_path.rename(self.path / f"root-{version - 1}.key")
+        new = self._new_key(
+            self.root_key_path,
+            self.root_token_path,
+            token,
+            f"edgeseal-root-{version}",
+            self.passphrase,
+        )
         statement = make_rotation(old, new, version=version)
-        self.root_key_path.rename(self.path / f"root-{version - 1}.key")
-        write_private_key(self.root_key_path, new_key, passphrase=self.passphrase)
-        write_public_key(self.root_pub_path, new_key.public_key())
+        write_public_key(self.root_pub_path, new.public_key)
         atomic_write(self.path / "rotations.json", canonical_json([*self.rotations(), statement]))
         atomic_write(
             self.path / "root.json", canonical_json({"version": version, "keyid": new.key_id})
@@ -176,6 +220,9 @@ class Keyring:
         validate_name(name, "signer name")
         return self.path / "signers" / f"{name}.key", self.path / "signers" / f"{name}.cert.json"
 
+    def _signer_token_path(self, name: str) -> Path:
+        return self.path / "signers" / f"{validate_name(name, 'signer name')}.token.json"
+
     def new_signer(
         self,
         name: str,
@@ -185,33 +232,40 @@ class Keyring:
         days: int,
         signer_passphrase: bytes | None = None,
         now: datetime | None = None,
+        token: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """A signer key (in a file, or on a PKCS#11 token) and its root-signed certificate."""
         key_path, cert_path = self.signer_paths(name)
-        if key_path.exists():
+        if cert_path.exists():
             raise KeyFileError(f"signer {name!r} already exists in {self.path}")
         root = self.root_signer()
-        key = generate_private_key()
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        signer = self._new_key(
+            key_path,
+            self._signer_token_path(name),
+            token,
+            f"edgeseal-signer-{name}",
+            signer_passphrase,
+        )
         start = now or utcnow()
         cert = make_signer_certificate(
             root,
-            key.public_key(),
+            signer.public_key,
             name=name,
             roles=roles,
             model_patterns=model_patterns,
             not_before=start - timedelta(minutes=5),
             not_after=start + timedelta(days=days),
         )
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        write_private_key(key_path, key, passphrase=signer_passphrase)
         atomic_write(cert_path, canonical_json(cert))
         return cert
 
     def load_signer(
         self, name: str, *, signer_passphrase: bytes | None = None
-    ) -> tuple[SoftwareSigner, dict[str, Any]]:
+    ) -> tuple[Signer, dict[str, Any]]:
         key_path, cert_path = self.signer_paths(name)
         cert = json.loads(self._read(cert_path))
-        signer = SoftwareSigner.from_file(key_path, passphrase=signer_passphrase)
+        signer = self._load_key(key_path, self._signer_token_path(name), signer_passphrase)
         return signer, cert
 
     def signer_names(self) -> list[str]:

@@ -15,18 +15,21 @@ Needs the ``edgeseal-hardware[pkcs11]`` extra (python-pkcs11).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeseal.core.errors import KeyStoreError, MissingExtraError
+from edgeseal.core.errors import KeyFileError, KeyStoreError, MissingExtraError
 from edgeseal.core.keys import key_id
 
-__all__ = ["LABEL", "Pkcs11KeyStore"]
+__all__ = ["LABEL", "SIGNER_BACKEND", "Pkcs11KeyStore", "Pkcs11Signer"]
 
 LABEL = "PKCS#11 token"
 _libs: dict[str, Any] = {}
@@ -140,3 +143,88 @@ class Pkcs11KeyStore:
                 return bytes(secret[a.VALUE])
             finally:
                 secret.destroy()
+
+
+@dataclass(frozen=True)
+class Pkcs11Signer:
+    """A P-256 signing key on a PKCS#11 token (an HSM, a YubiKey-class token, SoftHSM2).
+
+    The host hashes with SHA-256 and the token signs the digest with ``CKM_ECDSA``, which
+    every token that does P-256 supports; the result is the raw 64-byte r||s.
+    """
+
+    module: str
+    token_label: str
+    key_label: str
+    public_key: ec.EllipticCurvePublicKey
+    pin: str = field(repr=False, default="")
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    def sign(self, data: bytes) -> bytes:
+        p = _p11()
+        digest = hashlib.sha256(data).digest()
+        with Pkcs11KeyStore._session(self.module, self.token_label, self.pin) as session:
+            priv = session.get_key(
+                object_class=p.ObjectClass.PRIVATE_KEY, key_type=p.KeyType.EC, label=self.key_label
+            )
+            sig = bytes(priv.sign(digest, mechanism=p.Mechanism.ECDSA))
+        if len(sig) != 64:
+            raise KeyStoreError(f"token returned a {len(sig)}-byte ECDSA signature, expected 64")
+        return sig
+
+
+def _ref_pin(ref: Mapping[str, Any]) -> str:
+    pin_file = str(ref.get("pin_file") or "")
+    if pin_file:
+        try:
+            return Path(pin_file).read_text().splitlines()[0]
+        except (OSError, IndexError) as e:
+            raise KeyFileError(f"cannot read the PKCS#11 PIN file {pin_file}") from e
+    pin = os.environ.get("EDGESEAL_PKCS11_PIN")
+    if not pin:
+        raise KeyFileError("the PKCS#11 PIN is not set (--pin-file or EDGESEAL_PKCS11_PIN)")
+    return pin
+
+
+class _SignerBackend:
+    """The ``pkcs11`` entry of ``edgeseal.signer_backends``."""
+
+    def create(self, ref: Mapping[str, Any]) -> Pkcs11Signer:
+        p = _p11()
+        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+        a = p.Attribute
+        module, token, label = str(ref["module"]), str(ref["token_label"]), str(ref["key_label"])
+        pin = _ref_pin(ref)
+        with Pkcs11KeyStore._session(module, token, pin, rw=True) as session:
+            if list(session.get_objects({a.LABEL: label, a.CLASS: p.ObjectClass.PRIVATE_KEY})):
+                raise KeyStoreError(f"token {token!r} already holds a key {label!r}")
+            params = session.create_domain_parameters(
+                p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
+            )
+            pub, _ = params.generate_keypair(
+                store=True,
+                label=label,
+                public_template={a.VERIFY: True},
+                private_template={a.SIGN: True, a.SENSITIVE: True, a.EXTRACTABLE: False},
+            )
+            public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        return Pkcs11Signer(module, token, label, public_key, pin)
+
+    def load(self, ref: Mapping[str, Any]) -> Pkcs11Signer:
+        store = Pkcs11KeyStore.load(
+            str(ref["module"]),
+            str(ref["token_label"]),
+            _ref_pin(ref),
+            key_label=str(ref["key_label"]),
+        )
+        return Pkcs11Signer(
+            store.module, store.token_label, store.key_label, store.public_key, store.pin
+        )
+
+
+SIGNER_BACKEND = _SignerBackend()
