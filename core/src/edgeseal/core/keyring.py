@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
