@@ -140,3 +140,22 @@ def test_a_pkcs11_key_cannot_open_what_was_wrapped_for_another(softhsm, fleet, o
     manifest = replace(vb.manifest, recipients=(forged,))
     with pytest.raises(DecryptError):
         unwrap_content_key(manifest, b)
+
+
+@pytest.mark.tpm
+def test_a_tpm_with_an_owner_password_needs_it(tmp_path):
+    """Jetson provisioning may set an owner password: the store takes it."""
+    import tpm2_pytss as t
+
+    from edgeseal.hardware.simulators import Swtpm
+
+    tpm = Swtpm.in_tempdir().start()
+    try:
+        with t.ESAPI(tpm.tcti) as ectx:
+            ectx.hierarchy_change_auth(t.ESYS_TR.OWNER, "owner-secret")
+        with pytest.raises(KeyStoreError):
+            TpmKeyStore.create(tpm.tcti)
+        store = TpmKeyStore.create(tpm.tcti, owner_auth="owner-secret")
+        _check_ecdh(store)
+    finally:
+        tpm.remove()

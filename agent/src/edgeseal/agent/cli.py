@@ -52,6 +52,9 @@ def init(
     pin_file: Annotated[
         str, typer.Option(help="File holding the token PIN (else $EDGESEAL_PKCS11_PIN).")
     ] = "",
+    machine_bound: Annotated[
+        bool, typer.Option(help="software store: encrypt the key under this machine's identity.")
+    ] = False,
     as_json: Json = False,
 ) -> None:
     """Provision this device: make its key, pin the root, print what the registry needs."""
@@ -66,6 +69,7 @@ def init(
         module=pkcs11_module,
         token_label=token_label,
         pin_file=pin_file,
+        machine_bound=machine_bound,
     )
     info = DeviceHome(home).init(
         root_public_keys=[p.read_bytes() for p in root],

@@ -30,6 +30,8 @@ class StoreSpec:
     token_label: str = ""
     key_label: str = "edgeseal-device"
     pin_file: str = ""
+    #: software only: encrypt the key file under a secret derived from this machine.
+    machine_bound: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -39,6 +41,8 @@ class StoreSpec:
 
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "software":
+            obj.update(machine_bound=self.machine_bound)
         if self.kind == "tpm":
             obj.update(tcti=self.tcti, pcrs=list(self.pcrs))
         if self.kind == "pkcs11":
@@ -52,7 +56,16 @@ class StoreSpec:
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> StoreSpec:
-        known = {"kind", "tcti", "pcrs", "module", "token_label", "key_label", "pin_file"}
+        known = {
+            "kind",
+            "tcti",
+            "pcrs",
+            "module",
+            "token_label",
+            "key_label",
+            "pin_file",
+            "machine_bound",
+        }
         values = {k: v for k, v in obj.items() if k in known}
         if "pcrs" in values:
             values["pcrs"] = tuple(values["pcrs"])
@@ -86,7 +99,7 @@ class StoreSpec:
             )
         from edgeseal.hardware.software import SoftwareKeyStore
 
-        return SoftwareKeyStore.create(home / "device.key", passphrase=passphrase)
+        return SoftwareKeyStore.create(home / "device.key", passphrase=self._secret(passphrase))
 
     def load(self, home: Path, *, passphrase: bytes | None = None) -> KeyStore:
         if self.kind == "tpm":
@@ -105,7 +118,14 @@ class StoreSpec:
             )
         from edgeseal.hardware.software import SoftwareKeyStore
 
-        return SoftwareKeyStore.load(home / "device.key", passphrase=passphrase)
+        return SoftwareKeyStore.load(home / "device.key", passphrase=self._secret(passphrase))
+
+    def _secret(self, passphrase: bytes | None) -> bytes | None:
+        if not self.machine_bound:
+            return passphrase
+        from edgeseal.hardware.software import machine_secret
+
+        return machine_secret() + (b":" + passphrase if passphrase else b"")
 
 
 def choose_store(requested: str, *, tcti: str, pkcs11_module: str) -> str:
