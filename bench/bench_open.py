@@ -1,0 +1,139 @@
+"""Opening a sealed model against loading the plain model, in the same run.
+
+Each case runs in a fresh subprocess (so peak RSS is its own), R times; medians reported.
+
+    plain     onnxruntime.InferenceSession(model.onnx) + one inference
+    edgeseal  open_bundle(model.esb): verify, unwrap, decrypt into locked memory, digests,
+              session with weights handed over as OrtValues + one inference
+
+Goals from the core issue: time <= 1.3x plain; peak RSS <= plain peak + 1.1 x model size.
+
+    .venv/bin/python bench/bench_open.py [--mb 200] [--repeat 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+mode, model, bundle, key, root = sys.argv[1:6]
+import numpy as np, onnxruntime as ort
+from edgeseal.agent.opener import open_bundle
+from edgeseal.core.config import Config
+from edgeseal.core.encoding import utcnow
+from edgeseal.core.keys import load_private_key
+from edgeseal.core.keystore import InMemoryKey
+from edgeseal.core.reader import VerifyPolicy
+from edgeseal.core.trust import TrustAnchor
+def status_mb(field):
+    # VmHWM is this process's own peak (ru_maxrss can carry the parent's across fork+exec)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field)) / 1024
+base = status_mb("VmRSS")
+x = np.ones((1, 1024), np.float32)
+t0 = time.perf_counter()
+if mode == "plain":
+    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    y = s.run(None, {"input": x})[0]
+else:
+    dev = InMemoryKey(load_private_key(__import__("pathlib").Path(key), passphrase=None))
+    policy = VerifyPolicy(anchor=TrustAnchor.from_pem_files([open(root, "rb").read()]),
+                          now=utcnow())
+    m = open_bundle(__import__("pathlib").Path(bundle), key_store=dev, policy=policy,
+                    config=Config())
+    y = m.run({"input": x})["output"]
+elapsed = time.perf_counter() - t0
+print(json.dumps({"s": elapsed, "peak_mb": status_mb("VmHWM") - base, "y": y[0, :4].tolist()}))
+"""
+
+
+def run_case(mode: str, paths: list[str]) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, *paths], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from edgeseal.core.encoding import utcnow
+    from edgeseal.core.keyring import Keyring
+    from edgeseal.core.keys import generate_private_key, write_private_key
+    from edgeseal.packager.pack import pack_model
+    from edgeseal.packager.samples import make_onnx_weighted
+
+    tmp = Path(tempfile.mkdtemp(prefix="esbench-open-"))
+    model = tmp / "model.onnx"
+    model.write_bytes(make_onnx_weighted(total_weight_bytes=args.mb * 1024 * 1024))
+    ring = Keyring(tmp / "keys")
+    ring.init_root()
+    ring.new_signer("bench", roles=["pack"], model_patterns=["*"], days=1)
+    key = generate_private_key()
+    write_private_key(tmp / "device.key", key, passphrase=None)
+    ring.add_device("bench-dev", key.public_key(), target=None)
+    signer, cert = ring.load_signer("bench")
+    bundle = tmp / "model.esb"
+    pack_model(
+        model,
+        bundle,
+        name="bench",
+        version=1,
+        signer=signer,
+        certificate=cert,
+        devices=ring.devices(),
+        now=utcnow(),
+        validity=timedelta(days=1),
+    )
+    paths = [str(model), str(bundle), str(tmp / "device.key"), str(ring.root_pub_path)]
+    size_mb = model.stat().st_size / 2**20
+
+    results: dict[str, list[dict[str, float]]] = {"plain": [], "edgeseal": []}
+    for _ in range(args.repeat):  # interleave so drift on a noisy machine hits both
+        for mode, runs in results.items():
+            runs.append(run_case(mode, paths))
+    med = {
+        m: {k: statistics.median(r[k] for r in rs) for k in ("s", "peak_mb")}
+        for m, rs in results.items()
+    }
+    plain_y, sealed_y = results["plain"][0]["y"], results["edgeseal"][0]["y"]
+    same = all(abs(a - b) < 1e-4 for a, b in zip(plain_y, sealed_y, strict=True))
+    time_ratio = med["edgeseal"]["s"] / med["plain"]["s"]
+    extra_rss = (med["edgeseal"]["peak_mb"] - med["plain"]["peak_mb"]) / size_mb
+    report = {
+        "model_mb": round(size_mb, 1),
+        "repeat": args.repeat,
+        "median": med,
+        "time_ratio": time_ratio,
+        "extra_peak_rss_per_model_size": extra_rss,
+        "same_output": same,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"ONNX model {size_mb:.0f} MB, median of {args.repeat} fresh processes each")
+    print(f"{'':10}{'load+run s':>12}{'peak RSS MB':>14}")
+    for m in ("plain", "edgeseal"):
+        print(f"{m:10}{med[m]['s']:>12.3f}{med[m]['peak_mb']:>14.0f}")
+    print(f"time ratio {time_ratio:.2f}x (goal <= 1.3x): {'PASS' if time_ratio <= 1.3 else 'MISS'}")
+    print(
+        f"extra peak RSS {extra_rss:.2f} x model size (goal <= 1.1x): "
+        f"{'PASS' if extra_rss <= 1.1 else 'MISS'}"
+    )
+    print(f"same output: {same}")
+
+
+if __name__ == "__main__":
+    main()
