@@ -231,3 +231,32 @@ def test_the_resigning_harness_produces_bundles_that_verify(sample):
     renamed = _mutate(sample.manifest, ["model", "version"], 2)
     data = sample.resigned(canonical_json(renamed))
     assert verify_prelude(data, file_len=len(data), policy=sample.policy).manifest.version == 2
+
+
+def test_unknown_manifest_fields_are_kept_and_ignored(sample):
+    manifest = {**sample.manifest, "provenance_v9": {"builder": "future-packer"}}
+    data = sample.resigned(canonical_json(manifest))
+    vb = verify_prelude(data, file_len=len(data), policy=sample.policy)
+    assert vb.manifest.extra == {"provenance_v9": {"builder": "future-packer"}}
+    assert vb.manifest.to_obj()["provenance_v9"] == {"builder": "future-packer"}
+
+
+def test_an_unknown_format_version_is_refused(sample):
+    from edgeseal.core.errors import UnsupportedFormatError
+
+    data = bytearray(sample.data)
+    data[8:10] = (2).to_bytes(2, "big")
+    with pytest.raises(UnsupportedFormatError, match="version 2"):
+        verify_prelude(bytes(data), file_len=len(data), policy=sample.policy)
+
+
+def test_every_verification_step_in_the_spec_is_cited_in_the_code():
+    root = Path(__file__).resolve().parents[2]
+    spec = (root / "docs/bundle-format.md").read_text()
+    code = "".join(p.read_text() for p in (root / "core/src/edgeseal/core").glob("*.py"))
+    import re
+
+    steps = sorted(set(re.findall(r"^\| (V\d+) \|", spec, re.M)), key=lambda s: int(s[1:]))
+    assert steps == [f"V{i}" for i in range(1, 15)]
+    for step in steps:
+        assert re.search(rf"# {step}\b", code), f"{step} is not cited in the code"

@@ -210,6 +210,7 @@ def _check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:
 
 def unwrap_content_key(manifest: Manifest, key_store: KeyStore) -> bytearray:
     """V12: find this device's wrapped key and unwrap it through the key store's ECDH."""
+    # V12: a recipient entry for this key; HPKE with the ECDH done by the key store.
     recipient = manifest.recipient_for(key_store.key_id)
     if recipient is None:
         raise NotARecipientError(
