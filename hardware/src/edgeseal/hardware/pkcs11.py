@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgeseal.core.errors import KeyFileError, KeyStoreError, MissingExtraError
 from edgeseal.core.keys import key_id
 
-__all__ = ["LABEL", "SIGNER_BACKEND", "Pkcs11KeyStore", "Pkcs11Signer"]
+__all__ = ["LABEL", "SIGNER_BACKEND", "Pkcs11KeyStore", "Pkcs11Signer", "read_pin"]
 
 LABEL = "PKCS#11 token"
 _libs: dict[str, Any] = {}
@@ -55,6 +55,46 @@ def _lib(module: str) -> Any:
             except (RuntimeError, OSError) as e:
                 raise KeyStoreError(f"cannot load PKCS#11 module {module}: {e}") from e
         return _libs[module]
+
+
+def _generate_p256(
+    module: str, token_label: str, pin: str, key_label: str, *, use: str
+) -> ec.EllipticCurvePublicKey:
+    """A new P-256 key pair on the token, private half sensitive and not extractable,
+    usable for ECDH (``use="derive"``) or ECDSA (``use="sign"``)."""
+    p = _p11()
+    from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+    a = p.Attribute
+    public_use, private_use = (a.DERIVE, a.DERIVE) if use == "derive" else (a.VERIFY, a.SIGN)
+    with Pkcs11KeyStore._session(module, token_label, pin, rw=True) as session:
+        if list(session.get_objects({a.LABEL: key_label, a.CLASS: p.ObjectClass.PRIVATE_KEY})):
+            raise KeyStoreError(f"token {token_label!r} already holds a key {key_label!r}")
+        params = session.create_domain_parameters(
+            p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
+        )
+        pub, _ = params.generate_keypair(
+            store=True,
+            label=key_label,
+            public_template={public_use: True},
+            private_template={private_use: True, a.SENSITIVE: True, a.EXTRACTABLE: False},
+        )
+        public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    return public_key
+
+
+def read_pin(pin_file: str) -> str:
+    """The token PIN: the first line of ``pin_file``, else ``$EDGESEAL_PKCS11_PIN``."""
+    if pin_file:
+        try:
+            return Path(pin_file).read_text().splitlines()[0]
+        except (OSError, IndexError) as e:
+            raise KeyFileError(f"cannot read the PKCS#11 PIN file {pin_file}") from e
+    pin = os.environ.get("EDGESEAL_PKCS11_PIN")
+    if not pin:
+        raise KeyFileError("the PKCS#11 PIN is not set (--pin-file or EDGESEAL_PKCS11_PIN)")
+    return pin
 
 
 @dataclass(frozen=True)
@@ -90,24 +130,7 @@ class Pkcs11KeyStore:
 
     @classmethod
     def create(cls, module: str, token_label: str, pin: str, *, key_label: str) -> Pkcs11KeyStore:
-        p = _p11()
-        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
-
-        a = p.Attribute
-        with cls._session(module, token_label, pin, rw=True) as session:
-            if list(session.get_objects({a.LABEL: key_label, a.CLASS: p.ObjectClass.PRIVATE_KEY})):
-                raise KeyStoreError(f"token {token_label!r} already holds a key {key_label!r}")
-            params = session.create_domain_parameters(
-                p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
-            )
-            pub, _ = params.generate_keypair(
-                store=True,
-                label=key_label,
-                public_template={a.DERIVE: True},
-                private_template={a.DERIVE: True, a.SENSITIVE: True, a.EXTRACTABLE: False},
-            )
-            public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        public_key = _generate_p256(module, token_label, pin, key_label, use="derive")
         return cls(module, token_label, key_label, public_key, pin)
 
     @classmethod
@@ -176,50 +199,20 @@ class Pkcs11Signer:
         return sig
 
 
-def _ref_pin(ref: Mapping[str, Any]) -> str:
-    pin_file = str(ref.get("pin_file") or "")
-    if pin_file:
-        try:
-            return Path(pin_file).read_text().splitlines()[0]
-        except (OSError, IndexError) as e:
-            raise KeyFileError(f"cannot read the PKCS#11 PIN file {pin_file}") from e
-    pin = os.environ.get("EDGESEAL_PKCS11_PIN")
-    if not pin:
-        raise KeyFileError("the PKCS#11 PIN is not set (--pin-file or EDGESEAL_PKCS11_PIN)")
-    return pin
-
-
 class _SignerBackend:
     """The ``pkcs11`` entry of ``edgeseal.signer_backends``."""
 
     def create(self, ref: Mapping[str, Any]) -> Pkcs11Signer:
-        p = _p11()
-        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
-
-        a = p.Attribute
         module, token, label = str(ref["module"]), str(ref["token_label"]), str(ref["key_label"])
-        pin = _ref_pin(ref)
-        with Pkcs11KeyStore._session(module, token, pin, rw=True) as session:
-            if list(session.get_objects({a.LABEL: label, a.CLASS: p.ObjectClass.PRIVATE_KEY})):
-                raise KeyStoreError(f"token {token!r} already holds a key {label!r}")
-            params = session.create_domain_parameters(
-                p.KeyType.EC, {a.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
-            )
-            pub, _ = params.generate_keypair(
-                store=True,
-                label=label,
-                public_template={a.VERIFY: True},
-                private_template={a.SIGN: True, a.SENSITIVE: True, a.EXTRACTABLE: False},
-            )
-            public_key = serialization.load_der_public_key(encode_ec_public_key(pub))
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        pin = read_pin(str(ref.get("pin_file") or ""))
+        public_key = _generate_p256(module, token, pin, label, use="sign")
         return Pkcs11Signer(module, token, label, public_key, pin)
 
     def load(self, ref: Mapping[str, Any]) -> Pkcs11Signer:
         store = Pkcs11KeyStore.load(
             str(ref["module"]),
             str(ref["token_label"]),
-            _ref_pin(ref),
+            read_pin(str(ref.get("pin_file") or "")),
             key_label=str(ref["key_label"]),
         )
         return Pkcs11Signer(

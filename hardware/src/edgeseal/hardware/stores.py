@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeseal.core.errors import KeyFileError
 from edgeseal.core.keystore import KeyStore
 
 __all__ = ["StoreSpec", "choose_store"]
@@ -72,15 +71,9 @@ class StoreSpec:
         return cls(**values)
 
     def _pin(self) -> str:
-        if self.pin_file:
-            try:
-                return Path(self.pin_file).read_text().splitlines()[0]
-            except (OSError, IndexError) as e:
-                raise KeyFileError(f"cannot read the PKCS#11 PIN file {self.pin_file}") from e
-        pin = os.environ.get("EDGESEAL_PKCS11_PIN")
-        if not pin:
-            raise KeyFileError("the PKCS#11 PIN is not set (pin_file or EDGESEAL_PKCS11_PIN)")
-        return pin
+        from edgeseal.hardware.pkcs11 import read_pin
+
+        return read_pin(self.pin_file)
 
     def create(self, home: Path, *, passphrase: bytes | None = None) -> Any:
         if self.kind == "tpm":
