@@ -97,3 +97,17 @@ def test_auto_falls_back_to_pkcs11_then_software(tmp_path):
     module.write_bytes(b"")
     assert choose_store("auto", tcti=missing, pkcs11_module=str(module)) == "pkcs11"
     assert choose_store("software", tcti="swtpm:path=/x", pkcs11_module="") == "software"
+
+
+@pytest.mark.pkcs11
+def test_the_device_table_of_the_config_chooses_the_store(softhsm, tmp_path):
+    (tmp_path / "pin").write_text(softhsm.pin + "\n")
+    (tmp_path / "edgeseal.toml").write_text(
+        "[device]\n"
+        'key_store = "pkcs11"\n'
+        f'pkcs11_module = "{softhsm.module}"\n'
+        f'pkcs11_token_label = "{softhsm.label}"\n'
+        f'pkcs11_pin_file = "{tmp_path / "pin"}"\n'
+    )
+    status = _provision_pack_infer(tmp_path, "--config", str(tmp_path / "edgeseal.toml"))
+    assert status["key_store"] == "pkcs11"

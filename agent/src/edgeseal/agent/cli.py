@@ -41,34 +41,50 @@ def init(
         str | None, typer.Option("--device-id", help="Device id (default: from its key id).")
     ] = None,
     keystore: Annotated[
-        str, typer.Option(help="auto (the strongest present), tpm, pkcs11 or software.")
-    ] = "auto",
-    tcti: Annotated[str, typer.Option(help="TPM TCTI (swtpm:path=... for swtpm).")] = (
-        "device:/dev/tpmrm0"
-    ),
-    pcrs: Annotated[str, typer.Option(help="Bind the TPM key to these PCRs, e.g. 7,16.")] = "",
-    pkcs11_module: Annotated[str, typer.Option(help="PKCS#11 module (.so) path.")] = "",
-    token_label: Annotated[str, typer.Option(help="PKCS#11 token label.")] = "",
+        str | None,
+        typer.Option(help="auto (the strongest present), tpm, pkcs11 or software [config]."),
+    ] = None,
+    tcti: Annotated[
+        str | None, typer.Option(help="TPM TCTI (swtpm:path=... for swtpm) [config].")
+    ] = None,
+    pcrs: Annotated[
+        str | None, typer.Option(help="Bind the TPM key to these PCRs, e.g. 7,16 [config].")
+    ] = None,
+    pkcs11_module: Annotated[
+        str | None, typer.Option(help="PKCS#11 module (.so) path [config].")
+    ] = None,
+    token_label: Annotated[str | None, typer.Option(help="PKCS#11 token label [config].")] = None,
     pin_file: Annotated[
-        str, typer.Option(help="File holding the token PIN (else $EDGESEAL_PKCS11_PIN).")
-    ] = "",
+        str | None,
+        typer.Option(help="File holding the token PIN (else $EDGESEAL_PKCS11_PIN) [config]."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(envvar="EDGESEAL_CONFIG")] = None,
     machine_bound: Annotated[
         bool, typer.Option(help="software store: encrypt the key under this machine's identity.")
     ] = False,
     as_json: Json = False,
 ) -> None:
-    """Provision this device: make its key, pin the root, print what the registry needs."""
+    """Provision this device: make its key, pin the root, print what the registry needs.
+
+    Options not given come from the [device] table of the config."""
+    dev = load_config(config).device
+    tcti = tcti or dev.tpm_tcti
+    module = pkcs11_module if pkcs11_module is not None else dev.pkcs11_module
     try:
-        pcr_list = tuple(int(p) for p in pcrs.split(",") if p.strip())
+        pcr_list = (
+            tuple(int(p) for p in pcrs.split(",") if p.strip())
+            if pcrs is not None
+            else dev.tpm_pcrs
+        )
     except ValueError:
         raise ValueError(f"--pcrs must be comma-separated numbers, not {pcrs!r}") from None
     spec = StoreSpec(
-        kind=choose_store(keystore, tcti=tcti, pkcs11_module=pkcs11_module),
+        kind=choose_store(keystore or dev.key_store, tcti=tcti, pkcs11_module=module),
         tcti=tcti,
         pcrs=pcr_list,
-        module=pkcs11_module,
-        token_label=token_label,
-        pin_file=pin_file,
+        module=module,
+        token_label=token_label if token_label is not None else dev.pkcs11_token_label,
+        pin_file=pin_file if pin_file is not None else dev.pkcs11_pin_file,
         machine_bound=machine_bound,
     )
     info = DeviceHome(home).init(

@@ -67,14 +67,23 @@ class DeviceConfig:
 
     id: str = ""
     home: str = "/var/lib/edgeseal"
-    key_store: str = "software"
+    #: auto picks the strongest store present: a TPM, else a PKCS#11 module, else software.
+    key_store: str = "auto"
     root_keys: tuple[str, ...] = ()
     #: Maximum clock skew tolerated for a bundle's created time, in seconds.
     clock_skew: int = 300
+    #: TPM 2.0: the TCTI (``swtpm:path=...`` for a simulator).
+    tpm_tcti: str = "device:/dev/tpmrm0"
+    #: TPM 2.0: PCRs the device key is bound to, e.g. [7, 16] (empty: none).
+    tpm_pcrs: tuple[int, ...] = ()
+    #: PKCS#11: module path, token label and a file holding the PIN.
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = ""
+    pkcs11_pin_file: str = ""
 
     def __post_init__(self) -> None:
-        if self.key_store not in {"software", "tpm", "pkcs11"}:
-            raise ConfigError("device.key_store must be software, tpm or pkcs11")
+        if self.key_store not in {"auto", "software", "tpm", "pkcs11"}:
+            raise ConfigError("device.key_store must be auto, software, tpm or pkcs11")
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,11 @@ def _build(cls: type[Any], table: object, where: str) -> Any:
     for name, value in table.items():
         default = getattr(cls(), name)
         if isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}.{name} must be a list of strings")
+            kind = int if name.endswith("pcrs") else str
+            if not isinstance(value, list) or not all(
+                isinstance(v, kind) and not isinstance(v, bool) for v in value
+            ):
+                raise ConfigError(f"{where}.{name} must be a list of {kind.__name__}s")
             values[name] = tuple(value)
             continue
         if type(default) is not type(value):
