@@ -63,6 +63,7 @@ class DeviceHome:
             atomic_write(self.path / "roots" / f"{kid[:16]}.pub", public_key_pem(key).encode())
         spec = store or StoreSpec()
         ks = spec.create(self.path, passphrase=passphrase)
+        spec = spec.realized(ks)
         dev_id = validate_name(device_id or f"dev-{ks.key_id[:12]}", "device id")
         info = {
             "device_id": dev_id,

@@ -7,8 +7,10 @@ comes from a file or ``EDGESEAL_PKCS11_PIN``, the TPM owner password from
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,12 +89,21 @@ class StoreSpec:
         if self.kind == "pkcs11":
             from edgeseal.hardware.pkcs11 import Pkcs11KeyStore
 
+            # A token may serve several device identities: make the default label unique.
+            label = self.key_label
+            if label == StoreSpec.key_label:
+                label = f"{label}-{secrets.token_hex(4)}"
             return Pkcs11KeyStore.create(
-                self.module, self.token_label, self._pin(), key_label=self.key_label
+                self.module, self.token_label, self._pin(), key_label=label
             )
         from edgeseal.hardware.software import SoftwareKeyStore
 
         return SoftwareKeyStore.create(home / "device.key", passphrase=self._secret(passphrase))
+
+    def realized(self, store: Any) -> StoreSpec:
+        """This spec as it was carried out (the PKCS#11 key label actually used)."""
+        label = getattr(store, "key_label", None)
+        return dataclasses.replace(self, key_label=label) if label else self
 
     def load(self, home: Path, *, passphrase: bytes | None = None) -> KeyStore:
         if self.kind == "tpm":
