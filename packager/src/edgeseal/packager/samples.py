@@ -25,11 +25,15 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeseal.core.errors import MissingExtraError
 
 __all__ = [
+    "Dataset",
     "make_onnx_classifier",
+    "make_onnx_cnn",
     "make_onnx_weighted",
     "make_tflite_dense",
+    "make_trained_classifier",
     "reference_onnx_classifier",
     "reference_tflite_dense",
+    "synthetic_blobs",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -287,3 +291,149 @@ def reference_tflite_dense(
     flat = np.asarray(x, dtype=np.float64).reshape(-1, n_in)
     out: FloatArray = np.maximum(flat @ weights.T.astype(np.float64) + bias, 0.0).astype(np.float32)
     return out
+
+
+# --- trained models, for the accuracy gate ------------------------------------------
+
+
+class Dataset:
+    """Features and labels of a synthetic classification task, split for train and test."""
+
+    def __init__(self, x: FloatArray, y: npt.NDArray[np.int64], *, test_fraction: float = 0.3):
+        cut = int(len(x) * (1 - test_fraction))
+        self.x_train, self.y_train = x[:cut], y[:cut]
+        self.x_test, self.y_test = x[cut:], y[cut:]
+
+
+def synthetic_blobs(
+    *, seed: int = 0, n: int = 2000, n_in: int = 16, n_classes: int = 4, spread: float = 1.0
+) -> Dataset:
+    """Gaussian clusters, one per class, with means drawn from ``default_rng(seed)``."""
+    _check_positive(n=n, n_in=n_in, n_classes=n_classes)
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((n_classes, n_in)).astype(np.float32) * np.float32(2.0)
+    y = rng.integers(0, n_classes, size=n).astype(np.int64)
+    x = means[y] + rng.standard_normal((n, n_in)).astype(np.float32) * np.float32(spread)
+    return Dataset(x.astype(np.float32), y)
+
+
+def _train_mlp(
+    x: FloatArray,
+    y: npt.NDArray[np.int64],
+    *,
+    hidden: int,
+    n_classes: int,
+    seed: int,
+    epochs: int = 300,
+    lr: float = 0.2,
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Full-batch gradient descent on softmax cross-entropy; deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    n_in = x.shape[1]
+    w1 = (rng.standard_normal((n_in, hidden)) / np.sqrt(n_in)).astype(np.float32)
+    b1 = np.zeros(hidden, np.float32)
+    w2 = (rng.standard_normal((hidden, n_classes)) / np.sqrt(hidden)).astype(np.float32)
+    b2 = np.zeros(n_classes, np.float32)
+    onehot = np.eye(n_classes, dtype=np.float32)[y]
+    for _ in range(epochs):
+        h = np.maximum(x @ w1 + b1, 0)
+        logits = h @ w2 + b2
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) / len(x)
+        gw2, gb2 = h.T @ g, g.sum(axis=0)
+        gh = (g @ w2.T) * (h > 0)
+        gw1, gb1 = x.T @ gh, gh.sum(axis=0)
+        w1 -= lr * gw1
+        b1 -= lr * gb1
+        w2 -= lr * gw2
+        b2 -= lr * gb2
+    return w1, b1, w2, b2
+
+
+def make_trained_classifier(
+    *,
+    seed: int = 0,
+    data: Dataset | None = None,
+    hidden: int = 32,
+    n_classes: int = 4,
+    outlier: float = 0.0,
+) -> tuple[bytes, Dataset]:
+    """An MLP trained in numpy on :func:`synthetic_blobs`; returns (ONNX bytes, data).
+
+    With ``outlier``, the model takes one extra input feature, always zero in the data,
+    whose weights are ``outlier``: the float model answers exactly as before, but a
+    per-tensor int8 scale sized for the outlier rounds every real weight to zero, which
+    is how a quantization can truly break a model.
+    """
+    ds = data or synthetic_blobs(seed=seed, n_classes=n_classes)
+    w1, b1, w2, b2 = _train_mlp(
+        ds.x_train, ds.y_train, hidden=hidden, n_classes=n_classes, seed=seed
+    )
+    n_in = ds.x_train.shape[1]
+    if outlier:
+        w1 = np.vstack([w1, np.full((1, hidden), outlier, np.float32)])
+        pad = Dataset.__new__(Dataset)
+        for name in ("x_train", "x_test"):
+            x = getattr(ds, name)
+            setattr(pad, name, np.hstack([x, np.zeros((len(x), 1), np.float32)]))
+        pad.y_train, pad.y_test = ds.y_train, ds.y_test
+        ds, n_in = pad, n_in + 1
+    nodes = [
+        helper.make_node("MatMul", ["input", "W1"], ["h1_mm"], name="dense1"),
+        helper.make_node("Add", ["h1_mm", "b1"], ["h1"], name="bias1"),
+        helper.make_node("Relu", ["h1"], ["h1_relu"], name="relu1"),
+        helper.make_node("MatMul", ["h1_relu", "W2"], ["logits_mm"], name="dense2"),
+        helper.make_node("Add", ["logits_mm", "b2"], ["logits"], name="bias2"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "edgeseal_trained_mlp",
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_in])],
+        outputs=[helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=[
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "W1"), (b1, "b1"), (w2, "W2"), (b2, "b2"))
+        ],
+    )
+    model = _onnx_model(graph)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString()), ds
+
+
+def make_onnx_cnn(*, seed: int = 0, size: int = 8, filters: int = 4, n_classes: int = 3) -> bytes:
+    """A small CNN: Conv 3x3 (padding 1) + Relu + MaxPool 2x2 + Flatten + MatMul + Add +
+    Softmax on ``"image"`` float32 ``["batch", 1, size, size]``; output ``"probs"``."""
+    _check_positive(size=size, filters=filters, n_classes=n_classes)
+    rng = np.random.default_rng(seed)
+    k = (rng.standard_normal((filters, 1, 3, 3)) / 3).astype(np.float32)
+    kb = (rng.standard_normal(filters) * 0.1).astype(np.float32)
+    flat = filters * (size // 2) * (size // 2)
+    w = (rng.standard_normal((flat, n_classes)) / np.sqrt(flat)).astype(np.float32)
+    b = (rng.standard_normal(n_classes) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["image", "K", "Kb"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+        helper.make_node(
+            "MaxPool", ["relu"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool"
+        ),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("MatMul", ["flat", "W"], ["mm"], name="dense"),
+        helper.make_node("Add", ["mm", "b"], ["logits"], name="bias"),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "edgeseal_sample_cnn",
+        inputs=[
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size])
+        ],
+        outputs=[helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=[
+            numpy_helper.from_array(a, n) for a, n in ((k, "K"), (kb, "Kb"), (w, "W"), (b, "b"))
+        ],
+    )
+    model = _onnx_model(graph)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
