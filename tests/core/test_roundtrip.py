@@ -16,7 +16,7 @@ from edgeseal.packager.samples import reference_onnx_classifier, reference_tflit
 def test_onnx_bundle_opens_in_memory_and_matches_the_reference(fleet, onnx_model, config):
     bundle, result = fleet.pack(onnx_model)
     assert result.manifest.model_format == "onnx"
-    assert {s.name for s in result.manifest.sections} == {"graph", "weights"}
+    assert {s.name for s in result.manifest.sections} == {"graph", "weights", "extras"}
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     with open_bundle(
         bundle, key_store=fleet.devices["dev-a"], policy=fleet.policy(), config=config

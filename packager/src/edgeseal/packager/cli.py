@@ -4,16 +4,83 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from edgeseal.core.config import load_config
-from edgeseal.core.console import emit, out_console, progress_bytes, reports_errors
+from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console, reports_errors
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.targets import TARGETS, get_target
-from edgeseal.packager.pack import pack_model
+from edgeseal.packager.evaluate import AccuracyDropError, AccuracyReport, Threshold
+from edgeseal.packager.pack import PackOptions, PackResult, pack_model
+from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode
+
+STAGES = {
+    "load": "loading",
+    "check": "safety gate",
+    "quantize": "quantizing",
+    "evaluate": "evaluating",
+    "golden": "golden vectors and profile",
+    "seal": "sealing",
+}
+
+
+def _report_table(r: AccuracyReport, failures: tuple[str, ...]) -> Table:
+    t = Table("", "original", r.mode, title="accuracy report", title_justify="left")
+    t.add_row(
+        "size",
+        f"{r.size_before:,} B",
+        f"{r.size_after:,} B ({r.size_after / max(r.size_before, 1):.0%})",
+    )
+    t.add_row(
+        "latency (median batch)", f"{r.latency_ms_before:.2f} ms", f"{r.latency_ms_after:.2f} ms"
+    )
+    if r.accuracy_before is not None:
+        t.add_row("top-1 accuracy", f"{r.accuracy_before:.2%}", f"{r.accuracy_after:.2%}")
+    if r.top1_agreement is not None:
+        t.add_row("top-1 agreement", "", f"{r.top1_agreement:.2%}")
+    for o in r.outputs:
+        t.add_row(
+            f"{o.name}: max/mean abs err", "", f"{o.max_abs_error:.4g} / {o.mean_abs_error:.4g}"
+        )
+        t.add_row(f"{o.name}: cosine", "", f"{o.cosine:.6f}")
+    t.add_row(
+        "evaluated on",
+        f"{r.rows} rows",
+        "[red]" + "; ".join(failures) + "[/]" if failures else "[green]gate passed[/]",
+    )
+    return t
+
+
+def _data(result: PackResult, out: Path) -> dict[str, Any]:
+    m = result.manifest
+    data: dict[str, Any] = {
+        "ok": True,
+        "dry_run": m is None,
+        "cipher": result.cipher,
+        "model_bytes": result.model_bytes,
+        "weights_bytes": result.weights_bytes,
+        "report": result.report.to_obj() if result.report else None,
+        "gate_failures_accepted": list(result.gate_failures),
+        "tensor_types": dict(result.tensor_types or {}),
+        "golden_vectors": result.golden_vectors,
+    }
+    if m is not None:
+        data.update(
+            bundle=str(out),
+            model=m.model_name,
+            version=m.version,
+            bundle_id=m.bundle_id,
+            format=m.model_format,
+            recipients=[r.device for r in m.recipients],
+            bytes=out.stat().st_size,
+            expires=m.expires.isoformat(),
+        )
+    return data
 
 
 @reports_errors
@@ -22,63 +89,132 @@ def pack(
     name: Annotated[str, typer.Option("--name", help="Model name (a-z, 0-9, . _ -).")],
     version: Annotated[int, typer.Option("--version", help="Integer version; grows per name.")],
     signer: Annotated[str, typer.Option("--signer", help="Signer name in the keyring.")],
-    to: Annotated[list[str], typer.Option("--to", help="Device id(s) from the registry.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Bundle file to write.")],
+    to: Annotated[
+        list[str] | None, typer.Option("--to", help="Device id(s) from the registry.")
+    ] = None,
     target: Annotated[str, typer.Option(help=f"One of: {', '.join(TARGETS)}.")] = "generic",
+    quantize: Annotated[QuantizeMode, typer.Option(help="Quantize before sealing.")] = (
+        QuantizeMode.NONE
+    ),
+    calibration: Annotated[
+        Path | None,
+        typer.Option(exists=True, help=".npz or folder of .npy, keyed by input name (+ labels)."),
+    ] = None,
+    method: Annotated[CalibrationMethod, typer.Option(help="Static calibration method.")] = (
+        CalibrationMethod.MINMAX
+    ),
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval", exists=True, help="Evaluation data (default: half the calibration set)."
+        ),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        str | None,
+        typer.Option(help="Refuse if top-1 drops more (e.g. 1%) or error exceeds (abs=0.05)."),
+    ] = None,
+    accept_accuracy_drop: Annotated[
+        bool, typer.Option(help="Seal even when the accuracy gate fails (recorded in provenance).")
+    ] = False,
+    allow_custom_ops: Annotated[
+        list[str] | None, typer.Option(help="Custom op domain(s) the device's runtime has.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Quantize and evaluate only.")] = False,
     days: Annotated[int | None, typer.Option(help="Validity in days (config default).")] = None,
     keys_dir: Annotated[Path | None, typer.Option("--keys-dir", envvar="EDGESEAL_KEYS")] = None,
     signer_passphrase_file: Annotated[Path | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(envvar="EDGESEAL_CONFIG")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Seal MODEL into a signed, encrypted bundle for the named devices."""
+    """Check, optionally quantize and evaluate, then seal MODEL for the named devices."""
     cfg = load_config(config)
     ring = Keyring(keys_dir or default_keys_dir())
     sgn, cert = ring.load_signer(
         signer,
         signer_passphrase=passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"),
     )
-    devices = [ring.device(d) for d in to]
-    size = model.stat().st_size
-    with progress_bytes(f"sealing {model.name}", size, enabled=not as_json) as advance:
-        result = pack_model(
-            model,
-            out,
-            name=name,
-            version=version,
-            signer=sgn,
-            certificate=cert,
-            devices=devices,
-            target=get_target(target),
-            chunk_size=cfg.bundle.chunk_bytes,
-            validity=timedelta(days=days or cfg.bundle.validity_days),
-            revocations=ring.revocations(),
-            root_rotations=ring.rotations(),
-            progress=advance,
-        )
-    m = result.manifest
-    data = {
-        "ok": True,
-        "bundle": str(out),
-        "model": m.model_name,
-        "version": m.version,
-        "bundle_id": m.bundle_id,
-        "format": m.model_format,
-        "cipher": result.cipher,
-        "recipients": [r.device for r in m.recipients],
-        "bytes": out.stat().st_size,
-        "model_bytes": result.model_bytes,
-        "weights_bytes": result.weights_bytes,
-        "expires": m.expires.isoformat(),
-    }
-    emit(
-        data,
-        as_json=as_json,
-        render=lambda: out_console.print(
-            f"sealed {m.model_name} v{m.version} ({m.model_format}, {result.cipher}) for "
-            f"{len(m.recipients)} device(s) -> {out} ({data['bytes']:,} bytes)"
-        ),
+    devices = [ring.device(d) for d in to or []]
+    options = PackOptions(
+        quantize=quantize,
+        calibration=calibration,
+        method=method,
+        evaluation=eval_data,
+        max_accuracy_drop=Threshold.parse(max_accuracy_drop) if max_accuracy_drop else None,
+        accept_accuracy_drop=accept_accuracy_drop,
+        allow_custom_ops=tuple(allow_custom_ops or ()),
+        dry_run=dry_run,
     )
+    show = not as_json and err_console.is_terminal
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not show,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def stage(name: str) -> None:
+            progress.update(task, description=f"{model.name}: {STAGES.get(name, name)}")
+
+        try:
+            result = pack_model(
+                model,
+                out,
+                name=name,
+                version=version,
+                signer=sgn,
+                certificate=cert,
+                devices=devices,
+                target=get_target(target),
+                chunk_size=cfg.bundle.chunk_bytes,
+                validity=timedelta(days=days or cfg.bundle.validity_days),
+                revocations=ring.revocations(),
+                root_rotations=ring.rotations(),
+                options=options,
+                stage=stage,
+                limits=cfg.limits,
+            )
+        except AccuracyDropError as e:
+            progress.stop()
+            if e.report is not None:
+                if as_json:
+                    emit(
+                        {
+                            "ok": False,
+                            "error": type(e).__name__,
+                            "message": str(e),
+                            "report": e.report.to_obj(),
+                        },
+                        as_json=True,
+                        render=lambda: None,
+                    )
+                else:
+                    err_console.print(_report_table(e.report, (str(e),)))
+            err_console.print(f"[bold red]rejected[/]: {e.diagnostics()}")
+            raise typer.Exit(EXIT_REJECTED) from None
+    data = _data(result, out)
+
+    def render() -> None:
+        if result.report:
+            out_console.print(_report_table(result.report, result.gate_failures))
+        if result.tensor_types:
+            out_console.print(
+                "tensor types: " + ", ".join(f"{k} x{v}" for k, v in result.tensor_types.items())
+            )
+        m = result.manifest
+        if m is None:
+            out_console.print("dry run: nothing sealed")
+            return
+        out_console.print(
+            f"sealed {m.model_name} v{m.version} ({m.model_format}, {result.cipher}, "
+            f"{result.golden_vectors} golden vectors) for {len(m.recipients)} device(s) -> "
+            f"{out} ({data['bytes']:,} bytes)"
+        )
+
+    emit(data, as_json=as_json, render=render)
 
 
 def register(app: typer.Typer) -> None:

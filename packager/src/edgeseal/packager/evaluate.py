@@ -26,6 +26,10 @@ __all__ = ["AccuracyDropError", "AccuracyReport", "Threshold", "evaluate", "gate
 class AccuracyDropError(EdgesealError):
     """The quantized model lost more accuracy than the threshold allows."""
 
+    def __init__(self, message: str, report: AccuracyReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
     hint = "loosen --max-accuracy-drop, try static-int8 with calibration, or --accept-accuracy-drop"
 
 
@@ -154,5 +158,5 @@ def gate(report: AccuracyReport, threshold: Threshold | None, *, accept: bool) -
         if threshold.max_abs_error is not None and worst > threshold.max_abs_error:
             reasons.append(f"max abs error {worst:.4g} (limit {threshold.max_abs_error:.4g})")
     if reasons and not accept:
-        raise AccuracyDropError("accuracy gate failed: " + "; ".join(reasons))
+        raise AccuracyDropError("accuracy gate failed: " + "; ".join(reasons), report)
     return reasons

@@ -1,46 +1,84 @@
 """Model file -> sealed bundle. Stable API.
 
-Reads an ONNX or TFLite model, splits an ONNX graph from its weights, picks the cipher
-for the target devices, wraps the content key for each device and signs with a signer
-whose certificate must allow the ``pack`` role and the model's name.
+The pipeline (each stage reported through ``stage``): load and the safety gate;
+quantize; evaluate the quantized model against the original and apply the accuracy
+gate; derive golden vectors, the input profile, provenance and the SBOM; seal. ONNX
+graphs are split from their weights; the cipher is picked for the target devices; the
+content key is wrapped for each device; a signer whose certificate allows ``pack`` and
+the model's name signs.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from edgeseal.core.config import Limits
 from edgeseal.core.encoding import b64d, parse_json_object, utcnow
-from edgeseal.core.errors import TrustError
+from edgeseal.core.errors import MissingExtraError, TrustError
+from edgeseal.core.extras import encode_extras, sbom_digest
 from edgeseal.core.keyring import DeviceRecord
 from edgeseal.core.keys import Signer
-from edgeseal.core.manifest import Manifest, Target
+from edgeseal.core.manifest import Manifest, Target, TensorSpec
 from edgeseal.core.targets import TargetProfile, cipher_for, get_target
 from edgeseal.core.writer import RecipientKey, seal_bundle
-from edgeseal.packager.onnx_model import ModelError, load_onnx, split_onnx
-from edgeseal.packager.tflite_model import is_tflite, tflite_io
+from edgeseal.packager.datasets import InputData, load_inputs
+from edgeseal.packager.evaluate import AccuracyReport, Threshold, evaluate, gate
+from edgeseal.packager.golden import (
+    input_profile,
+    make_golden,
+    onnx_runners,
+    provenance,
+    synthetic_inputs,
+    tflite_runners,
+)
+from edgeseal.packager.onnx_model import ModelError, onnx_io, split_onnx
+from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode, quantize_onnx
+from edgeseal.packager.safety import check_onnx, refuse_pickle
+from edgeseal.packager.sbom import make_sbom
+from edgeseal.packager.tflite_model import is_tflite, tflite_io, tflite_tensor_types
 
-__all__ = ["PackResult", "pack_model"]
+__all__ = ["PackOptions", "PackResult", "pack_model"]
 
 AGENT_MIN_VERSION = "0.1.0"
+Stage = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    quantize: QuantizeMode = QuantizeMode.NONE
+    calibration: Path | None = None
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    evaluation: Path | None = None
+    max_accuracy_drop: Threshold | None = None
+    accept_accuracy_drop: bool = False
+    allow_custom_ops: tuple[str, ...] = ()
+    dry_run: bool = False
+    golden_count: int = 8
 
 
 @dataclass(frozen=True)
 class PackResult:
-    manifest: Manifest
+    manifest: Manifest | None  # None on a dry run
     model_bytes: int
     graph_bytes: int
     weights_bytes: int
     cipher: str
+    report: AccuracyReport | None = None
+    gate_failures: tuple[str, ...] = ()
+    tensor_types: Mapping[str, int] | None = None
+    golden_vectors: int = 0
 
 
 def _check_certificate(signer: Signer, certificate: Mapping[str, Any], model_name: str) -> None:
     """Fail on the workstation what the device would refuse (V5, V7)."""
-    import fnmatch
-
     payload = parse_json_object(b64d(certificate.get("payload"), "certificate"), "certificate")
     if payload.get("keyid") != signer.key_id:
         raise TrustError("the signer key does not match its certificate")
@@ -48,6 +86,25 @@ def _check_certificate(signer: Signer, certificate: Mapping[str, Any], model_nam
         raise TrustError(f"signer {payload.get('name')!r} lacks the 'pack' role")
     if not any(fnmatch.fnmatchcase(model_name, p) for p in payload.get("model_patterns", [])):
         raise TrustError(f"signer {payload.get('name')!r} may not sign model {model_name!r}")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _data(
+    options: PackOptions, specs: tuple[TensorSpec, ...]
+) -> tuple[InputData | None, InputData | None]:
+    """(calibration, evaluation): evaluation defaults to half of the calibration set."""
+    calibration = load_inputs(options.calibration, specs) if options.calibration else None
+    if options.evaluation:
+        return calibration, load_inputs(options.evaluation, specs)
+    if calibration is not None and calibration.rows >= 4:
+        return calibration.split(0.5)
+    return calibration, calibration
 
 
 def pack_model(
@@ -66,28 +123,244 @@ def pack_model(
     root_rotations: Sequence[Mapping[str, Any]] = (),
     now: datetime | None = None,
     progress: Callable[[int], None] | None = None,
+    options: PackOptions | None = None,
+    stage: Stage | None = None,
+    limits: Limits | None = None,
 ) -> PackResult:
+    opts = options or PackOptions()
+    say = stage or (lambda s: None)
     _check_certificate(signer, certificate, name)
-    if not devices:
+    if not devices and not opts.dry_run:
         raise ValueError("name at least one device to pack for (--to DEVICE)")
     profile = target or get_target("generic")
-    device_profiles = [get_target(d.target) for d in devices if d.target]
-    cipher = cipher_for([profile, *device_profiles])
+    cipher = cipher_for([profile, *(get_target(d.target) for d in devices if d.target)])
+    say("load")
     try:
         data = model_path.read_bytes()
     except OSError as e:
         raise ModelError(f"cannot read model {model_path}: {e.strerror}") from e
-    if is_tflite(data):
-        inputs, outputs = tflite_io(data)
-        sections: dict[str, bytes | bytearray] = {"graph": data}
-        fmt, runtime = "tflite", "litert"
-    else:
-        split = split_onnx(load_onnx(model_path))
-        inputs, outputs = split.inputs, split.outputs
-        sections = {"graph": split.graph, "weights": split.weights}
-        fmt, runtime = "onnx", "onnxruntime"
+    refuse_pickle(model_path, data[:8])
+    with tempfile.TemporaryDirectory(prefix="edgeseal-pack-") as tmp:
+        if is_tflite(data):
+            return _pack_tflite(
+                data,
+                model_path,
+                out,
+                name=name,
+                version=version,
+                opts=opts,
+                signer=signer,
+                certificate=certificate,
+                devices=devices,
+                profile=profile,
+                cipher=cipher,
+                chunk_size=chunk_size,
+                validity=validity,
+                revocations=revocations,
+                root_rotations=root_rotations,
+                now=now,
+                progress=progress,
+                say=say,
+            )
+        say("check")
+        model = check_onnx(model_path, allow_custom_ops=opts.allow_custom_ops, limits=limits)
+        inputs, outputs = onnx_io(model)
+        calibration, evaluation = _data(opts, inputs)
+        say("quantize")
+        final = quantize_onnx(
+            model_path, Path(tmp), opts.quantize, calibration=calibration, method=opts.method
+        )
+        report: AccuracyReport | None = None
+        failures: tuple[str, ...] = ()
+        if opts.quantize is not QuantizeMode.NONE:
+            say("evaluate")
+            report = evaluate(
+                model_path, final, evaluation or synthetic_inputs(inputs), mode=opts.quantize.value
+            )
+            failures = tuple(gate(report, opts.max_accuracy_drop, accept=opts.accept_accuracy_drop))
+        if opts.dry_run:
+            return PackResult(None, len(data), 0, 0, cipher, report, failures)
+        say("golden")
+        golden_data = evaluation or calibration or synthetic_inputs(inputs)
+        reference, variants = onnx_runners(final)
+        golden = make_golden(
+            reference, variants, golden_data, mode=opts.quantize.value, count=opts.golden_count
+        )
+        final_model = check_onnx(
+            final, allow_custom_ops=(*opts.allow_custom_ops, "com.microsoft"), limits=limits
+        )
+        settings = {
+            "quantize": opts.quantize.value,
+            "calibration_method": opts.method.value,
+            "max_accuracy_drop": str(opts.max_accuracy_drop or ""),
+            "accepted_failures": list(failures),
+        }
+        real_data = calibration or evaluation
+        extras = {
+            "golden": golden,
+            "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
+            "provenance": provenance(
+                source=model_path,
+                final=final,
+                calibration=opts.calibration,
+                evaluation=opts.evaluation,
+                settings=settings,
+                report=report.to_obj() if report else None,
+            ),
+            "sbom": make_sbom(
+                name=name,
+                version=version,
+                model_format="onnx",
+                model_sha256=hashlib.sha256(final.read_bytes()).hexdigest(),
+                opsets={o.domain: o.version for o in final_model.opset_import},
+                domains=sorted({n.domain for n in final_model.graph.node}),
+                runtime_version=_version("onnxruntime"),
+            ),
+        }
+        say("seal")
+        split = split_onnx(final_model)
+        sections: dict[str, bytes | bytearray] = {
+            "graph": split.graph,
+            "weights": split.weights,
+            "extras": encode_extras(extras),
+        }
+        manifest = _seal(
+            out,
+            sections,
+            name=name,
+            version=version,
+            fmt="onnx",
+            runtime="onnxruntime",
+            inputs=inputs,
+            outputs=outputs,
+            signer=signer,
+            certificate=certificate,
+            devices=devices,
+            profile=profile,
+            cipher=cipher,
+            chunk_size=chunk_size,
+            validity=validity,
+            revocations=revocations,
+            root_rotations=root_rotations,
+            now=now,
+            progress=progress,
+            quantization=report.to_obj() if report else None,
+            sbom=extras["sbom"],
+        )
+        return PackResult(
+            manifest,
+            len(data),
+            len(split.graph),
+            len(split.weights),
+            cipher,
+            report,
+            failures,
+            golden_vectors=len(golden["vectors"]),
+        )
+
+
+def _pack_tflite(
+    data: bytes,
+    model_path: Path,
+    out: Path,
+    *,
+    name: str,
+    version: int,
+    opts: PackOptions,
+    say: Stage,
+    **seal_args: Any,
+) -> PackResult:
+    if opts.quantize is not QuantizeMode.NONE:
+        raise MissingExtraError(
+            "TFLite models arrive already converted: quantize with TensorFlow's TFLite "
+            "converter before packing (it needs TensorFlow, which edgeseal does not install)"
+        )
+    say("check")
+    inputs, outputs = tflite_io(data)
+    types = tflite_tensor_types(data)
+    calibration, evaluation = _data(opts, inputs)
+    if opts.dry_run:
+        return PackResult(None, len(data), len(data), 0, seal_args["cipher"], None, (), types)
+    say("golden")
+    reference, variants = tflite_runners(data)
+    golden_data = evaluation or calibration or synthetic_inputs(inputs)
+    golden = make_golden(reference, variants, golden_data, mode="none", count=opts.golden_count)
+    extras = {
+        "golden": golden,
+        "profile": input_profile(golden_data)
+        if (calibration or evaluation)
+        else {"inputs": {}, "rows": 0},
+        "provenance": provenance(
+            source=model_path,
+            final=model_path,
+            calibration=opts.calibration,
+            evaluation=opts.evaluation,
+            settings={"quantize": "none", "tensor_types": types},
+            report=None,
+        ),
+        "sbom": make_sbom(
+            name=name,
+            version=version,
+            model_format="tflite",
+            model_sha256=hashlib.sha256(data).hexdigest(),
+            opsets={},
+            domains=[],
+            runtime_version=_version("ai-edge-litert"),
+        ),
+    }
+    say("seal")
+    manifest = _seal(
+        out,
+        {"graph": data, "extras": encode_extras(extras)},
+        name=name,
+        version=version,
+        fmt="tflite",
+        runtime="litert",
+        inputs=inputs,
+        outputs=outputs,
+        quantization={"tensor_types": types},
+        sbom=extras["sbom"],
+        **seal_args,
+    )
+    return PackResult(
+        manifest,
+        len(data),
+        len(data),
+        0,
+        seal_args["cipher"],
+        None,
+        (),
+        types,
+        golden_vectors=len(golden["vectors"]),
+    )
+
+
+def _seal(
+    out: Path,
+    sections: Mapping[str, bytes | bytearray],
+    *,
+    name: str,
+    version: int,
+    fmt: str,
+    runtime: str,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    signer: Signer,
+    certificate: Mapping[str, Any],
+    devices: Sequence[DeviceRecord],
+    profile: TargetProfile,
+    cipher: str,
+    chunk_size: int,
+    validity: timedelta,
+    revocations: Mapping[str, Any] | None,
+    root_rotations: Sequence[Mapping[str, Any]],
+    now: datetime | None,
+    progress: Callable[[int], None] | None,
+    quantization: Mapping[str, Any] | None,
+    sbom: dict[str, Any],
+) -> Manifest:
     created = now or utcnow()
-    manifest = seal_bundle(
+    return seal_bundle(
         out,
         sections=sections,
         model_name=name,
@@ -111,7 +384,6 @@ def pack_model(
         revocations=revocations,
         root_rotations=root_rotations,
         progress=progress,
-    )
-    return PackResult(
-        manifest, len(data), len(sections["graph"]), len(sections.get("weights", b"")), cipher
+        quantization=quantization,
+        sbom_digest=sbom_digest(sbom),
     )

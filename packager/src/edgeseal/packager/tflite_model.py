@@ -40,3 +40,14 @@ def tflite_io(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
         tuple(spec(d) for d in interp.get_input_details()),
         tuple(spec(d) for d in interp.get_output_details()),
     )
+
+
+def tflite_tensor_types(data: bytes) -> dict[str, int]:
+    """How many tensors of each type the flatbuffer holds (int8, float16, float32...)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    counts: dict[str, int] = {}
+    for d in Interpreter(model_content=data).get_tensor_details():
+        kind = np.dtype(d["dtype"]).name
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
