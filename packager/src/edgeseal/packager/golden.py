@@ -28,6 +28,7 @@ from edgeseal.packager.datasets import InputData
 __all__ = [
     "Runner",
     "check_golden",
+    "fixed_batch",
     "input_profile",
     "make_golden",
     "onnx_runners",
@@ -88,19 +89,45 @@ def tflite_runners(model: bytes) -> tuple[Runner, list[Runner]]:
     return runner(None), [runner(1)]
 
 
+def _tensors(outputs: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+    """Only numeric tensor outputs are checked (ZipMap's sequences of maps are not)."""
+    return {
+        k: v for k, v in outputs.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"
+    }
+
+
 def make_golden(
-    reference: Runner, variants: list[Runner], data: InputData, *, mode: str, count: int = 8
+    reference: Runner,
+    variants: list[Runner],
+    data: InputData,
+    *,
+    mode: str,
+    count: int = 8,
+    batch: int = 1,
 ) -> dict[str, Any]:
-    """Record ``count`` rows' outputs and derive per-output tolerances from the spread."""
-    rows = [
-        {k: v[i : i + 1] for k, v in data.head(count).items()} for i in range(min(count, data.rows))
-    ]
+    """Record the outputs for ``count`` feeds of ``batch`` rows (a model with a fixed batch
+    dimension takes exactly that many) and derive per-output tolerances from the spread."""
+    n = min(count, data.rows // batch)
+    if n == 0:
+        raise ValueError(f"need at least {batch} rows of data for golden vectors")
+    rows = [{k: v[i * batch : (i + 1) * batch] for k, v in data.inputs.items()} for i in range(n)]
+    # Real rows are often classified with near-certainty, where a saturated softmax hides
+    # any change to the weights. Half the vectors are midpoints of two real rows instead:
+    # nearer the decision boundaries, where outputs move with the weights.
+    for i in range(n // 2, n):
+        a, b = rows[i], rows[(i + 1) % n]
+        rows[i] = {
+            k: ((a[k].astype(np.float64) + b[k].astype(np.float64)) / 2).astype(a[k].dtype)
+            if a[k].dtype.kind == "f"
+            else a[k]
+            for k in a
+        }
     vectors: list[dict[str, Any]] = []
     spreads: dict[str, float] = {}
     for feed in rows:
-        expected = reference(feed)
+        expected = _tensors(reference(feed))
         for variant in variants:
-            other = variant(feed)
+            other = _tensors(variant(feed))
             for name, y in expected.items():
                 d = float(
                     np.abs(other[name].astype(np.float64) - y.astype(np.float64)).max(initial=0.0)
@@ -125,9 +152,16 @@ def make_golden(
     return {"vectors": vectors, "tolerances": tolerances, "mode": mode}
 
 
+def fixed_batch(specs: tuple[TensorSpec, ...]) -> int:
+    """The batch size a model insists on (a fixed first dimension), else 1."""
+    first = specs[0].shape[0] if specs and specs[0].shape else None
+    return first if isinstance(first, int) and first > 0 else 1
+
+
 def synthetic_inputs(specs: tuple[TensorSpec, ...], *, rows: int = 16, seed: int = 0) -> InputData:
     """Inputs drawn from the model's own input specs, when no data was given."""
     rng = np.random.default_rng(seed)
+    rows *= fixed_batch(specs)
     inputs: dict[str, npt.NDArray[Any]] = {}
     for spec in specs:
         dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
@@ -145,7 +179,7 @@ def check_golden(run: Any, golden: dict[str, Any]) -> list[str]:
     tolerances = golden["tolerances"]
     for i, vector in enumerate(golden["vectors"]):
         feed = {k: array_from_obj(v) for k, v in vector["inputs"].items()}
-        got = run(feed)
+        got = _tensors(run(feed))
         for name, obj in vector["outputs"].items():
             want = array_from_obj(obj).astype(np.float64)
             have = np.asarray(got[name], dtype=np.float64)

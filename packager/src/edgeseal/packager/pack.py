@@ -32,6 +32,7 @@ from edgeseal.core.writer import RecipientKey, seal_bundle
 from edgeseal.packager.datasets import InputData, load_inputs
 from edgeseal.packager.evaluate import AccuracyReport, Threshold, evaluate, gate
 from edgeseal.packager.golden import (
+    fixed_batch,
     input_profile,
     make_golden,
     onnx_runners,
@@ -97,14 +98,16 @@ def _version(dist: str) -> str | None:
 
 def _data(
     options: PackOptions, specs: tuple[TensorSpec, ...]
-) -> tuple[InputData | None, InputData | None]:
-    """(calibration, evaluation): evaluation defaults to half of the calibration set."""
-    calibration = load_inputs(options.calibration, specs) if options.calibration else None
+) -> tuple[InputData | None, InputData | None, InputData | None]:
+    """(calibration, evaluation, all real data). Without --eval, half of the calibration
+    set is held out to evaluate on; the input profile is drawn from all of it."""
+    full = load_inputs(options.calibration, specs) if options.calibration else None
     if options.evaluation:
-        return calibration, load_inputs(options.evaluation, specs)
-    if calibration is not None and calibration.rows >= 4:
-        return calibration.split(0.5)
-    return calibration, calibration
+        return full, load_inputs(options.evaluation, specs), full
+    if full is not None and full.rows >= 4:
+        calibration, evaluation = full.split(0.5)
+        return calibration, evaluation, full
+    return full, full, full
 
 
 def pack_model(
@@ -165,7 +168,7 @@ def pack_model(
         say("check")
         model = check_onnx(model_path, allow_custom_ops=opts.allow_custom_ops, limits=limits)
         inputs, outputs = onnx_io(model)
-        calibration, evaluation = _data(opts, inputs)
+        calibration, evaluation, real_data = _data(opts, inputs)
         say("quantize")
         final = quantize_onnx(
             model_path, Path(tmp), opts.quantize, calibration=calibration, method=opts.method
@@ -184,7 +187,12 @@ def pack_model(
         golden_data = evaluation or calibration or synthetic_inputs(inputs)
         reference, variants = onnx_runners(final)
         golden = make_golden(
-            reference, variants, golden_data, mode=opts.quantize.value, count=opts.golden_count
+            reference,
+            variants,
+            golden_data,
+            mode=opts.quantize.value,
+            count=opts.golden_count,
+            batch=fixed_batch(inputs),
         )
         final_model = check_onnx(
             final, allow_custom_ops=(*opts.allow_custom_ops, "com.microsoft"), limits=limits
@@ -195,7 +203,7 @@ def pack_model(
             "max_accuracy_drop": str(opts.max_accuracy_drop or ""),
             "accepted_failures": list(failures),
         }
-        real_data = calibration or evaluation
+        real_data = real_data or evaluation
         extras = {
             "golden": golden,
             "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
@@ -278,18 +286,23 @@ def _pack_tflite(
     say("check")
     inputs, outputs = tflite_io(data)
     types = tflite_tensor_types(data)
-    calibration, evaluation = _data(opts, inputs)
+    calibration, evaluation, real_data = _data(opts, inputs)
     if opts.dry_run:
         return PackResult(None, len(data), len(data), 0, seal_args["cipher"], None, (), types)
     say("golden")
     reference, variants = tflite_runners(data)
     golden_data = evaluation or calibration or synthetic_inputs(inputs)
-    golden = make_golden(reference, variants, golden_data, mode="none", count=opts.golden_count)
+    golden = make_golden(
+        reference,
+        variants,
+        golden_data,
+        mode="none",
+        batch=fixed_batch(inputs),
+        count=opts.golden_count,
+    )
     extras = {
         "golden": golden,
-        "profile": input_profile(golden_data)
-        if (calibration or evaluation)
-        else {"inputs": {}, "rows": 0},
+        "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
         "provenance": provenance(
             source=model_path,
             final=model_path,
