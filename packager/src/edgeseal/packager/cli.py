@@ -121,6 +121,20 @@ def pack(
         list[str] | None, typer.Option(help="Custom op domain(s) the device's runtime has.")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Quantize and evaluate only.")] = False,
+    oms: Annotated[
+        bool | None,
+        typer.Option(
+            "--oms/--no-oms",
+            help="OpenSSF model signature of the plaintext model "
+            "(default: when model-signing is installed).",
+        ),
+    ] = None,
+    oms_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the OMS signature here (verify with model_signing verify key)."
+        ),
+    ] = None,
     days: Annotated[int | None, typer.Option(help="Validity in days (config default).")] = None,
     keys_dir: Annotated[Path | None, typer.Option("--keys-dir", envvar="EDGESEAL_KEYS")] = None,
     signer_passphrase_file: Annotated[Path | None, typer.Option()] = None,
@@ -144,6 +158,8 @@ def pack(
         accept_accuracy_drop=accept_accuracy_drop,
         allow_custom_ops=tuple(allow_custom_ops or ()),
         dry_run=dry_run,
+        oms="auto" if oms is None and oms_out is None else ("off" if oms is False else "on"),
+        oms_out=oms_out,
     )
     show = not as_json and err_console.is_terminal
     with Progress(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from edgeseal.core.config import Limits
 from edgeseal.core.encoding import b64d, parse_json_object, utcnow
 from edgeseal.core.errors import MissingExtraError, TrustError
 from edgeseal.core.extras import encode_extras, sbom_digest
+from edgeseal.core.files import atomic_write
 from edgeseal.core.keyring import DeviceRecord
 from edgeseal.core.keys import Signer
 from edgeseal.core.manifest import Manifest, Target, TensorSpec
 from edgeseal.core.targets import TargetProfile, cipher_for, get_target
 from edgeseal.core.writer import RecipientKey, seal_bundle
+from edgeseal.packager import oms
 from edgeseal.packager.datasets import InputData, load_inputs
 from edgeseal.packager.evaluate import AccuracyReport, Threshold, evaluate, gate
 from edgeseal.packager.golden import (
@@ -63,6 +66,10 @@ class PackOptions:
     allow_custom_ops: tuple[str, ...] = ()
     dry_run: bool = False
     golden_count: int = 8
+    #: OpenSSF model signing: "auto" signs when model-signing is installed, "on" requires
+    #: it, "off" skips it. ``oms_out`` also writes the signature there.
+    oms: str = "auto"
+    oms_out: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,7 @@ def pack_model(
                 runtime_version=_version("onnxruntime"),
             ),
         }
+        _add_oms(extras, final, signer, opts)
         say("seal")
         split = split_onnx(final_model)
         sections: dict[str, bytes | bytearray] = {
@@ -321,6 +329,7 @@ def _pack_tflite(
             runtime_version=_version("ai-edge-litert"),
         ),
     }
+    _add_oms(extras, model_path, seal_args["signer"], opts)
     say("seal")
     manifest = _seal(
         out,
@@ -346,6 +355,19 @@ def _pack_tflite(
         types,
         golden_vectors=len(golden["vectors"]),
     )
+
+
+def _add_oms(extras: dict[str, Any], model: Path, signer: Signer, opts: PackOptions) -> None:
+    """Seal an OMS signature of the final plaintext model (and write it, on request)."""
+    if opts.oms == "off" or (opts.oms == "auto" and not oms.available()):
+        extras["provenance"]["oms"] = "not signed" + (
+            "" if opts.oms == "off" else " (model-signing not installed)"
+        )
+        return
+    signature = oms.oms_sign(model, signer)
+    extras["oms"] = {"file_name": model.name, "bundle": signature}
+    if opts.oms_out is not None:
+        atomic_write(opts.oms_out, json.dumps(signature).encode())
 
 
 def _seal(
