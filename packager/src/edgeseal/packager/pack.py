@@ -27,7 +27,7 @@ from edgeseal.core.errors import MissingExtraError, TrustError
 from edgeseal.core.extras import encode_extras, sbom_digest
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keyring import DeviceRecord
-from edgeseal.core.keys import Signer
+from edgeseal.core.keys import Signer, SoftwareSigner
 from edgeseal.core.manifest import Manifest, Target, TensorSpec
 from edgeseal.core.targets import TargetProfile, cipher_for, get_target
 from edgeseal.core.writer import RecipientKey, seal_bundle
@@ -359,10 +359,14 @@ def _pack_tflite(
 
 def _add_oms(extras: dict[str, Any], model: Path, signer: Signer, opts: PackOptions) -> None:
     """Seal an OMS signature of the final plaintext model (and write it, on request)."""
-    if opts.oms == "off" or (opts.oms == "auto" and not oms.available()):
-        extras["provenance"]["oms"] = "not signed" + (
-            "" if opts.oms == "off" else " (model-signing not installed)"
-        )
+    skip = {
+        "off": "not signed (--no-oms)",
+        "auto": None
+        if oms.available() and isinstance(signer, SoftwareSigner)
+        else "not signed (model-signing not installed, or the signer is on a token)",
+    }.get(opts.oms)
+    if skip:
+        extras["provenance"]["oms"] = skip
         return
     signature = oms.oms_sign(model, signer)
     extras["oms"] = {"file_name": model.name, "bundle": signature}
