@@ -109,11 +109,15 @@ def _run(session: Any, data: InputData, batch: int = 64) -> tuple[list[npt.NDArr
     return merged, statistics.median(times)
 
 
-def evaluate(original: Path, candidate: Path, data: InputData, *, mode: str) -> AccuracyReport:
+def evaluate(
+    original: Path, candidate: Path, data: InputData, *, mode: str, batch: int | None = None
+) -> AccuracyReport:
+    """Compare on ``data`` in batches of ``batch`` rows (a model's fixed batch size; 64 when
+    the batch dimension is free)."""
     a_sess, b_sess = _session(original), _session(candidate)
     names = [o.name for o in a_sess.get_outputs()]
-    a, lat_a = _run(a_sess, data)
-    b, lat_b = _run(b_sess, data)
+    a, lat_a = _run(a_sess, data, batch or 64)
+    b, lat_b = _run(b_sess, data, batch or 64)
     stats = []
     for name, x, y in zip(names, a, b, strict=True):
         x64, y64 = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()

@@ -185,7 +185,11 @@ def pack_model(
         if opts.quantize is not QuantizeMode.NONE:
             say("evaluate")
             report = evaluate(
-                model_path, final, evaluation or synthetic_inputs(inputs), mode=opts.quantize.value
+                model_path,
+                final,
+                evaluation or synthetic_inputs(inputs),
+                mode=opts.quantize.value,
+                batch=fixed_batch(inputs),
             )
             failures = tuple(gate(report, opts.max_accuracy_drop, accept=opts.accept_accuracy_drop))
         if opts.dry_run:
@@ -199,7 +203,7 @@ def pack_model(
             golden_data,
             mode=opts.quantize.value,
             count=opts.golden_count,
-            batch=fixed_batch(inputs),
+            batch=fixed_batch(inputs) or 1,
         )
         final_model = check_onnx(
             final, allow_custom_ops=(*opts.allow_custom_ops, "com.microsoft"), limits=limits
@@ -305,7 +309,7 @@ def _pack_tflite(
         variants,
         golden_data,
         mode="none",
-        batch=fixed_batch(inputs),
+        batch=fixed_batch(inputs) or 1,
         count=opts.golden_count,
     )
     extras = {

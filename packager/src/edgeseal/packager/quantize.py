@@ -52,10 +52,20 @@ class _Reader:
 
 
 def _preprocess(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's recommended pre-processing. Symbolic shape inference (the slow part)
+    runs only when an input has a symbolic dimension."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    graph = onnx.load(str(src), load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    symbolic = any(
+        not d.HasField("dim_value")
+        for i in graph.input
+        if i.name not in init
+        for d in i.type.tensor_type.shape.dim
+    )
     try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=not symbolic)
     except Exception as e:
         log.warning("ONNX Runtime pre-processing failed (%s); quantizing the model as is", e)
         return src
