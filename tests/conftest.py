@@ -7,17 +7,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgeseal.core.config import Config
+from edgeseal.core.extras import decode_extras
 from edgeseal.core.keyring import Keyring
 from edgeseal.core.keys import generate_private_key
 from edgeseal.core.keystore import InMemoryKey
-from edgeseal.core.reader import VerifyPolicy
+from edgeseal.core.reader import BundleFile, VerifyPolicy, unwrap_content_key
 from edgeseal.packager.pack import PackResult, pack_model
 from edgeseal.packager.samples import make_onnx_classifier, make_tflite_dense
 from helpers import NOW
+
+# CLI runs in tests do not ask PyPI for runtime advisories (tests/packager/test_advisories.py
+# serves its own); a user's default is "pypi".
+os.environ.setdefault("EDGESEAL_ADVISORIES", "off")
 
 
 @dataclass
@@ -58,6 +64,13 @@ class Fleet:
             **kw,
         )  # type: ignore[arg-type]
         return out, result
+
+    def extras(self, bundle: Path, device: str = "dev-a") -> dict[str, Any]:
+        """The sealed extras section, as the device decrypts it."""
+        with BundleFile.open(bundle) as bf:
+            vb = bf.verify(self.policy())
+            key = unwrap_content_key(vb.manifest, self.devices[device])
+            return decode_extras(bf.read_section(vb, "extras", key))
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from onnx import numpy_helper
 
 from edgeseal.agent.opener import open_bundle
 from edgeseal.core.config import Config
-from edgeseal.core.extras import decode_extras, sbom_digest
-from edgeseal.core.reader import BundleFile, unwrap_content_key
+from edgeseal.core.extras import sbom_digest
 from edgeseal.packager.evaluate import AccuracyDropError, Threshold
 from edgeseal.packager.golden import check_golden, onnx_runners
 from edgeseal.packager.pack import PackOptions
@@ -33,13 +32,6 @@ def trained(tmp_path_factory):
     return d
 
 
-def _extras(fleet, bundle: Path) -> dict:
-    with BundleFile.open(bundle) as bf:
-        vb = bf.verify(fleet.policy())
-        key = unwrap_content_key(vb.manifest, fleet.devices["dev-a"])
-        return decode_extras(bf.read_section(vb, "extras", key))
-
-
 @pytest.mark.parametrize(
     "mode", [QuantizeMode.DYNAMIC_INT8, QuantizeMode.STATIC_INT8, QuantizeMode.FP16]
 )
@@ -56,7 +48,7 @@ def test_each_quantization_mode_packs_opens_and_keeps_accuracy(fleet, trained, m
     assert report.accuracy_before > 0.95 and report.top1_drop <= 0.02
     assert report.size_after < 0.7 * report.size_before
     assert result.manifest.quantization["mode"] == mode.value
-    extras = _extras(fleet, bundle)
+    extras = fleet.extras(bundle)
     assert len(extras["golden"]["vectors"]) == 8
     assert extras["provenance"]["settings"]["quantize"] == mode.value
     assert sbom_digest(extras["sbom"]) == result.manifest.sbom_digest
@@ -105,7 +97,7 @@ def test_the_gate_refuses_a_model_that_quantization_breaks(fleet, tmp_path):
     accepted = PackOptions(**{**opts.__dict__, "accept_accuracy_drop": True})
     bundle, result = fleet.pack(tmp_path / "fragile.onnx", out=out, options=accepted)
     assert result.gate_failures and "top-1" in result.gate_failures[0]
-    assert _extras(fleet, bundle)["provenance"]["settings"]["accepted_failures"]
+    assert fleet.extras(bundle)["provenance"]["settings"]["accepted_failures"]
 
 
 def test_the_cli_prints_the_report_and_exits_1_when_the_gate_fails(tmp_path):
@@ -193,7 +185,7 @@ def test_golden_tolerances_are_tight_and_loose_enough(trained, tmp_path):
 def test_the_input_profile_describes_the_calibration_data(fleet, trained):
     opts = PackOptions(calibration=trained / "calib.npz")
     bundle, _ = fleet.pack(trained / "mlp.onnx", options=opts)
-    profile = _extras(fleet, bundle)["profile"]["inputs"]["input"]
+    profile = fleet.extras(bundle)["profile"]["inputs"]["input"]
     x = np.load(trained / "calib.npz")["input"]
     assert profile["dtype"] == "float32" and profile["shape"] == [16]
     np.testing.assert_allclose(profile["mean"], x.mean(axis=0), rtol=1e-5)
@@ -206,7 +198,7 @@ def test_a_pretrained_model_from_a_wheel_packs_and_opens(fleet):
 
     src = Path(onnxruntime.datasets.__file__).parent / "logreg_iris.onnx"
     bundle, _ = fleet.pack(src, name="logreg-iris")
-    extras = _extras(fleet, bundle)
+    extras = fleet.extras(bundle)
     assert set(extras["golden"]["tolerances"]) == {"label"}
     x = np.array([[5.1, 3.5], [6.2, 2.9], [7.7, 3.0]], np.float32)
     with open_bundle(
@@ -219,7 +211,7 @@ def test_a_pretrained_model_from_a_wheel_packs_and_opens(fleet):
 def test_tflite_is_packed_with_its_tensor_types_and_golden_vectors(fleet, tflite_model):
     bundle, result = fleet.pack(tflite_model, name="dense")
     assert result.tensor_types == {"float32": 4}
-    assert len(_extras(fleet, bundle)["golden"]["vectors"]) == 8
+    assert len(fleet.extras(bundle)["golden"]["vectors"]) == 8
     with pytest.raises(Exception, match="TensorFlow"):
         fleet.pack(
             tflite_model, name="dense", options=PackOptions(quantize=QuantizeMode.DYNAMIC_INT8)

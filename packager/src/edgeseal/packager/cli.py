@@ -15,6 +15,7 @@ from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console,
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.targets import TARGETS, get_target
+from edgeseal.packager.advisories import AdvisorySource, OsvFile, PypiService, RuntimeAudit
 from edgeseal.packager.evaluate import AccuracyDropError, AccuracyReport, Threshold
 from edgeseal.packager.pack import PackOptions, PackResult, pack_model
 from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode
@@ -56,6 +57,19 @@ def _report_table(r: AccuracyReport, failures: tuple[str, ...]) -> Table:
     return t
 
 
+def _audit_line(a: RuntimeAudit) -> str:
+    if a.error:
+        return f"[yellow]runtime advisories not checked[/]: {a.error}"
+    ids = sorted({x.id for x in (*a.floor_advisories, *a.tested_advisories)})
+    if not ids:
+        return f"runtime advisories ({a.source}): none for {a.package} >= {a.floor}"
+    tested = f"; this workstation's {a.tested_with} is affected" if a.tested_advisories else ""
+    return (
+        f"[yellow]runtime advisories[/] ({a.source}): {', '.join(ids)}; "
+        f"devices need {a.package} >= {a.safe_floor or '(no safe version known)'}{tested}"
+    )
+
+
 def _data(result: PackResult, out: Path) -> dict[str, Any]:
     m = result.manifest
     data: dict[str, Any] = {
@@ -68,6 +82,7 @@ def _data(result: PackResult, out: Path) -> dict[str, Any]:
         "gate_failures_accepted": list(result.gate_failures),
         "tensor_types": dict(result.tensor_types or {}),
         "golden_vectors": result.golden_vectors,
+        "advisories": result.audit.to_obj() if result.audit else None,
     }
     if m is not None:
         data.update(
@@ -81,6 +96,16 @@ def _data(result: PackResult, out: Path) -> dict[str, Any]:
             expires=m.expires.isoformat(),
         )
     return data
+
+
+def _advisory_source(spec: str) -> AdvisorySource | None:
+    if spec == "off":
+        return None
+    if spec == "pypi":
+        return PypiService()
+    if spec.startswith(("http://", "https://")):
+        return PypiService(spec)
+    return OsvFile(Path(spec))
 
 
 @reports_errors
@@ -135,6 +160,17 @@ def pack(
             help="Also write the OMS signature here (verify with model_signing verify key)."
         ),
     ] = None,
+    advisories: Annotated[
+        str,
+        typer.Option(
+            help="Known-vulnerable runtime versions: 'pypi' (PyPI's JSON API, as pip-audit), "
+            "a file or folder of OSV records, or 'off'.",
+            envvar="EDGESEAL_ADVISORIES",
+        ),
+    ] = "pypi",
+    fail_on_advisory: Annotated[
+        bool, typer.Option(help="Refuse to pack when this workstation's runtime is affected.")
+    ] = False,
     days: Annotated[int | None, typer.Option(help="Validity in days (config default).")] = None,
     keys_dir: Annotated[Path | None, typer.Option("--keys-dir", envvar="EDGESEAL_KEYS")] = None,
     signer_passphrase_file: Annotated[Path | None, typer.Option()] = None,
@@ -160,6 +196,8 @@ def pack(
         dry_run=dry_run,
         oms="auto" if oms is None and oms_out is None else ("off" if oms is False else "on"),
         oms_out=oms_out,
+        advisories=_advisory_source(advisories),
+        fail_on_advisory=fail_on_advisory,
     )
     show = not as_json and err_console.is_terminal
     with Progress(
@@ -220,6 +258,8 @@ def pack(
             out_console.print(
                 "tensor types: " + ", ".join(f"{k} x{v}" for k, v in result.tensor_types.items())
             )
+        if result.audit is not None:
+            out_console.print(_audit_line(result.audit))
         m = result.manifest
         if m is None:
             out_console.print("dry run: nothing sealed")

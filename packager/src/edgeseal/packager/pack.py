@@ -32,6 +32,12 @@ from edgeseal.core.manifest import Manifest, Target, TensorSpec
 from edgeseal.core.targets import TargetProfile, cipher_for, get_target
 from edgeseal.core.writer import RecipientKey, seal_bundle
 from edgeseal.packager import oms
+from edgeseal.packager.advisories import (
+    AdvisorySource,
+    RuntimeAudit,
+    VulnerableRuntimeError,
+    check_runtime,
+)
 from edgeseal.packager.datasets import InputData, load_inputs
 from edgeseal.packager.evaluate import AccuracyReport, Threshold, evaluate, gate
 from edgeseal.packager.golden import (
@@ -46,7 +52,7 @@ from edgeseal.packager.golden import (
 from edgeseal.packager.onnx_model import ModelError, onnx_io, split_onnx
 from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode, quantize_onnx
 from edgeseal.packager.safety import check_onnx, refuse_pickle
-from edgeseal.packager.sbom import make_sbom
+from edgeseal.packager.sbom import make_sbom, runtime_floor
 from edgeseal.packager.tflite_model import is_tflite, tflite_io, tflite_tensor_types
 
 __all__ = ["PackOptions", "PackResult", "pack_model"]
@@ -70,6 +76,10 @@ class PackOptions:
     #: it, "off" skips it. ``oms_out`` also writes the signature there.
     oms: str = "auto"
     oms_out: Path | None = None
+    #: Where known-vulnerable runtime versions come from (None: not checked), and whether
+    #: a vulnerable runtime on this workstation fails the pack.
+    advisories: AdvisorySource | None = None
+    fail_on_advisory: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class PackResult:
     gate_failures: tuple[str, ...] = ()
     tensor_types: Mapping[str, int] | None = None
     golden_vectors: int = 0
+    audit: RuntimeAudit | None = None
 
 
 def _check_certificate(signer: Signer, certificate: Mapping[str, Any], model_name: str) -> None:
@@ -226,16 +237,18 @@ def pack_model(
                 settings=settings,
                 report=report.to_obj() if report else None,
             ),
-            "sbom": make_sbom(
-                name=name,
-                version=version,
-                model_format="onnx",
-                model_sha256=hashlib.sha256(final.read_bytes()).hexdigest(),
-                opsets={o.domain: o.version for o in final_model.opset_import},
-                domains=sorted({n.domain for n in final_model.graph.node}),
-                runtime_version=_version("onnxruntime"),
-            ),
         }
+        audit = _sbom(
+            extras,
+            opts,
+            name=name,
+            version=version,
+            model_format="onnx",
+            model_sha256=hashlib.sha256(final.read_bytes()).hexdigest(),
+            opsets={o.domain: o.version for o in final_model.opset_import},
+            domains=sorted({n.domain for n in final_model.graph.node}),
+            runtime_version=_version("onnxruntime"),
+        )
         _add_oms(extras, final, signer, opts)
         say("seal")
         split = split_onnx(final_model)
@@ -276,6 +289,7 @@ def pack_model(
             report,
             failures,
             golden_vectors=len(golden["vectors"]),
+            audit=audit,
         )
 
 
@@ -323,16 +337,18 @@ def _pack_tflite(
             settings={"quantize": "none", "tensor_types": types},
             report=None,
         ),
-        "sbom": make_sbom(
-            name=name,
-            version=version,
-            model_format="tflite",
-            model_sha256=hashlib.sha256(data).hexdigest(),
-            opsets={},
-            domains=[],
-            runtime_version=_version("ai-edge-litert"),
-        ),
     }
+    audit = _sbom(
+        extras,
+        opts,
+        name=name,
+        version=version,
+        model_format="tflite",
+        model_sha256=hashlib.sha256(data).hexdigest(),
+        opsets={},
+        domains=[],
+        runtime_version=_version("ai-edge-litert"),
+    )
     _add_oms(extras, model_path, seal_args["signer"], opts)
     say("seal")
     manifest = _seal(
@@ -358,7 +374,38 @@ def _pack_tflite(
         (),
         types,
         golden_vectors=len(golden["vectors"]),
+        audit=audit,
     )
+
+
+def _sbom(
+    extras: dict[str, Any],
+    opts: PackOptions,
+    *,
+    model_format: str,
+    opsets: dict[str, int],
+    runtime_version: str | None,
+    **fields: Any,
+) -> RuntimeAudit | None:
+    """Audit the runtime the model needs and add the SBOM to ``extras``."""
+    audit = None
+    if opts.advisories is not None:
+        package, floor = runtime_floor(model_format, opsets)
+        audit = check_runtime(opts.advisories, package, floor, runtime_version)
+        if opts.fail_on_advisory and audit.tested_advisories:
+            ids = ", ".join(a.id for a in audit.tested_advisories)
+            raise VulnerableRuntimeError(
+                f"{package} {runtime_version} on this workstation is affected by {ids}: "
+                f"upgrade it (the SBOM asks devices for {package} >= {audit.safe_floor})"
+            )
+    extras["sbom"] = make_sbom(
+        model_format=model_format,
+        opsets=opsets,
+        runtime_version=runtime_version,
+        audit=audit,
+        **fields,
+    )
+    return audit
 
 
 def _add_oms(extras: dict[str, Any], model: Path, signer: Signer, opts: PackOptions) -> None:

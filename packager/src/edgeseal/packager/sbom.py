@@ -12,27 +12,64 @@ import uuid
 from typing import Any
 
 from edgeseal.core.encoding import format_time, utcnow
+from edgeseal.packager.advisories import RuntimeAudit
 
-__all__ = ["MIN_ORT_FOR_OPSET", "make_sbom"]
+__all__ = ["MIN_ORT_FOR_OPSET", "make_sbom", "runtime_floor"]
 
 #: The first ONNX Runtime release that loads each default-domain opset.
 MIN_ORT_FOR_OPSET = {
-    7: "1.0",
-    8: "1.0",
-    9: "1.0",
-    10: "1.0",
-    11: "1.0",
-    12: "1.5",
-    13: "1.7",
-    14: "1.10",
-    15: "1.11",
-    16: "1.12",
-    17: "1.13",
-    18: "1.14",
-    19: "1.16",
-    20: "1.17",
-    21: "1.18",
+    7: "1.0.0",
+    8: "1.0.0",
+    9: "1.0.0",
+    10: "1.0.0",
+    11: "1.0.0",
+    12: "1.5.0",
+    13: "1.7.0",
+    14: "1.10.0",
+    15: "1.11.0",
+    16: "1.12.0",
+    17: "1.13.0",
+    18: "1.14.0",
+    19: "1.16.0",
+    20: "1.17.0",
+    21: "1.18.0",
 }
+
+
+def runtime_floor(model_format: str, opsets: dict[str, int]) -> tuple[str, str]:
+    """(package, minimum version) of the runtime that loads the model."""
+    if model_format == "onnx":
+        opset = opsets.get("", opsets.get("ai.onnx", 0))
+        return "onnxruntime", MIN_ORT_FOR_OPSET.get(opset, "1.18.0")
+    return "ai-edge-litert", "1.2.0"
+
+
+def _vulnerabilities(audit: RuntimeAudit) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for what, version, advisories in (
+        ("floor", audit.floor, audit.floor_advisories),
+        ("tested-with", audit.tested_with, audit.tested_advisories),
+    ):
+        for a in advisories:
+            v = out.setdefault(
+                a.id,
+                {
+                    "id": a.id,
+                    "source": {"name": audit.source},
+                    "description": a.summary,
+                    "references": [{"id": x, "source": {"name": "alias"}} for x in a.aliases],
+                    "recommendation": (
+                        f"use {audit.package} >= {min(a.fixed_in)}"
+                        if a.fixed_in
+                        else "no fixed version is known"
+                    ),
+                    "affects": [{"ref": "runtime", "versions": []}],
+                },
+            )
+            v["affects"][0]["versions"].append(
+                {"version": version, "status": "affected", "x-edgeseal-role": what}
+            )
+    return list(out.values())
 
 
 def make_sbom(
@@ -44,30 +81,35 @@ def make_sbom(
     opsets: dict[str, int],
     domains: list[str],
     runtime_version: str | None,
+    audit: RuntimeAudit | None = None,
 ) -> dict[str, Any]:
-    if model_format == "onnx":
-        opset = opsets.get("", opsets.get("ai.onnx", 0))
-        runtime = {
-            "type": "library",
-            "name": "onnxruntime",
-            "purl": "pkg:pypi/onnxruntime",
-            "version": f">={MIN_ORT_FOR_OPSET.get(opset, '1.18')}",
-            "properties": [{"name": "edgeseal:tested-with", "value": runtime_version or "unknown"}],
-        }
+    package, floor = runtime_floor(model_format, opsets)
+    required = audit.safe_floor if audit and audit.safe_floor else floor
+    if audit is None:
+        audited = "not checked (no advisory source)"
+    elif audit.error:
+        audited = f"not checked: {audit.error}"
+    elif audit.safe_floor is None:
+        audited = f"checked against {audit.source}: no version at or above {floor} is known safe"
     else:
-        runtime = {
-            "type": "library",
-            "name": "ai-edge-litert",
-            "purl": "pkg:pypi/ai-edge-litert",
-            "version": ">=1.2",
-            "properties": [{"name": "edgeseal:tested-with", "value": runtime_version or "unknown"}],
-        }
+        audited = f"checked against {audit.source}"
+    runtime = {
+        "type": "library",
+        "name": package,
+        "purl": f"pkg:pypi/{package}",
+        "version": f">={required}",
+        "properties": [
+            {"name": "edgeseal:tested-with", "value": runtime_version or "unknown"},
+            {"name": "edgeseal:format-floor", "value": floor},
+            {"name": "edgeseal:advisories", "value": audited},
+        ],
+    }
     props = [
         {"name": f"edgeseal:onnx:opset:{d or 'ai.onnx'}", "value": str(v)}
         for d, v in sorted(opsets.items())
     ]
     props += [{"name": "edgeseal:onnx:domain", "value": d or "ai.onnx"} for d in sorted(domains)]
-    return {
+    sbom: dict[str, Any] = {
         "bomFormat": "CycloneDX",
         "specVersion": "1.5",
         "serialNumber": f"urn:uuid:{uuid.uuid4()}",
@@ -87,3 +129,6 @@ def make_sbom(
         "components": [{**runtime, "bom-ref": "runtime"}],
         "dependencies": [{"ref": "model", "dependsOn": ["runtime"]}],
     }
+    if audit is not None and (audit.floor_advisories or audit.tested_advisories):
+        sbom["vulnerabilities"] = _vulnerabilities(audit)
+    return sbom
