@@ -14,8 +14,9 @@ from onnx import numpy_helper
 from edgeseal.agent.opener import open_bundle
 from edgeseal.core.config import Config
 from edgeseal.core.extras import sbom_digest
+from edgeseal.core.golden import check_golden
 from edgeseal.packager.evaluate import AccuracyDropError, Threshold
-from edgeseal.packager.golden import check_golden, onnx_runners
+from edgeseal.packager.golden import onnx_runners
 from edgeseal.packager.pack import PackOptions
 from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode
 from edgeseal.packager.samples import make_onnx_cnn, make_trained_classifier

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,13 +12,17 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from edgeseal.agent.device import DeviceHome, machine_architecture
+from edgeseal.agent.audit import verify_log
+from edgeseal.agent.client import Client
+from edgeseal.agent.daemon import Daemon
+from edgeseal.agent.device import DeviceHome
+from edgeseal.agent.guard import ServingModel
 from edgeseal.agent.opener import open_bundle
-from edgeseal.agent.version import __version__
-from edgeseal.core.config import load_config
-from edgeseal.core.console import emit, out_console, progress_bytes, reports_errors
+from edgeseal.agent.service import Agent
+from edgeseal.core.config import Config, load_config
+from edgeseal.core.console import EXIT_REJECTED, emit, out_console, progress_bytes, reports_errors
 from edgeseal.core.keys import passphrase_from
-from edgeseal.core.reader import VerifyPolicy
+from edgeseal.hardware.floors import FileFloors
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
 agent_app = typer.Typer(
@@ -126,11 +132,34 @@ def _load_input(
     return out
 
 
+Socket = Annotated[
+    Path | None,
+    typer.Option("--socket", envvar="EDGESEAL_SOCKET", help="The agent's socket [config]."),
+]
+Config_ = Annotated[Path | None, typer.Option("--config", envvar="EDGESEAL_CONFIG")]
+
+
+def _open_direct(bundle: Path, home: Path, cfg: Config, as_json: bool) -> ServingModel:
+    """Open a bundle file in this process as the daemon would (golden vectors checked)."""
+    dev = DeviceHome(home)
+    agent = Agent(dev, cfg, passphrase=passphrase_from(None))
+    with progress_bytes("decrypting", bundle.stat().st_size, enabled=not as_json) as advance:
+        opened = open_bundle(
+            bundle,
+            key_store=agent.key_store,
+            policy=agent.policy(None, installing=True),
+            config=cfg,
+            progress=advance,
+        )
+    dev.advance_trusted_time(opened.manifest.created)
+    return ServingModel.start(opened, cfg.agent)
+
+
 @agent_app.command("infer")
 @reports_errors
 def infer(
-    bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-    home: Home,
+    target: Annotated[str, typer.Argument(help="A bundle file, or a model the daemon serves.")],
+    home: Home = Path("/var/lib/edgeseal"),
     input_file: Annotated[
         Path | None,
         typer.Option(
@@ -141,64 +170,190 @@ def infer(
         ),
     ] = None,
     seed: int = 0,
-    config: Annotated[Path | None, typer.Option(envvar="EDGESEAL_CONFIG")] = None,
+    socket: Socket = None,
+    config: Config_ = None,
     as_json: Json = False,
 ) -> None:
-    """Verify BUNDLE, open it in memory with this device's key, run one inference."""
+    """Run one inference: on a bundle file opened here (verify, unwrap, decrypt into
+    locked memory, check golden vectors), or on a model through the running daemon."""
     cfg = load_config(config)
-    dev = DeviceHome(home)
-    store = dev.key_store(passphrase=passphrase_from(None))
-    now = dev.trusted_now()
-    policy = VerifyPolicy(
-        anchor=dev.anchor(),
-        now=now,
-        architecture=machine_architecture(),
-        agent_version=__version__,
-        runtimes=("onnxruntime", "litert"),
-        limits=cfg.limits,
-    )
-    with (
-        progress_bytes("decrypting", bundle.stat().st_size, enabled=not as_json) as advance,
-        open_bundle(bundle, key_store=store, policy=policy, config=cfg, progress=advance) as model,
-    ):
-        dev.advance_trusted_time(model.manifest.created)
-        m = model.manifest
-        inputs = _load_input(
-            input_file,
-            [t.name for t in m.inputs],
-            [t.shape for t in m.inputs],
-            [t.dtype for t in m.inputs],
-            seed,
-        )
-        outputs = model.run(inputs)
-        status = model.status()
+    bundle = Path(target)
+    if bundle.is_file():
+        with contextlib.closing(_open_direct(bundle, home, cfg, as_json)) as sm:
+            m = sm.opened.manifest
+            specs = m.inputs
+            inputs = _load_input(
+                input_file,
+                [t.name for t in specs],
+                [t.shape for t in specs],
+                [t.dtype for t in specs],
+                seed,
+            )
+            result = sm.infer(inputs)
+            status = sm.status()
+        outputs, identity, ood = result.outputs, result.model, result.ood
+    else:
+        with Client(str(socket or cfg.agent.socket)) as client:
+            info = client.info(target)
+            specs_obj = info["inputs"]
+            inputs = _load_input(
+                input_file,
+                [t["name"] for t in specs_obj],
+                [tuple(t["shape"]) for t in specs_obj],
+                [t["dtype"] for t in specs_obj],
+                seed,
+            )
+            response = client.infer(target, inputs)
+        outputs, identity, ood, status = response.outputs, response.model, response.ood, None
     data = {
         "ok": True,
+        **identity,
+        "ood": ood,
         "status": status,
         "inputs": {k: v.tolist() for k, v in inputs.items()},
         "outputs": {k: v.tolist() for k, v in outputs.items()},
     }
 
     def render() -> None:
-        mem = ", ".join(
-            f"{k}: {v['kind']}{' locked' if v['locked'] else ' NOT locked'}"
-            for k, v in status["memory"].items()
-        )
-        out_console.print(
-            f"[green]✓[/] verified {m.model_name} v{m.version} signed by "
-            f"{status['signer']}; key unwrapped in {status['key_store']} store"
-            f"{'' if status['hardware_backed'] else ' (not hardware-backed)'}"
-        )
-        out_console.print(f"[green]✓[/] decrypted in memory only ({mem})")
-        out_console.print(
-            f"[green]✓[/] {status['runtime']} session: {status['weights_handed_over']}"
-        )
+        if status is not None:
+            mem = ", ".join(
+                f"{k}: {v['kind']}{' locked' if v['locked'] else ' NOT locked'}"
+                for k, v in status["memory"].items()
+            )
+            out_console.print(
+                f"[green]✓[/] verified {identity['model']} v{identity['version']} signed by "
+                f"{status['signer']}; key unwrapped in {status['key_store']} store"
+                f"{'' if status['hardware_backed'] else ' (not hardware-backed)'}"
+            )
+            out_console.print(f"[green]✓[/] decrypted in memory only ({mem})")
+            out_console.print(
+                f"[green]✓[/] {status['runtime']} session: {status['weights_handed_over']}"
+            )
+            out_console.print(
+                f"[green]✓[/] golden vectors reproduced ({status['golden_runs']} run)"
+            )
+        else:
+            out_console.print(
+                f"answered by {identity['model']} v{identity['version']} "
+                f"(bundle {identity['bundle_id']})"
+            )
         t = Table("output", "shape", "values")
         for k, v in outputs.items():
             t.add_row(k, str(v.shape), np.array2string(v, precision=4, max_line_width=80))
         out_console.print(t)
+        if ood is not None:
+            out_console.print(f"OOD score per row (above 1: unusual): {ood}")
 
     emit(data, as_json=as_json, render=render)
+
+
+@agent_app.command("install")
+@reports_errors
+def install(
+    bundle: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    home: Home = Path("/var/lib/edgeseal"),
+    config: Config_ = None,
+    as_json: Json = False,
+) -> None:
+    """Verify BUNDLE and install it for serving: staged beside the serving slot, opened
+    and checked (golden vectors), then committed; the previous one becomes the fallback.
+    A running daemon picks it up on SIGHUP (systemctl reload / snap restart)."""
+    cfg = load_config(config)
+    agent = Agent(DeviceHome(home), cfg, passphrase=passphrase_from(None))
+    try:
+        result = agent.install(bundle)
+    finally:
+        agent.close()
+    emit(
+        {"ok": True, **result},
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"installed {result['model']} v{result['version']} in slot {result['slot']}"
+            + (f" (fallback: slot {result['fallback']})" if result["fallback"] else "")
+        ),
+    )
+
+
+@agent_app.command("run")
+@reports_errors
+def run(
+    home: Home = Path("/var/lib/edgeseal"),
+    socket: Socket = None,
+    config: Config_ = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run the agent daemon: serve installed models on the local socket, run the update
+    channels and the scheduled integrity checks. SIGHUP reloads, SIGTERM stops."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg = load_config(config)
+    Daemon(DeviceHome(home), cfg, socket_path=socket).run()
+
+
+@agent_app.command("status")
+@reports_errors
+def status_cmd(
+    socket: Socket = None,
+    config: Config_ = None,
+    as_json: Json = False,
+) -> None:
+    """The running agent's status: models, versions, slots, counters, memory, key store."""
+    cfg = load_config(config)
+    with Client(str(socket or cfg.agent.socket)) as client:
+        st = client.status()
+
+    def render() -> None:
+        out_console.print(
+            f"device {st['device']}: key store {st['key_store']}"
+            f"{'' if st['hardware_backed'] else ' (not hardware-backed)'}; floors: {st['floors']}"
+        )
+        t = Table("model", "version", "requests", "OOD rows", "rejected", "state")
+        for name, m in st["models"].items():
+            t.add_row(
+                name,
+                str(m["version"]),
+                str(m["requests"]),
+                str(m["ood_rows"]),
+                str(m["rejected"]),
+                f"[red]quarantined: {m['quarantined']}[/]" if m["quarantined"] else "serving",
+            )
+        out_console.print(t)
+
+    emit(st, as_json=as_json, render=render)
+
+
+audit_app = typer.Typer(help="The agent's tamper-evident audit log.", no_args_is_help=True)
+agent_app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+@reports_errors
+def audit_verify(
+    home: Home = Path("/var/lib/edgeseal"),
+    log_path: Annotated[
+        Path | None, typer.Option("--log", help="Default: [agent] audit_log.")
+    ] = None,
+    config: Config_ = None,
+    as_json: Json = False,
+) -> None:
+    """Check the audit log's hash chain, its anchor and its counter (exit 1 if broken)."""
+    cfg = load_config(config)
+    dev = DeviceHome(home)
+    path = log_path or (Path(cfg.agent.audit_log) if cfg.agent.audit_log else home / "audit.log")
+    report = verify_log(path, FileFloors(dev.path / "audit-counter.json"))
+    emit(
+        {"ok": report.ok, "records": report.records, "problems": report.problems},
+        as_json=as_json,
+        render=lambda: out_console.print(
+            f"[green]audit log intact[/]: {report.records} records"
+            if report.ok
+            else "[red]audit log broken[/]:\n  " + "\n  ".join(report.problems)
+        ),
+    )
+    if not report.ok:
+        raise typer.Exit(EXIT_REJECTED)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,6 +4,8 @@
     device.key      the software key store's key (0600), when the store is software
     roots/*.pub     pinned root public keys
     trusted-time    the latest time this device has seen in signed data
+    trust/rotations.json     root rotations followed since provisioning (oldest first)
+    trust/revocations.json   the newest root-signed revocation list seen
 
 A device without a real-time clock may boot in 1970; expiry checks use the later of the
 system clock and the latest trusted time, so time never moves backwards for them.
@@ -24,7 +26,13 @@ from edgeseal.core.files import atomic_write
 from edgeseal.core.keys import key_id, load_public_key, public_key_pem
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import validate_name
-from edgeseal.core.trust import TrustAnchor
+from edgeseal.core.reader import VerifiedBundle
+from edgeseal.core.trust import (
+    RevocationList,
+    TrustAnchor,
+    apply_rotations,
+    verify_revocations,
+)
 from edgeseal.hardware.stores import StoreSpec
 
 __all__ = ["DeviceHome", "machine_architecture"]
@@ -97,7 +105,8 @@ class DeviceHome:
             )
         return store
 
-    def anchor(self) -> TrustAnchor:
+    def pinned_anchor(self) -> TrustAnchor:
+        """The root(s) pinned at provisioning."""
         keys = [
             load_public_key(p.read_bytes(), str(p))
             for p in sorted((self.path / "roots").glob("*.pub"))
@@ -105,6 +114,46 @@ class DeviceHome:
         if not keys:
             raise KeyFileError(f"no pinned root in {self.path / 'roots'}")
         return TrustAnchor({key_id(k): k for k in keys})
+
+    def _trust_file(self, name: str) -> Any:
+        try:
+            return json.loads((self.path / "trust" / name).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise KeyFileError(f"{self.path / 'trust' / name} is not JSON: {e}") from e
+
+    def anchor(self) -> TrustAnchor:
+        """The root this device trusts now: the pinned root, followed through the root
+        rotations it has accepted (each re-verified here, so an edited file fails)."""
+        rotations = self._trust_file("rotations.json") or []
+        return apply_rotations(self.pinned_anchor(), rotations)
+
+    def known_revocations(self, anchor: TrustAnchor | None = None) -> RevocationList | None:
+        """The newest revocation list this device has seen (verified against the root)."""
+        envelope = self._trust_file("revocations.json")
+        if envelope is None:
+            return None
+        return verify_revocations(envelope, anchor or self.anchor())
+
+    def remember_trust(self, bundle: VerifiedBundle) -> None:
+        """After accepting a bundle: keep the root rotations it made us follow and its
+        revocation list when newer, so an older bundle cannot take them back."""
+        if bundle.anchor.version > self.anchor().version:
+            atomic_write(
+                self.path / "trust" / "rotations.json",
+                canonical_json(list(bundle.trust.get("rotations", []))),
+            )
+        known = self.known_revocations(bundle.anchor)
+        carried = bundle.revocations
+        if (
+            carried is not None
+            and carried.envelope is not None
+            and (known is None or carried.version > known.version)
+        ):
+            atomic_write(
+                self.path / "trust" / "revocations.json", canonical_json(dict(carried.envelope))
+            )
 
     def trusted_now(self, system_now: datetime | None = None) -> datetime:
         """The later of the system clock and the latest trusted time seen."""

@@ -20,7 +20,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["BundleConfig", "Config", "DeviceConfig", "Limits", "RuntimeConfig", "load_config"]
+__all__ = [
+    "AccessRule",
+    "AgentConfig",
+    "BundleConfig",
+    "Config",
+    "DeviceConfig",
+    "Limits",
+    "RuntimeConfig",
+    "load_config",
+]
 
 MiB = 1024 * 1024
 
@@ -106,11 +115,71 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """The agent daemon: its socket, its checks while serving, its audit log."""
+
+    #: The local API's unix socket, its file mode (octal text) and group ("" keeps ours).
+    socket: str = "/run/edgeseal/agent.sock"
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    #: The model store (default: <device.home>/models) and audit log (<home>/audit.log).
+    store: str = ""
+    audit_log: str = ""
+    #: fsync the audit log every N records (1: every call is on disk before the answer).
+    audit_flush_every: int = 1
+    audit_max_bytes: int = 16 * MiB
+    #: Re-run the golden vectors every N requests or T seconds (0: never), and re-hash
+    #: the weights buffer against the signed digest every T seconds.
+    golden_every_requests: int = 10_000
+    golden_every_seconds: int = 300
+    digest_every_seconds: int = 600
+    #: Request limits: rows per call, request body bytes.
+    max_rows: int = 1024
+    max_body_bytes: int = 64 * MiB
+    #: Refuse values further outside the calibrated range than this many spans (0: off).
+    range_margin: float = 1.0
+    #: A row whose OOD score exceeds this is counted as out of distribution.
+    ood_threshold: float = 1.0
+    #: Update channels to start, by entry point name (group ``edgeseal.agent.channels``).
+    channels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ConfigError('agent.socket_mode must be octal text such as "0660"')
+        for name in ("audit_flush_every", "max_rows", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"agent.{name} must be at least 1")
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may call a model (``[access."<model glob>"]``), and how much."""
+
+    uids: tuple[int, ...] = ()
+    groups: tuple[str, ...] = ()
+    #: Requests per minute per caller (0: unlimited) and rows per day per caller.
+    rate_per_minute: int = 0
+    daily_budget: int = 0
+    #: Output hardening: only the top k scores of each row (0: all), rounded to n digits
+    #: (-1: exact).
+    top_k: int = 0
+    round_digits: int = -1
+
+
+@dataclass(frozen=True)
 class Config:
     limits: Limits = field(default_factory=Limits)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    #: Model name glob -> rule; the first matching glob in file order applies. No rule:
+    #: only the agent's own uid and root may call.
+    access: tuple[tuple[str, AccessRule], ...] = ()
 
 
 def _build(cls: type[Any], table: object, where: str) -> Any:
@@ -121,10 +190,11 @@ def _build(cls: type[Any], table: object, where: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
-    for name, value in table.items():
+    for name, raw in table.items():
         default = getattr(cls(), name)
+        value = float(raw) if isinstance(default, float) and type(raw) is int else raw
         if isinstance(default, tuple):
-            kind = int if name.endswith("pcrs") else str
+            kind = int if name.endswith(("pcrs", "uids")) else str
             if not isinstance(value, list) or not all(
                 isinstance(v, kind) and not isinstance(v, bool) for v in value
             ):
@@ -157,9 +227,16 @@ def load_config(path: Path | None = None, *, text: str | None = None) -> Config:
         "bundle": BundleConfig,
         "device": DeviceConfig,
         "runtime": RuntimeConfig,
+        "agent": AgentConfig,
     }
+    access = data.pop("access", {})
+    if not isinstance(access, dict):
+        raise ConfigError("[access] must be a table of model globs")
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(f"unknown table [{unknown[0]}] (known: {', '.join(sorted(sections))})")
     built = {name: _build(cls, data[name], name) for name, cls in sections.items() if name in data}
-    return Config(**built)
+    rules = tuple(
+        (glob, _build(AccessRule, rule, f'access."{glob}"')) for glob, rule in access.items()
+    )
+    return Config(**built, access=rules)

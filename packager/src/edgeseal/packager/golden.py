@@ -22,12 +22,13 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeseal.core.extras import array_from_obj, array_to_obj
+from edgeseal.core.golden import numeric_outputs
 from edgeseal.core.manifest import TensorSpec
+from edgeseal.core.profile import make_profile
 from edgeseal.packager.datasets import InputData
 
 __all__ = [
     "Runner",
-    "check_golden",
     "fixed_batch",
     "input_profile",
     "make_golden",
@@ -88,13 +89,6 @@ def tflite_runners(model: bytes) -> tuple[Runner, list[Runner]]:
     return runner(None), [runner(1)]
 
 
-def _tensors(outputs: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
-    """Only numeric tensor outputs are checked (ZipMap's sequences of maps are not)."""
-    return {
-        k: v for k, v in outputs.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"
-    }
-
-
 def make_golden(
     reference: Runner,
     variants: list[Runner],
@@ -124,9 +118,9 @@ def make_golden(
     vectors: list[dict[str, Any]] = []
     spreads: dict[str, float] = {}
     for feed in rows:
-        expected = _tensors(reference(feed))
+        expected = numeric_outputs(reference(feed))
         for variant in variants:
-            other = _tensors(variant(feed))
+            other = numeric_outputs(variant(feed))
             for name, y in expected.items():
                 d = float(
                     np.abs(other[name].astype(np.float64) - y.astype(np.float64)).max(initial=0.0)
@@ -172,47 +166,9 @@ def synthetic_inputs(specs: tuple[TensorSpec, ...], *, rows: int = 16, seed: int
     return InputData(inputs, None)
 
 
-def check_golden(run: Any, golden: dict[str, Any]) -> list[str]:
-    """Run each golden input through ``run(feed) -> {name: array}``; the mismatches."""
-    problems = []
-    tolerances = golden["tolerances"]
-    for i, vector in enumerate(golden["vectors"]):
-        feed = {k: array_from_obj(v) for k, v in vector["inputs"].items()}
-        got = _tensors(run(feed))
-        for name, obj in vector["outputs"].items():
-            want = array_from_obj(obj).astype(np.float64)
-            have = np.asarray(got[name], dtype=np.float64)
-            err = (
-                float(np.abs(have - want).max(initial=0.0))
-                if have.shape == want.shape
-                else float("inf")
-            )
-            if not err <= tolerances[name]["atol"]:
-                problems.append(
-                    f"golden vector {i}, output {name}: error {err:.3g} > "
-                    f"{tolerances[name]['atol']:.3g}"
-                )
-    return problems
-
-
 def input_profile(data: InputData) -> dict[str, Any]:
-    """Per input: dtype, shape, value range and per-channel mean/std (channel axis: 1 for
-    images [N, C, ...], the last axis for [N, features])."""
-    out = {}
-    for name, a in data.inputs.items():
-        x = a.astype(np.float64)
-        axis = 1 if x.ndim >= 3 else x.ndim - 1
-        reduce = tuple(i for i in range(x.ndim) if i != axis)
-        out[name] = {
-            "dtype": a.dtype.name,
-            "shape": list(a.shape[1:]),
-            "axis": axis,
-            "min": float(x.min()),
-            "max": float(x.max()),
-            "mean": np.atleast_1d(x.mean(axis=reduce)).tolist(),
-            "std": np.atleast_1d(x.std(axis=reduce)).tolist(),
-        }
-    return {"inputs": out, "rows": data.rows}
+    """The profile the agent checks requests against (``edgeseal.core.profile``)."""
+    return make_profile(data.inputs)
 
 
 def _version(dist: str) -> str | None:

@@ -1,0 +1,108 @@
+"""``edgeseal agent run``: the long-running agent.
+
+Loads the installed bundles, serves the local API, starts the configured update
+channels, runs the scheduled integrity checks, reloads on SIGHUP, stops cleanly on
+SIGTERM/SIGINT, and tells systemd (``Type=notify``) when it is ready, alive (watchdog)
+and stopping, through ``$NOTIFY_SOCKET``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from edgeseal.agent.api import ApiServer
+from edgeseal.agent.audit import AuditLog
+from edgeseal.agent.channels import UpdateChannel, load_channels
+from edgeseal.agent.device import DeviceHome
+from edgeseal.agent.service import Agent
+from edgeseal.core.config import Config
+from edgeseal.hardware.floors import FileFloors
+
+__all__ = ["Daemon", "sd_notify"]
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` to systemd; False when not run under a notify-type unit."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)
+            s.sendall(state.encode())
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+            return False
+    return True
+
+
+class Daemon:
+    def __init__(self, home: DeviceHome, config: Config, *, socket_path: Path | None = None):
+        self.config = config
+        self.agent = Agent(home, config)
+        audit_path = Path(config.agent.audit_log) if config.agent.audit_log else None
+        self.audit = AuditLog(
+            audit_path or home.path / "audit.log",
+            # A file counter: a TPM NV counter would take one increment per record.
+            FileFloors(home.path / "audit-counter.json"),
+            flush_every=config.agent.audit_flush_every,
+            max_bytes=config.agent.audit_max_bytes,
+        )
+        self.api = ApiServer(self.agent, socket_path or Path(config.agent.socket), audit=self.audit)
+        self.channels: list[UpdateChannel] = load_channels(config.agent.channels, config)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self, *, install_signals: bool = True, tick: float = 1.0) -> None:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
+        loaded = self.agent.load_all()
+        for name, state in loaded.items():
+            log.info("%s: %s", name, state)
+        self.api.start()
+        for ch in self.channels:
+            ch.start(self.agent)
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.agent.serving)} model(s)")
+        log.info("agent serving on %s", self.api.socket_path)
+        last_ping = time.monotonic()
+        try:
+            while not self._stop.wait(tick):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    sd_notify("RELOADING=1")
+                    log.info("reload: %s", self.agent.reload())
+                    sd_notify("READY=1")
+                self.agent.run_checks()
+                if watchdog_usec and time.monotonic() - last_ping > watchdog_usec / 2e6:
+                    sd_notify("WATCHDOG=1")
+                    last_ping = time.monotonic()
+        finally:
+            sd_notify("STOPPING=1")
+            for ch in self.channels:
+                ch.stop()
+            self.api.stop()
+            self.agent.close()
+            self.audit.close()
+            log.info("agent stopped")

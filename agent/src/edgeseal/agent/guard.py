@@ -1,0 +1,238 @@
+"""Integrity-checked inference around an opened model.
+
+A :class:`ServingModel` refuses to exist unless the bundle's golden vectors reproduce
+within their tolerances. Each request is checked against the signed schema and input
+profile, its outputs must be finite, and each row gets an out-of-distribution score.
+While serving, the golden vectors are re-run and the decrypted sections re-hashed against
+the signed digests on a schedule; a failure quarantines the model: it stops answering
+with :class:`QuarantinedError` until the store falls back or a new bundle is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgeseal.agent.opener import OpenedModel
+from edgeseal.core.config import AgentConfig
+from edgeseal.core.errors import EdgesealError
+from edgeseal.core.extras import decode_extras
+from edgeseal.core.golden import check_golden
+from edgeseal.core.profile import check_feed, ood_scores
+
+__all__ = ["InferResult", "IntegrityError", "QuarantinedError", "ServingModel"]
+
+Array = npt.NDArray[Any]
+
+
+class IntegrityError(EdgesealError):
+    """The model does not compute what was signed: golden vectors or digests differ."""
+
+    hint = "the agent falls back to the previous bundle; reinstall the bundle or replace it"
+
+
+class QuarantinedError(EdgesealError):
+    """The model failed an integrity check while serving and answers no more calls."""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: dict[str, Array]
+    ood: list[float] | None
+    ood_rows: int
+    model: dict[str, Any]
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    rows: int = 0
+    ood_rows: int = 0
+    rejected: int = 0
+    golden_runs: int = 0
+    digest_runs: int = 0
+    latency_sum: float = 0.0
+
+
+@dataclass
+class ServingModel:
+    opened: OpenedModel
+    config: AgentConfig
+    on_quarantine: Callable[[ServingModel, str], None] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    quarantined: str | None = None
+    _since_golden: int = 0
+    _last_golden: float = 0.0
+    _last_digest: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def start(
+        cls,
+        opened: OpenedModel,
+        config: AgentConfig,
+        on_quarantine: Callable[[ServingModel, str], None] | None = None,
+    ) -> ServingModel:
+        """Check the golden vectors, then serve; a model that fails is closed and refused."""
+        try:
+            buf = opened.buffers.get("extras")
+            extras = decode_extras(bytes(buf.view)) if buf is not None else {}
+            self = cls(opened, config, on_quarantine, extras)
+            problems = self._golden_problems()
+            if problems:
+                raise IntegrityError(
+                    f"{opened.manifest.model_name} v{opened.manifest.version} does not "
+                    f"reproduce its golden vectors: {'; '.join(problems[:3])}"
+                )
+        except BaseException:
+            opened.close()
+            raise
+        now = time.monotonic()
+        self._last_golden = self._last_digest = now
+        return self
+
+    # -- identity --------------------------------------------------------------------
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        m = self.opened.manifest
+        return {"model": m.model_name, "version": m.version, "bundle_id": m.bundle_id}
+
+    # -- checks ----------------------------------------------------------------------
+
+    def _golden_problems(self) -> list[str]:
+        golden = self.extras.get("golden")
+        if not golden or not golden.get("vectors"):
+            return []
+        self.counters.golden_runs += 1
+        return check_golden(self.opened.run, golden)
+
+    def _digest_problems(self) -> list[str]:
+        self.counters.digest_runs += 1
+        problems = []
+        for entry in self.opened.manifest.sections:
+            buf = self.opened.buffers.get(entry.name)
+            if buf is None:
+                continue
+            if hashlib.sha256(buf.view).hexdigest() != entry.sha256:
+                problems.append(f"section {entry.name} in memory no longer matches its digest")
+        return problems
+
+    def self_check(self, *, golden: bool = True, digest: bool = True) -> list[str]:
+        """Run the checks now; quarantine on failure. Returns the problems found."""
+        with self._lock:
+            problems = (self._digest_problems() if digest else []) + (
+                self._golden_problems() if golden else []
+            )
+            now = time.monotonic()
+            if golden:
+                self._last_golden, self._since_golden = now, 0
+            if digest:
+                self._last_digest = now
+        if problems:
+            self.quarantine("; ".join(problems))
+        return problems
+
+    def due_checks(self, now: float | None = None) -> tuple[bool, bool]:
+        """(golden due, digest due) by the configured schedule."""
+        now = time.monotonic() if now is None else now
+        c = self.config
+        golden = (
+            c.golden_every_requests > 0 and self._since_golden >= c.golden_every_requests
+        ) or (c.golden_every_seconds > 0 and now - self._last_golden >= c.golden_every_seconds)
+        digest = c.digest_every_seconds > 0 and now - self._last_digest >= c.digest_every_seconds
+        return golden, digest
+
+    def quarantine(self, reason: str) -> None:
+        if self.quarantined is not None:
+            return
+        self.quarantined = reason
+        if self.on_quarantine is not None:
+            self.on_quarantine(self, reason)
+
+    # -- serving ---------------------------------------------------------------------
+
+    def infer(self, feed: Mapping[str, Array]) -> InferResult:
+        if self.quarantined is not None:
+            raise QuarantinedError(
+                f"{self.identity['model']} v{self.identity['version']} is quarantined: "
+                f"{self.quarantined}"
+            )
+        m = self.opened.manifest
+        profile = self.extras.get("profile")
+        try:
+            check_feed(
+                m.inputs,
+                profile,
+                feed,
+                max_rows=self.config.max_rows,
+                range_margin=self.config.range_margin,
+            )
+        except EdgesealError:
+            self.counters.rejected += 1
+            raise
+        t0 = time.perf_counter()
+        outputs = self.opened.run(feed)
+        elapsed = time.perf_counter() - t0
+        for name, value in outputs.items():
+            if (
+                isinstance(value, np.ndarray)
+                and value.dtype.kind == "f"
+                and not np.isfinite(value).all()
+            ):
+                self.counters.rejected += 1
+                raise IntegrityError(f"output {name} has NaN or infinite values")
+        scores = ood_scores(profile, feed) if profile else None
+        ood_rows = int((scores > self.config.ood_threshold).sum()) if scores is not None else 0
+        rows = int(next(iter(feed.values())).shape[0]) if feed else 0
+        with self._lock:
+            c = self.counters
+            c.requests += 1
+            c.rows += rows
+            c.ood_rows += ood_rows
+            c.latency_sum += elapsed
+            self._since_golden += 1
+        return InferResult(
+            outputs,
+            [round(float(s), 4) for s in scores] if scores is not None else None,
+            ood_rows,
+            self.identity,
+        )
+
+    def info(self) -> dict[str, Any]:
+        m = self.opened.manifest
+        return {
+            **self.identity,
+            "format": m.model_format,
+            "inputs": [t.to_obj() for t in m.inputs],
+            "outputs": [t.to_obj() for t in m.outputs],
+            "profile": {
+                name: {k: e[k] for k in ("dtype", "shape", "min", "max")}
+                for name, e in (self.extras.get("profile") or {}).get("inputs", {}).items()
+            },
+            "golden_vectors": len((self.extras.get("golden") or {}).get("vectors", [])),
+        }
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            **self.opened.status(),
+            "quarantined": self.quarantined,
+            "requests": c.requests,
+            "rows": c.rows,
+            "ood_rows": c.ood_rows,
+            "rejected": c.rejected,
+            "golden_runs": c.golden_runs,
+            "digest_runs": c.digest_runs,
+        }
+
+    def close(self) -> None:
+        self.opened.close()

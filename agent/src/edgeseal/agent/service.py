@@ -1,0 +1,275 @@
+"""The agent: the models it serves, from its store, through its device's keys.
+
+:class:`Agent` is the one place that installs, opens, serves, quarantines and falls back.
+The local API, the CLI and the update channels call it; none of them touch the store or
+the key store themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from edgeseal.agent.device import DeviceHome, machine_architecture
+from edgeseal.agent.guard import InferResult, ServingModel
+from edgeseal.agent.memory import make_process_undumpable
+from edgeseal.agent.opener import open_bundle
+from edgeseal.agent.store import ModelStore, StoreError
+from edgeseal.agent.version import __version__
+from edgeseal.core.config import Config
+from edgeseal.core.errors import EdgesealError, RollbackError
+from edgeseal.core.keystore import KeyStore
+from edgeseal.core.reader import BundleFile, VerifyPolicy
+from edgeseal.hardware.floors import FileFloors, TpmFloors, VersionFloors
+
+__all__ = ["Agent", "NoSuchModelError", "floors_for"]
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("onnxruntime", "litert")
+
+
+class NoSuchModelError(EdgesealError):
+    """No model of that name is installed (or none is serving)."""
+
+
+def floors_for(home: DeviceHome) -> VersionFloors:
+    """TPM NV counters when the device key is in a TPM, else a file in the home."""
+    info = home.info()
+    store = info.get("store", {})
+    if store.get("kind") == "tpm":
+        return TpmFloors(store["tcti"], owner_auth=os.environ.get("EDGESEAL_TPM_OWNER_AUTH"))
+    return FileFloors(home.path / "floors.json")
+
+
+Listener = Callable[[str, str, Mapping[str, Any]], None]
+
+
+class Agent:
+    def __init__(
+        self,
+        home: DeviceHome,
+        config: Config,
+        *,
+        key_store: KeyStore | None = None,
+        floors: VersionFloors | None = None,
+        passphrase: bytes | None = None,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.key_store = key_store or home.key_store(passphrase=passphrase)
+        root = Path(config.agent.store) if config.agent.store else home.path / "models"
+        self.store = ModelStore(root, floors or floors_for(home))
+        self.serving: dict[str, ServingModel] = {}
+        self.undumpable = make_process_undumpable()
+        self._lock = threading.RLock()
+        #: Called as listener(event, model, details) on install, quarantine, fall-back.
+        self.listeners: list[Listener] = []
+        self.events: list[dict[str, Any]] = []
+
+    # -- policy ------------------------------------------------------------------------
+
+    def policy(self, model: str | None, *, installing: bool) -> VerifyPolicy:
+        anchor = self.home.anchor()
+        return VerifyPolicy(
+            anchor=anchor,
+            now=self.home.trusted_now() if installing else None,
+            known_revocations=self.home.known_revocations(anchor),
+            floor=self.store.floors.get(model) if model and installing else None,
+            architecture=machine_architecture(),
+            agent_version=__version__,
+            runtimes=RUNTIMES,
+            clock_skew=timedelta(seconds=self.config.device.clock_skew),
+            limits=self.config.limits,
+        )
+
+    def _emit(self, event: str, model: str, **details: Any) -> None:
+        self.events.append({"event": event, "model": model, **details})
+        del self.events[:-100]
+        for listener in list(self.listeners):
+            try:
+                listener(event, model, details)
+            except Exception:  # a channel's bug must not stop serving
+                log.exception("listener failed on %s for %s", event, model)
+
+    # -- opening -----------------------------------------------------------------------
+
+    def _open(self, path: Path, *, installing: bool, model: str | None) -> ServingModel:
+        opened = open_bundle(
+            path,
+            key_store=self.key_store,
+            policy=self.policy(model, installing=installing),
+            config=self.config,
+        )
+        return ServingModel.start(opened, self.config.agent, self._quarantined)
+
+    def check(self, bundle: Path, model: str) -> ServingModel:
+        """Open a bundle as an install would (floor, expiry, golden vectors), not serving."""
+        return self._open(bundle, installing=True, model=model)
+
+    def stage(self, bundle: Path) -> tuple[str, int]:
+        """Verify ``bundle`` for installing (trust, expiry, floor) and copy it into the
+        free slot; the serving slot is untouched. Returns (model, version)."""
+        with BundleFile.open(bundle) as bf:
+            vb = bf.verify(self.policy(None, installing=True))
+        name, version = vb.manifest.model_name, vb.manifest.version
+        floor = self.store.floors.get(name)
+        if version < floor:
+            raise RollbackError(
+                f"{name} v{version} is below this device's version floor {floor} "
+                "(an older release is not accepted back)"
+            )
+        self.store.stage(name, bundle, version=version, bundle_id=vb.manifest.bundle_id)
+        return name, version
+
+    def check_staged(self, name: str) -> ServingModel:
+        """Open the staged copy as an install would and run its golden vectors. The
+        caller commits it (:meth:`commit_staged`) or discards it."""
+        journal = self.store.journal(name)
+        if journal.staged is None:
+            raise StoreError(f"nothing is staged for {name}")
+        try:
+            return self._open(
+                self.store.slot_path(name, journal.staged), installing=True, model=name
+            )
+        except BaseException as e:
+            self.store.discard_staged(name, f"{type(e).__name__}: {e}")
+            raise
+
+    def discard_staged(self, name: str, reason: str) -> None:
+        self.store.discard_staged(name, reason)
+
+    def commit_staged(self, name: str, checked: ServingModel) -> dict[str, Any]:
+        """Make the checked staged slot active and serve it; the old one is the fallback."""
+        with self._lock:
+            journal = self.store.commit(name)
+            self.home.remember_trust(checked.opened.bundle)
+            self.home.advance_trusted_time(checked.opened.manifest.created)
+            old = self.serving.get(name)
+            self.serving[name] = checked
+        if old is not None:
+            old.close()
+        self._emit("installed", name, version=checked.identity["version"])
+        return {**checked.identity, "slot": journal.active, "fallback": journal.fallback}
+
+    def install(self, bundle: Path) -> dict[str, Any]:
+        """Stage, check and commit in one go. Any failure leaves the serving model as it
+        was."""
+        with self._lock:
+            name, _ = self.stage(bundle)
+            checked = self.check_staged(name)
+            return self.commit_staged(name, checked)
+
+    def load_all(self) -> dict[str, str]:
+        """Open every installed model's active slot; a slot that fails falls back."""
+        results = {}
+        for name in self.store.models():
+            try:
+                results[name] = self._load(name)
+            except EdgesealError as e:
+                log.error("cannot serve %s: %s", name, e.diagnostics())
+                results[name] = f"not serving: {e}"
+        return results
+
+    def _load(self, name: str) -> str:
+        path = self.store.active_path(name)
+        if path is None:
+            raise NoSuchModelError(f"{name} has no active slot")
+        try:
+            sm = self._open(path, installing=False, model=name)
+        except EdgesealError as e:
+            journal = self.store.journal(name)
+            if journal.fallback is None:
+                raise
+            log.error("%s active slot fails (%s); falling back", name, e)
+            self.store.fall_back(name, f"{type(e).__name__}: {e}")
+            self._emit("fell_back", name, reason=str(e))
+            fallback_path = self.store.active_path(name)
+            assert fallback_path is not None
+            sm = self._open(fallback_path, installing=False, model=name)
+        with self._lock:
+            old = self.serving.pop(name, None)
+            self.serving[name] = sm
+        if old is not None:
+            old.close()
+        return f"serving v{sm.identity['version']}"
+
+    def reload(self) -> dict[str, str]:
+        """Re-open everything from the store (SIGHUP)."""
+        with self._lock:
+            old = dict(self.serving)
+            self.serving.clear()
+        for sm in old.values():
+            sm.close()
+        return self.load_all()
+
+    # -- serving -----------------------------------------------------------------------
+
+    def model(self, name: str) -> ServingModel:
+        sm = self.serving.get(name)
+        if sm is None:
+            raise NoSuchModelError(f"no model named {name!r} is serving")
+        return sm
+
+    def infer(self, name: str, feed: Mapping[str, Any]) -> InferResult:
+        sm = self.model(name)
+        result = sm.infer(feed)
+        golden_due, digest_due = sm.due_checks()
+        if golden_due or digest_due:
+            sm.self_check(golden=golden_due, digest=digest_due)
+        return result
+
+    def run_checks(self) -> None:
+        """Run the scheduled integrity checks that are due (called by the daemon)."""
+        for sm in list(self.serving.values()):
+            if sm.quarantined:
+                continue
+            golden_due, digest_due = sm.due_checks()
+            if golden_due or digest_due:
+                sm.self_check(golden=golden_due, digest=digest_due)
+
+    def _quarantined(self, sm: ServingModel, reason: str) -> None:
+        name = sm.identity["model"]
+        log.error("quarantined %s v%s: %s", name, sm.identity["version"], reason)
+        self._emit("quarantined", name, version=sm.identity["version"], reason=reason)
+        threading.Thread(target=self._fall_back_after, args=(name, reason), daemon=True).start()
+
+    def _fall_back_after(self, name: str, reason: str) -> None:
+        try:
+            self.store.fall_back(name, reason)
+        except StoreError as e:
+            log.error("%s stays quarantined: %s", name, e)
+            return
+        try:
+            self._load(name)
+            self._emit("fell_back", name, reason=reason)
+        except EdgesealError as e:
+            log.error("%s: the fallback slot fails too: %s", name, e)
+
+    def fall_back(self, name: str, reason: str) -> None:
+        """An order (from an update channel or the operator) to serve the fallback slot."""
+        self.store.fall_back(name, reason)
+        self._load(name)
+        self._emit("fell_back", name, reason=reason)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "agent_version": __version__,
+            "device": self.home.info().get("device_id"),
+            "key_store": self.key_store.kind,
+            "hardware_backed": self.key_store.hardware_backed,
+            "floors": getattr(self.store.floors, "label", self.store.floors.kind),
+            "undumpable": self.undumpable,
+            "models": {n: sm.status() for n, sm in sorted(self.serving.items())},
+            "store": self.store.status(),
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            for sm in self.serving.values():
+                sm.close()
+            self.serving.clear()

@@ -1,0 +1,212 @@
+"""The model store: two slots per model, a journal, and the version floor.
+
+    <root>/<model>/slot-a.esb, slot-b.esb   sealed bundles (ciphertext only)
+    <root>/<model>/journal.json             which slot is active, fallback, staged
+
+Only the agent writes it (``agent install`` and the update channels go through it). Every
+change is a new journal written atomically (temp file, fsync, rename, fsync dir), so a
+power cut leaves the old journal or the new one, never a mix; a staged bundle is written
+the same way beside the active one, which it never touches.
+
+Floors: committing raises the model's version floor to the lowest version still kept
+(the fallback's), so the device can fall back one step but never further.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeseal.core.encoding import canonical_json, format_time, utcnow
+from edgeseal.core.errors import EdgesealError
+from edgeseal.core.files import atomic_write, atomic_writer
+from edgeseal.core.manifest import validate_name
+from edgeseal.hardware.floors import VersionFloors
+
+__all__ = ["Journal", "ModelStore", "SlotInfo", "StoreError"]
+
+SLOTS = ("a", "b")
+
+
+class StoreError(EdgesealError):
+    """The model store cannot do what was asked (no such model, nothing staged...)."""
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    version: int
+    bundle_id: str
+    installed: str
+    state: str = "good"  # good | failed: <why>
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "bundle_id": self.bundle_id,
+            "installed": self.installed,
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> SlotInfo:
+        return cls(int(obj["version"]), str(obj["bundle_id"]), str(obj["installed"]), obj["state"])
+
+
+@dataclass
+class Journal:
+    model: str
+    active: str | None = None
+    fallback: str | None = None
+    staged: str | None = None
+    slots: dict[str, SlotInfo] = field(default_factory=dict)
+    #: The update channel's own state for this model (opaque to the store), so a channel
+    #: resumes at the right step after a crash.
+    channel: dict[str, Any] = field(default_factory=dict)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "active": self.active,
+            "fallback": self.fallback,
+            "staged": self.staged,
+            "slots": {k: v.to_obj() for k, v in sorted(self.slots.items())},
+            "channel": self.channel,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Journal:
+        return cls(
+            model=obj["model"],
+            active=obj.get("active"),
+            fallback=obj.get("fallback"),
+            staged=obj.get("staged"),
+            slots={k: SlotInfo.from_obj(v) for k, v in obj.get("slots", {}).items()},
+            channel=dict(obj.get("channel", {})),
+        )
+
+    def free_slot(self) -> str:
+        """The slot a new bundle goes to: never the active one."""
+        return next(s for s in SLOTS if s != self.active)
+
+
+class ModelStore:
+    def __init__(self, root: Path, floors: VersionFloors) -> None:
+        self.root = root
+        self.floors = floors
+        self._lock = threading.RLock()
+        root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time, across threads and processes (the daemon and the CLI)."""
+        with self._lock, (self.root / ".lock").open("a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _dir(self, model: str) -> Path:
+        return self.root / validate_name(model, "model name")
+
+    def slot_path(self, model: str, slot: str) -> Path:
+        return self._dir(model) / f"slot-{slot}.esb"
+
+    def models(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob("*/journal.json"))
+
+    def journal(self, model: str) -> Journal:
+        path = self._dir(model) / "journal.json"
+        try:
+            return Journal.from_obj(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return Journal(model)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{path} is damaged: {e}") from e
+
+    def _write(self, j: Journal) -> None:
+        atomic_write(self._dir(j.model) / "journal.json", canonical_json(j.to_obj()), mode=0o600)
+
+    def active_path(self, model: str) -> Path | None:
+        j = self.journal(model)
+        return self.slot_path(model, j.active) if j.active else None
+
+    def stage(self, model: str, bundle: Path, *, version: int, bundle_id: str) -> Path:
+        """Copy ``bundle`` into the free slot (atomically) and record it as staged."""
+        with self._locked():
+            j = self.journal(model)
+            slot = j.free_slot()
+            dest = self.slot_path(model, slot)
+            with bundle.open("rb") as src, atomic_writer(dest, mode=0o600) as out:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+            if j.fallback == slot:
+                j.fallback = None
+            j.slots[slot] = SlotInfo(version, bundle_id, format_time(utcnow()), "staged")
+            j.staged = slot
+            self._write(j)
+            return dest
+
+    def discard_staged(self, model: str, reason: str) -> None:
+        with self._locked():
+            j = self.journal(model)
+            if j.staged is None:
+                return
+            info = j.slots[j.staged]
+            j.slots[j.staged] = SlotInfo(
+                info.version, info.bundle_id, info.installed, f"failed: {reason}"
+            )
+            j.staged = None
+            self._write(j)
+
+    def commit(self, model: str) -> Journal:
+        """The staged slot becomes active, the active one its fallback; the floor rises to
+        the lowest version kept."""
+        with self._locked():
+            j = self.journal(model)
+            if j.staged is None:
+                raise StoreError(f"nothing is staged for {model}")
+            new = j.staged
+            j.fallback = j.active if j.active and j.slots[j.active].state == "good" else None
+            j.active = new
+            j.staged = None
+            info = j.slots[new]
+            j.slots[new] = SlotInfo(info.version, info.bundle_id, info.installed, "good")
+            kept = [j.slots[s].version for s in (j.active, j.fallback) if s]
+            self._write(j)
+            self.floors.raise_to(model, min(kept))
+            return j
+
+    def fall_back(self, model: str, reason: str) -> Journal:
+        """Serve the fallback slot; the failed one is marked and is no fallback."""
+        with self._locked():
+            j = self.journal(model)
+            if j.active is None or j.fallback is None:
+                raise StoreError(f"{model} has no fallback slot to return to")
+            bad = j.active
+            info = j.slots[bad]
+            j.slots[bad] = SlotInfo(
+                info.version, info.bundle_id, info.installed, f"failed: {reason}"
+            )
+            j.active, j.fallback = j.fallback, None
+            self._write(j)
+            return j
+
+    def set_channel_state(self, model: str, state: dict[str, Any]) -> None:
+        with self._locked():
+            j = self.journal(model)
+            j.channel = dict(state)
+            self._write(j)
+
+    def status(self) -> dict[str, Any]:
+        out = {}
+        for m in self.models():
+            j = self.journal(m)
+            out[m] = {**j.to_obj(), "floor": self.floors.get(m)}
+        return out

@@ -1,0 +1,422 @@
+"""Where a model's plaintext lives once the agent opens it: counted in memory, never on disk.
+
+Both tests use a marker model: 1 MiB of seeded random float32 weights. Its marker is the
+64-byte run in the middle of the model file; it occurs once in the model, so each copy
+found elsewhere is a copy of the weights.
+
+* Memory: a child process opens the bundle, runs one inference, then reads its own
+  memory through ``/proc/self/maps`` and ``/proc/self/mem`` and counts the marker.
+  ``memfd_secret`` pages and ``[vvar]`` cannot be read that way (for the secret pages,
+  that is the point), so the count is the number of plaintext copies that ordinary
+  memory access (a debugger, a core dump, a same-uid reader) would find. The test
+  process is not scanned: it built the model and holds its own copy.
+* Disk: the agent opens the bundle in this process and serves 20 inferences while
+  fanotify (where permitted: it needs CAP_SYS_ADMIN) reports every file this process
+  writes, with a descriptor to read it through even if it was deleted at once; a
+  before/after scan of the test's tree, the temp dirs, ``/dev/shm`` and the working dir
+  covers the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import mmap
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeseal.agent.opener import open_bundle
+from edgeseal.core.config import Config, DeviceConfig
+from edgeseal.core.keys import write_private_key
+from edgeseal.packager.samples import (
+    make_onnx_weighted,
+    make_tflite_dense,
+    reference_tflite_dense,
+)
+from helpers import NOW
+
+WIDTH = 512  # 512 x 512 float32 weights: 1 MiB
+MARKER_BYTES = 64
+SEED = 7
+
+#: Plaintext copies each runtime makes, keyed by the claim its status makes. A change to
+#: either side (a new copy, or a new claim) must show up here.
+RUNTIME_COPIES = {
+    "OrtValue views of the locked buffer (no copy)": 0,
+    "as immutable bytes: LiteRT's Python API copies the model and the copy cannot be wiped": 1,
+}
+# Measured on x86_64 Linux (glibc 2.36, ONNX Runtime 1.32, LiteRT 2.3): ONNX Runtime makes
+# no copy, and none is readable after close; LiteRT's one copy is still readable after
+# close: the bytes object died with the interpreter but malloc kept its block, unwiped,
+# in the heap. Whether freed memory stays readable is malloc's choice, so after close
+# the test allows up to the runtime's own copies, never more.
+
+#: The section whose locked buffer holds the weights.
+WEIGHTS_SECTION = {"onnx": "weights", "tflite": "graph"}
+
+
+@dataclass(frozen=True)
+class MarkerModel:
+    path: Path
+    marker: bytes
+    x: np.ndarray
+    expected: np.ndarray
+
+
+def _marker_model(directory: Path, fmt: str) -> MarkerModel:
+    """The model file, its marker (checked to lie in the weights), an input and the answer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    x = np.linspace(-1.0, 1.0, WIDTH, dtype=np.float32).reshape(1, WIDTH)
+    if fmt == "onnx":
+        data = make_onnx_weighted(total_weight_bytes=WIDTH * WIDTH * 4, seed=SEED, width=WIDTH)
+        (initializer,) = onnx.load_model_from_string(data).graph.initializer
+        weights = numpy_helper.to_array(initializer)
+        expected = x @ weights
+    else:
+        import ai_edge_litert.schema_py_generated as schema
+
+        data = make_tflite_dense(seed=SEED, n_in=WIDTH, n_out=WIDTH)
+        flatbuffer = schema.Model.GetRootAs(data, 0)
+        weights = max(
+            (flatbuffer.Buffers(i).DataAsNumpy() for i in range(flatbuffer.BuffersLength())),
+            key=np.size,
+        )
+        expected = reference_tflite_dense(x, seed=SEED, n_in=WIDTH, n_out=WIDTH)
+    assert weights.nbytes == WIDTH * WIDTH * 4
+    middle = len(data) // 2
+    marker = data[middle : middle + MARKER_BYTES]
+    assert data.count(marker) == 1 and marker in weights.tobytes()
+    assert len(set(marker)) > MARKER_BYTES // 2, "the marker must look random"
+    path = directory / f"marker.{fmt}"
+    path.write_bytes(data)
+    return MarkerModel(path, marker, x, expected)
+
+
+# --- memory: a child process counts the marker in its own readable memory -----------
+
+_CHILD = r'''
+import json, mmap, os, sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from edgeseal.agent.opener import open_bundle
+from edgeseal.core.config import Config
+from edgeseal.core.keyring import Keyring
+from edgeseal.core.keys import load_private_key
+from edgeseal.core.keystore import InMemoryKey
+from edgeseal.core.reader import VerifyPolicy
+
+args = json.loads(sys.argv[1])
+# The marker is held as two halves, never as one run, so the scanner's needle is no copy.
+HEAD, TAIL = bytes.fromhex(args["head"]), bytes.fromhex(args["tail"])
+SPAN = len(HEAD) + len(TAIL)
+UNREADABLE = {"[vvar]", "[vvar_vclock]", "[vsyscall]"}
+WINDOW = 4 << 20
+# /proc/self/mem is read into this one mapping, which the scan skips: reading never makes
+# a copy that a later region would count.
+window = mmap.mmap(-1, WINDOW)
+window_view = memoryview(window)
+window_lo = int(np.frombuffer(window, np.uint8).ctypes.data)
+window_hi = window_lo + WINDOW
+
+
+def count_range(fd, lo, hi):
+    found, pos = 0, lo
+    while pos < hi:
+        try:
+            got = os.preadv(fd, [window_view[: min(WINDOW, hi - pos)]], pos)
+        except OSError:
+            return found, hi - pos
+        if got <= 0:
+            return found, hi - pos
+        last = pos + got >= hi
+        limit = got if last else max(got - SPAN + 1, 1)  # later starts: next window
+        i = window.find(HEAD, 0, got)
+        while 0 <= i < limit:
+            found += window.find(TAIL, i + len(HEAD), i + SPAN) == i + len(HEAD)
+            i = window.find(HEAD, i + 1, got)
+        pos += limit
+    return found, 0
+
+
+def scan():
+    """Copies of the marker in readable memory; bytes of memory that could not be read."""
+    with open("/proc/self/maps") as f:
+        regions = f.read().splitlines()
+    copies, secret, unreadable = 0, 0, 0
+    fd = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        for line in regions:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            name = fields[5] if len(fields) > 5 else ""
+            if name.startswith("/secretmem"):
+                secret += hi - lo
+                continue
+            if "r" not in fields[1] or name in UNREADABLE:
+                unreadable += hi - lo
+                continue
+            for a, b in ((lo, min(hi, window_lo)), (max(lo, window_hi), hi)):
+                if a < b:
+                    n, missed = count_range(fd, a, b)
+                    copies += n
+                    unreadable += missed
+    finally:
+        os.close(fd)
+    return {"copies": copies, "secret_bytes": secret, "unreadable_bytes": unreadable}
+
+
+key = InMemoryKey(load_private_key(Path(args["key"]), passphrase=None))
+policy = VerifyPolicy(
+    anchor=Keyring(Path(args["keyring"])).anchor(), now=datetime.fromisoformat(args["now"])
+)
+report = {"before": scan()}
+model = open_bundle(Path(args["bundle"]), key_store=key, policy=policy, config=Config())
+(output,) = model.run({"input": np.asarray(args["x"], np.float32)}).values()
+report["output"] = output.tolist()
+report["status"] = model.status()
+report["open"] = scan()
+model.close()
+report["closed"] = scan()
+print(json.dumps(report))
+'''
+
+
+def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool) -> Any:
+    key = fleet.tmp / "dev-a.key"
+    if not key.exists():
+        write_private_key(key, fleet.devices["dev-a"].private_key, passphrase=None)
+    half = MARKER_BYTES // 2
+    args = {
+        "bundle": str(bundle),
+        "key": str(key),
+        "keyring": str(fleet.ring.path),
+        "now": NOW.isoformat(),
+        "x": model.x.tolist(),
+        "head": model.marker[:half].hex(),
+        "tail": model.marker[half:].hex(),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "EDGESEAL_NO_MEMFD_SECRET"}
+    if not memfd_secret:
+        env["EDGESEAL_NO_MEMFD_SECRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("memory", ["memfd_secret", "anonymous"])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_plaintext_copies_in_process_memory_are_counted(fleet, tmp_path, fmt, memory):
+    """Timeline, in a child process that never saw the model: 0 copies before opening;
+    open the bundle and run once: the locked buffer (readable only when it is an
+    anonymous mapping, not memfd_secret) plus exactly the copies the runtime's status
+    admits; close: none left."""
+    model = _marker_model(tmp_path / "model", fmt)
+    bundle, _ = fleet.pack(model.path, name=f"marker-{fmt}")
+    report = _count_in_child(fleet, bundle, model, memfd_secret=memory == "memfd_secret")
+    status = report["status"]
+    kind = status["memory"][WEIGHTS_SECTION[fmt]]["kind"]
+    print(
+        f"\n[{fmt}, {memory} requested, weights buffer is {kind}] readable plaintext copies:"
+        f" before open {report['before']['copies']}, open {report['open']['copies']},"
+        f" closed {report['closed']['copies']}; memfd_secret bytes while open"
+        f" {report['open']['secret_bytes']}; weights handed over"
+        f" {status['weights_handed_over']!r}"
+    )
+    np.testing.assert_allclose(np.asarray(report["output"]), model.expected, rtol=1e-4, atol=1e-4)
+    assert report["before"]["copies"] == 0, "the child held the model before opening it"
+    if memory == "anonymous":
+        assert kind == "anonymous"
+    if kind == "memfd_secret":
+        assert report["open"]["secret_bytes"] >= WIDTH * WIDTH * 4
+    assert status["weights_handed_over"] in RUNTIME_COPIES, "status changed: recount copies"
+    buffer_copies = 0 if kind == "memfd_secret" else 1
+    expected = buffer_copies + RUNTIME_COPIES[status["weights_handed_over"]]
+    assert report["open"]["copies"] == expected
+    # Nothing wipes a runtime's own copy: after close it may linger in freed memory.
+    assert report["closed"]["copies"] <= RUNTIME_COPIES[status["weights_handed_over"]]
+    assert report["closed"]["secret_bytes"] == 0, "a memfd_secret buffer outlived close()"
+
+
+# --- disk: nothing this process writes, nothing under the watched trees, holds it -----
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_FAN_CLOEXEC, _FAN_NONBLOCK, _FAN_UNLIMITED_QUEUE = 0x1, 0x2, 0x10
+_FAN_MARK_ADD, _FAN_MARK_MOUNT = 0x1, 0x10
+_FAN_MODIFY, _FAN_CLOSE_WRITE, _FAN_Q_OVERFLOW = 0x2, 0x8, 0x4000
+_FAN_EVENT = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata
+_AT_FDCWD = -100
+MAX_SCANNED_FILE = 512 * 1024 * 1024
+
+
+def _contains(fd: int, marker: bytes) -> bool:
+    size = os.fstat(fd).st_size
+    if not 0 < size <= MAX_SCANNED_FILE:
+        return False
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+        return mm.find(marker) >= 0
+
+
+def _file_contains(path: Path, marker: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone, a socket, a FIFO or unreadable: nothing to scan
+        return False
+    try:
+        return _contains(fd, marker)
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+
+
+class FileWriteWatch:
+    """fanotify on the mounts holding ``roots``: files this process wrote, read through
+    the descriptor each event carries (so a file deleted at once is still read)."""
+
+    def __init__(self, roots: list[Path], marker: bytes) -> None:
+        self.marker = marker
+        self.written: set[str] = set()
+        self.holding_marker: set[str] = set()
+        self.overflowed = False
+        _libc.fanotify_mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
+        self.fd = _libc.fanotify_init(
+            _FAN_CLOEXEC | _FAN_NONBLOCK | _FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE
+        )
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init")
+        for root in roots:
+            mask = _FAN_MODIFY | _FAN_CLOSE_WRITE
+            flags = _FAN_MARK_ADD | _FAN_MARK_MOUNT
+            if _libc.fanotify_mark(self.fd, flags, mask, _AT_FDCWD, bytes(root)) != 0:
+                err = ctypes.get_errno()
+                os.close(self.fd)
+                raise OSError(err, f"fanotify_mark {root}")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset + _FAN_EVENT.size <= len(data):
+                length, _, _, _, mask, fd, pid = _FAN_EVENT.unpack_from(data, offset)
+                offset += length
+                if mask & _FAN_Q_OVERFLOW:
+                    self.overflowed = True
+                if fd < 0:
+                    continue
+                try:
+                    if pid == os.getpid():
+                        name = str(Path(f"/proc/self/fd/{fd}").readlink())
+                        self.written.add(name)
+                        with contextlib.suppress(OSError, ValueError):
+                            if _contains(fd, self.marker):
+                                self.holding_marker.add(name)
+                finally:
+                    os.close(fd)
+
+    def close(self) -> None:
+        self.drain()
+        os.close(self.fd)
+
+
+def _snapshot(roots: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every regular file under ``roots`` (symlinks not followed) and its identity."""
+    seen: dict[str, tuple[int, ...]] = {}
+    for root in roots:
+        for dirpath, _, files in os.walk(root, followlinks=False):
+            for f in files:
+                p = os.path.join(dirpath, f)  # noqa: PTH118 - os.walk yields str paths
+                with contextlib.suppress(OSError):
+                    st = os.lstat(p)
+                    if st.st_mode & 0o170000 == 0o100000:
+                        seen[p] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return seen
+
+
+@contextlib.contextmanager
+def _watch_writes(roots: list[Path], marker: bytes) -> Iterator[FileWriteWatch | None]:
+    try:
+        watch = FileWriteWatch(roots, marker)
+    except OSError as e:
+        print(f"\nfanotify unavailable ({e}); relying on the before/after scan")
+        yield None
+        return
+    try:
+        yield watch
+    finally:
+        watch.close()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_no_plaintext_model_reaches_the_disk(fleet, tmp_path, fmt):
+    """Timeline: pack the marker model and delete its source; watch; open the bundle,
+    serve 20 inferences, close; no file written by this process, and no file new or
+    changed under the test's tree, the temp dirs, /dev/shm or the working dir, holds
+    the marker."""
+    model = _marker_model(tmp_path / "source", fmt)
+    bundle, _ = fleet.pack(model.path, name=f"marker-{fmt}")
+    model.path.unlink()
+    home = tmp_path / "home"
+    home.mkdir()
+    config = Config(device=DeviceConfig(home=str(home)))
+    candidates = [tmp_path, Path(tempfile.gettempdir()), Path("/tmp"), Path("/dev/shm")]
+    candidates.append(Path.cwd())
+    roots = sorted({p.resolve() for p in candidates if p.is_dir()})
+    before = _snapshot(roots)
+    with _watch_writes(roots, model.marker) as watch:
+        with open_bundle(
+            bundle, key_store=fleet.devices["dev-a"], policy=fleet.policy(), config=config
+        ) as opened:
+            for _ in range(20):
+                (output,) = opened.run({"input": model.x}).values()
+                if watch:
+                    watch.drain()
+        np.testing.assert_allclose(output, model.expected, rtol=1e-4, atol=1e-4)
+    after = _snapshot(roots)
+    changed = sorted(p for p, ident in after.items() if before.get(p) != ident)
+    under_test = [p for p in after if Path(p).is_relative_to(tmp_path)]
+    scanned = sorted(set(changed) | set(under_test))
+    found = [p for p in scanned if _file_contains(Path(p), model.marker)]
+    method = "fanotify + before/after scan" if watch else "before/after scan"
+    written = sorted(watch.written) if watch else []
+    print(
+        f"\n[{fmt}] {method}: {len(written)} files written by this process {written},"
+        f" {len(changed)} files new or changed under {[str(r) for r in roots]},"
+        f" {len(scanned)} scanned"
+    )
+    assert found == []
+    if watch:
+        assert not watch.overflowed, "fanotify lost events"
+        assert sorted(watch.holding_marker) == []
