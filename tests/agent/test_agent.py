@@ -1,0 +1,314 @@
+"""The agent end to end: store, integrity checks, the unix-socket API, ACL, the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeseal.agent.api import ApiServer
+from edgeseal.agent.audit import AuditLog, verify_log
+from edgeseal.agent.client import AgentError, Client
+from edgeseal.agent.device import DeviceHome
+from edgeseal.agent.guard import IntegrityError
+from edgeseal.agent.service import Agent
+from edgeseal.core.config import AccessRule, load_config
+from edgeseal.core.errors import RollbackError
+from edgeseal.hardware.floors import FileFloors
+from edgeseal.packager import pack as pack_module
+from edgeseal.packager.pack import PackOptions
+from edgeseal.packager.samples import make_trained_classifier
+from helpers import run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("agent-models")
+    for seed in (1, 2):
+        model, ds = make_trained_classifier(seed=seed, hidden=64)
+        (d / f"m{seed}.onnx").write_bytes(model)
+    np.savez(d / "calib.npz", input=ds.x_train[:200], labels=ds.y_train[:200])
+    np.save(d / "x.npy", ds.x_test[:4])
+    return d
+
+
+@pytest.fixture
+def device(fleet, tmp_path):
+    """A provisioned device home whose key the fleet registry knows as dev-home."""
+    home = DeviceHome(tmp_path / "device")
+    info = home.init(root_public_keys=[fleet.ring.root_pub_path.read_bytes()])
+    fleet.ring.add_device("dev-home", _pub(info), target=None, key_store="software")
+    return home
+
+
+def _pub(info):
+    from edgeseal.core.keys import load_public_key
+
+    return load_public_key(info["public_key"].encode(), "device")
+
+
+def _bundle(fleet, trained, version, model="m1", **kw):
+    out, _ = fleet.pack(
+        trained / f"{model}.onnx",
+        name="clf",
+        version=version,
+        to=("dev-home",),
+        options=PackOptions(calibration=trained / "calib.npz"),
+        **kw,
+    )
+    return out
+
+
+def _agent(device, text=""):
+    cfg = load_config(text=text)
+    return Agent(device, cfg)
+
+
+def _x(trained):
+    return np.load(trained / "x.npy").astype(np.float32)
+
+
+def test_install_stages_checks_commits_and_keeps_a_fallback(fleet, trained, device):
+    agent = _agent(device)
+    try:
+        r1 = agent.install(_bundle(fleet, trained, 1))
+        r2 = agent.install(_bundle(fleet, trained, 2, model="m2"))
+        assert (r1["slot"], r2["slot"], r2["fallback"]) == ("a", "b", "a")
+        result = agent.infer("clf", {"input": _x(trained)})
+        assert result.model["version"] == 2 and result.outputs["probs"].shape == (4, 4)
+        assert agent.store.floors.get("clf") == 1
+        agent.install(_bundle(fleet, trained, 3))
+        assert agent.store.floors.get("clf") == 2
+        with pytest.raises(RollbackError):
+            agent.install(_bundle(fleet, trained, 1))
+        assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 3
+    finally:
+        agent.close()
+
+
+def test_a_bundle_whose_golden_vectors_fail_is_refused_and_serving_is_unchanged(
+    fleet, trained, device, monkeypatch
+):
+    agent = _agent(device)
+    try:
+        agent.install(_bundle(fleet, trained, 1))
+        real = pack_module.make_golden
+
+        def wrong(*a, **kw):
+            golden = real(*a, **kw)
+            golden["tolerances"]["probs"]["atol"] = -1.0  # nothing can reproduce it
+            return golden
+
+        monkeypatch.setattr(pack_module, "make_golden", wrong)
+        bad = _bundle(fleet, trained, 2, model="m2")
+        monkeypatch.undo()
+        with pytest.raises(IntegrityError, match="golden"):
+            agent.install(bad)
+        j = agent.store.journal("clf")
+        assert j.active == "a" and j.staged is None and j.slots["b"].state.startswith("failed")
+        assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 1
+    finally:
+        agent.close()
+
+
+def test_a_model_corrupted_in_memory_is_quarantined_and_falls_back(fleet, trained, device):
+    agent = _agent(device)
+    try:
+        agent.install(_bundle(fleet, trained, 1))
+        agent.install(_bundle(fleet, trained, 2, model="m2"))
+        sm = agent.model("clf")
+        sm.opened.buffers["weights"].view[4096] ^= 0xFF
+        problems = sm.self_check()
+        assert problems and "weights" in problems[0]
+        deadline = time.monotonic() + 10
+        while agent.model("clf").identity["version"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 1
+        assert agent.store.journal("clf").slots["b"].state.startswith("failed")
+        assert [e["event"] for e in agent.events][-2:] == ["quarantined", "fell_back"]
+    finally:
+        agent.close()
+
+
+@pytest.fixture
+def served(fleet, trained, device, tmp_path):
+    cfg = """
+[agent]
+socket_mode = "0666"
+[access."clf"]
+uids = [65534]
+rate_per_minute = 5
+top_k = 2
+round_digits = 3
+"""
+    agent = _agent(device, cfg)
+    agent.install(_bundle(fleet, trained, 1))
+    audit = AuditLog(tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"))
+    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
+    api = ApiServer(agent, sock, audit=audit)
+    api.start()
+    yield agent, api, sock, audit
+    api.stop()
+    agent.close()
+    audit.close()
+
+
+def test_the_socket_api_serves_with_identity_and_ood_and_keeps_serving_after_bad_requests(
+    served, trained
+):
+    _, _, sock, audit = served
+    with Client(str(sock)) as c:
+        assert [m["model"] for m in c.models()] == ["clf"]
+        info = c.info("clf")
+        assert info["inputs"][0]["name"] == "input" and info["golden_vectors"] == 8
+        r = c.infer("clf", {"input": _x(trained)})
+        assert r.model["version"] == 1 and len(r.model["bundle_id"]) == 32
+        assert r.outputs["probs"].shape == (4, 4) and r.ood is not None and len(r.ood) == 4
+        with pytest.raises(AgentError) as e:
+            c.infer("nope", {"input": _x(trained)})
+        assert e.value.status == 404
+        with pytest.raises(AgentError) as e:
+            c.infer("clf", {"input": _x(trained).astype(np.float64)})
+        assert e.value.status == 400 and "dtype" in str(e.value)
+        with pytest.raises(AgentError) as e:
+            c.infer("clf", {"input": np.full((1, 16), np.nan, np.float32)})
+        assert e.value.status == 400
+        with pytest.raises(AgentError) as e:
+            c._request(
+                "POST", "/v1/models/clf/infer", b"garbage", {"Content-Type": "application/x-npz"}
+            )
+        assert e.value.status == 400
+        assert c.health()["ok"] is True
+        assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+        metrics = c.metrics()
+        assert 'edgeseal_requests_total{model="clf"} 2' in metrics
+        assert 'edgeseal_http_errors_total{code="400"}' in metrics
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(sock))
+    raw.sendall(b"POST /v1/models/clf/infer HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n")
+    assert b" 413 " in raw.recv(4096)
+    raw.close()
+    audit.flush()
+    report = verify_log(audit.path, FileFloors(audit.path.parent / "audit-counter.json"))
+    assert report.ok and report.records >= 4
+
+
+def test_callers_are_identified_by_peer_credentials_limited_and_hardened(served, trained):
+    """The test runs as root, whom the agent trusts; with no trusted uids its own uid is an
+    ordinary caller, identified by SO_PEERCRED on the real socket."""
+    _, api, sock, _ = served
+    api.acl.trusted_uids = ()
+    me = os.getuid()
+    with Client(str(sock)) as c:
+        with pytest.raises(AgentError) as e:
+            c.infer("clf", {"input": _x(trained)})
+        assert e.value.status == 403 and f"uid {me}" in str(e.value)
+        assert c.models() == []
+        api.acl.rules = (
+            ("clf", AccessRule(uids=(me,), rate_per_minute=5, top_k=2, round_digits=3)),
+        )
+        codes = []
+        for _ in range(7):
+            try:
+                probs = c.infer("clf", {"input": _x(trained)}).outputs["probs"]
+                codes.append(200)
+            except AgentError as err:
+                codes.append(err.status)
+        assert codes[:5] == [200] * 5 and codes[5:] == [429, 429]
+    assert ((probs > 0).sum(axis=1) <= 2).all() and np.allclose(probs, probs.round(3))
+
+
+def test_ood_scores_separate_shifted_inputs_with_auroc_above_0_9(trained):
+    from edgeseal.core.profile import make_profile, ood_scores
+    from edgeseal.packager.samples import synthetic_blobs
+
+    _, ds = make_trained_classifier(seed=1, hidden=64)
+    profile = make_profile({"input": ds.x_train.astype(np.float32)})
+    clean = ds.x_test.astype(np.float32)
+    rng = np.random.default_rng(5)
+    other = synthetic_blobs(seed=99).x_test.astype(np.float32)
+    shifts = {
+        "noise": clean + rng.normal(0, clean.std(), clean.shape).astype(np.float32),
+        "brightness": clean * 1.5 + clean.std(),
+        "another distribution": other[: len(clean)],
+    }
+    base = ood_scores(profile, {"input": clean})
+    figures = {}
+    for name, shifted in shifts.items():
+        s = ood_scores(profile, {"input": shifted})
+        figures[name] = _auroc(base, s)
+    print("OOD AUROC:", figures)
+    assert all(v >= 0.9 for v in figures.values()), figures
+    assert (base > 1).mean() < 0.05
+
+
+def _auroc(neg, pos):
+    scores = np.concatenate([neg, pos])
+    ranks = scores.argsort().argsort() + 1
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_the_daemon_serves_reloads_on_sighup_and_stops_on_sigterm(fleet, trained, device, tmp_path):
+    env = dict(os.environ)
+    run("agent", "install", str(_bundle(fleet, trained, 1)), "--home", str(device.path), env=env)
+    sock = Path(f"/tmp/es-d-{os.getpid()}.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = tmp_path / "notify.sock"
+    notify.bind(str(notify_path))
+    notify.settimeout(60)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgeseal.core",
+            "agent",
+            "run",
+            "--home",
+            str(device.path),
+            "--socket",
+            str(sock),
+        ],
+        env={**env, "NOTIFY_SOCKET": str(notify_path)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert notify.recv(4096).startswith(b"READY=1")
+        with Client(str(sock)) as c:
+            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+        run(
+            "agent",
+            "install",
+            str(_bundle(fleet, trained, 2, model="m2")),
+            "--home",
+            str(device.path),
+            env=env,
+        )
+        daemon.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        version = 1
+        while version != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with Client(str(sock)) as c:
+                version = c.infer("clf", {"input": _x(trained)}).model["version"]
+        assert version == 2
+        status = json.loads(run("agent", "status", "--socket", str(sock), "--json", env=env).stdout)
+        assert status["models"]["clf"]["version"] == 2
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert not sock.exists()
+        audit = run("agent", "audit", "verify", "--home", str(device.path), "--json", env=env)
+        assert json.loads(audit.stdout)["ok"] is True
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        notify.close()
