@@ -41,23 +41,32 @@ from edgeseal.packager.pack import PackOptions, pack_model
 
 FEATURES = 38_400  # 150 KB of float32 per row
 HIDDEN = 96
+SMALL_FEATURES = 256
 
 
-def model_bytes() -> bytes:
+def model_bytes(features: int, hidden: int, layers: int) -> bytes:
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((FEATURES, HIDDEN)).astype(np.float32) / np.sqrt(FEATURES)
-    w2 = rng.standard_normal((HIDDEN, 10)).astype(np.float32) / np.sqrt(HIDDEN)
+    inits, nodes, prev, width = [], [], "input", features
+    for i in range(layers):
+        w = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+        ]
+        prev, width = f"r{i}", hidden
+    w = (rng.standard_normal((width, 10)) / np.sqrt(width)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, "out"))
+    nodes += [
+        helper.make_node("MatMul", [prev, "out"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "w1"], ["h"]),
-            helper.make_node("Relu", ["h"], ["r"]),
-            helper.make_node("MatMul", ["r", "w2"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-        ],
+        nodes,
         "bench",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+        inits,
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -86,10 +95,12 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_s:
         tmp = Path(tmp_s)
-        (tmp / "m.onnx").write_bytes(model_bytes())
+        (tmp / "m.onnx").write_bytes(model_bytes(FEATURES, HIDDEN, 1))
+        (tmp / "small.onnx").write_bytes(model_bytes(SMALL_FEATURES, 1536, 2))
         rng = np.random.default_rng(1)
         calib = rng.standard_normal((64, FEATURES)).astype(np.float32)
         np.savez(tmp / "calib.npz", input=calib)
+        np.savez(tmp / "small.npz", input=calib[:, :SMALL_FEATURES])
         ring = Keyring(tmp / "keys")
         ring.init_root()
         ring.new_signer("release", roles=["pack"], model_patterns=["*"], days=30)
@@ -98,30 +109,41 @@ def main() -> None:
         key = load_public_key(info["public_key"].encode(), "device")
         ring.add_device("dev", key, target=None, key_store="software")
         sgn, cert = ring.load_signer("release")
-        pack_model(
-            tmp / "m.onnx",
-            tmp / "m.esb",
-            name="bench",
-            version=1,
-            signer=sgn,
-            certificate=cert,
-            devices=[ring.device("dev")],
-            validity=timedelta(days=1),
-            options=PackOptions(calibration=tmp / "calib.npz"),
-        )
+        for stem, name, calib_file in (("m", "bench", "calib"), ("small", "small", "small")):
+            pack_model(
+                tmp / f"{stem}.onnx",
+                tmp / f"{stem}.esb",
+                name=name,
+                version=1,
+                signer=sgn,
+                certificate=cert,
+                devices=[ring.device("dev")],
+                validity=timedelta(days=1),
+                options=PackOptions(calibration=tmp / f"{calib_file}.npz"),
+            )
         cfg = load_config(text="[runtime]\nintra_op_threads = 1\n")
         agent = Agent(home, cfg)
         agent.install(tmp / "m.esb")
+        agent.install(tmp / "small.esb")
         x = calib[:1]
+        xs = calib[:1, :SMALL_FEATURES]
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
-        plain = ort.InferenceSession(str(tmp / "m.onnx"), so, providers=["CPUExecutionProvider"])
-        sm = agent.model("bench")
+        plain = ort.InferenceSession(
+            str(tmp / "small.onnx"), so, providers=["CPUExecutionProvider"]
+        )
+        plain_big = ort.InferenceSession(
+            str(tmp / "m.onnx"), so, providers=["CPUExecutionProvider"]
+        )
+        sm = agent.model("small")
+        big = agent.model("bench")
         # interleave to share the machine's noise
         p_plain, p_guard = [], []
         for _ in range(5):
-            p_plain += timed(lambda: plain.run(None, {"input": x}), args.n // 5)
-            p_guard += timed(lambda: sm.infer({"input": x}), args.n // 5)
+            p_plain += timed(lambda: plain.run(None, {"input": xs}), args.n // 5)
+            p_guard += timed(lambda: sm.infer({"input": xs}), args.n // 5)
+        p_big = timed(lambda: plain_big.run(None, {"input": x}), args.n // 2)
+        p_big_guard = timed(lambda: big.infer({"input": x}), args.n // 2)
         audit = AuditLog(tmp / "audit.log", FileFloors(tmp / "audit-counter.json"))
         sock = tmp / "agent.sock"
         api = ApiServer(agent, sock, audit=audit)
@@ -160,9 +182,11 @@ def main() -> None:
         "guarded_p50_us": pct(p_guard, 50),
         "guarded_overhead_p50": pct(p_guard, 50) / pct(p_plain, 50) - 1,
         "socket_p50_us": pct(p_sock, 50),
-        "socket_added_p50_us": pct(p_sock, 50) - pct(p_guard, 50),
+        "big_plain_p50_us": pct(p_big, 50),
+        "big_guarded_p50_us": pct(p_big_guard, 50),
+        "socket_added_p50_us": pct(p_sock, 50) - pct(p_big_guard, 50),
         "socket_batched_audit_p50_us": pct(p_sock_batched, 50),
-        "socket_batched_added_p50_us": pct(p_sock_batched, 50) - pct(p_guard, 50),
+        "socket_batched_added_p50_us": pct(p_sock_batched, 50) - pct(p_big_guard, 50),
         "socket_p99_us": pct(p_sock, 99),
         "throughput_4_clients_rps": rps,
         "cpus": os.cpu_count(),
@@ -170,12 +194,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(res, indent=2))
         return
-    print(f"model: {FEATURES}->{HIDDEN}->10 MLP, input {x.nbytes:,} bytes, 1 thread")
+    print(f"python API: {SMALL_FEATURES}->1536->1536->10 MLP, 1 row, 1 thread")
     print(f"  plain session.run p50          {res['plain_p50_us']:8.1f} us")
     print(
         f"  guarded ServingModel.infer p50 {res['guarded_p50_us']:8.1f} us "
         f"(+{res['guarded_overhead_p50']:.1%}, goal < 5%)"
     )
+    print(f"socket API: {FEATURES}->{HIDDEN}->10 MLP, input {x.nbytes:,} bytes, 1 thread")
+    print(f"  plain session.run p50          {res['big_plain_p50_us']:8.1f} us")
+    print(f"  guarded ServingModel.infer p50 {res['big_guarded_p50_us']:8.1f} us")
     print(
         f"  unix socket, audit fsync/call  {res['socket_p50_us']:8.1f} us "
         f"(+{res['socket_added_p50_us']:.0f} us over guarded)"

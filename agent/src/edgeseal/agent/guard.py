@@ -25,7 +25,7 @@ from edgeseal.core.config import AgentConfig
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.extras import decode_extras
 from edgeseal.core.golden import check_golden
-from edgeseal.core.profile import check_feed, ood_scores
+from edgeseal.core.profile import check_feed, compile_profile, ood_scores
 
 __all__ = ["InferResult", "IntegrityError", "QuarantinedError", "ServingModel"]
 
@@ -85,6 +85,8 @@ class ServingModel:
         try:
             buf = opened.buffers.get("extras")
             extras = decode_extras(bytes(buf.view)) if buf is not None else {}
+            if isinstance(extras.get("profile"), dict):
+                extras["profile"] = compile_profile(extras["profile"])
             self = cls(opened, config, on_quarantine, extras)
             problems = self._golden_problems()
             if problems:
@@ -215,7 +217,7 @@ class ServingModel:
             "inputs": [t.to_obj() for t in m.inputs],
             "outputs": [t.to_obj() for t in m.outputs],
             "profile": {
-                name: {k: e[k] for k in ("dtype", "shape", "min", "max")}
+                name: {k: e[k] for k in ("dtype", "shape", "min", "max")}  # scalars only
                 for name, e in (self.extras.get("profile") or {}).get("inputs", {}).items()
             },
             "golden_vectors": len((self.extras.get("golden") or {}).get("vectors", [])),
