@@ -26,7 +26,7 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeseal.agent.acl import AccessControl, AccessDeniedError, BudgetExceededError, Caller, harden
-from edgeseal.agent.guard import IntegrityError, QuarantinedError
+from edgeseal.agent.guard import IntegrityError, QuarantinedError, ServingModel
 from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.profile import InputError
@@ -256,11 +256,11 @@ class ApiServer:
 
     def health(self, h: _Handler) -> None:
         installed = self.agent.store.models()
-        bad = {
-            n: (sm.quarantined if (sm := self.agent.serving.get(n)) else "not serving")
-            for n in installed
-            if (sm := self.agent.serving.get(n)) is None or sm.quarantined
-        }
+        bad = {}
+        for name in installed:
+            sm = self.agent.serving.get(name)
+            if sm is None or sm.quarantined:
+                bad[name] = sm.quarantined if sm else "not serving"
         h._json(503 if bad else 200, {"ok": not bad, "models": len(installed), "failing": bad})
 
     def infer(self, h: _Handler, caller: Caller, model: str) -> None:
@@ -320,37 +320,27 @@ class ApiServer:
         )
 
     def metrics(self) -> str:
-        lines = [
-            "# HELP edgeseal_requests_total Inference requests served, per model.",
-            "# TYPE edgeseal_requests_total counter",
-        ]
-        series: dict[str, list[str]] = {
-            "requests_total": [],
-            "rows_total": [],
-            "ood_rows_total": [],
-            "rejected_total": [],
-            "quarantined": [],
-            "version": [],
-        }
-        for name, sm in sorted(self.agent.serving.items()):
-            c = sm.counters
-            label = f'{{model="{name}"}}'
-            series["requests_total"].append(f"edgeseal_requests_total{label} {c.requests}")
-            series["rows_total"].append(f"edgeseal_rows_total{label} {c.rows}")
-            series["ood_rows_total"].append(f"edgeseal_ood_rows_total{label} {c.ood_rows}")
-            series["rejected_total"].append(f"edgeseal_rejected_total{label} {c.rejected}")
-            series["quarantined"].append(f"edgeseal_quarantined{label} {int(bool(sm.quarantined))}")
-            series["version"].append(f"edgeseal_model_version{label} {sm.identity['version']}")
-        lines += series.pop("requests_total")
-        for key, values in series.items():
-            metric = "model_version" if key == "version" else key
-            kind = "counter" if key.endswith("_total") else "gauge"
-            lines += [f"# TYPE edgeseal_{metric} {kind}", *values]
+        serving = sorted(self.agent.serving.items())
+        lines = []
+        for metric, kind, value in _METRICS:
+            lines.append(f"# TYPE edgeseal_{metric} {kind}")
+            lines += [f'edgeseal_{metric}{{model="{n}"}} {value(sm)}' for n, sm in serving]
         lines.append("# TYPE edgeseal_http_errors_total counter")
         lines += [
             f'edgeseal_http_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())
         ]
         return "\n".join(lines) + "\n"
+
+
+#: (metric, Prometheus type, value of a serving model), one series per model.
+_METRICS: tuple[tuple[str, str, Callable[[ServingModel], int]], ...] = (
+    ("requests_total", "counter", lambda sm: sm.counters.requests),
+    ("rows_total", "counter", lambda sm: sm.counters.rows),
+    ("ood_rows_total", "counter", lambda sm: sm.counters.ood_rows),
+    ("rejected_total", "counter", lambda sm: sm.counters.rejected),
+    ("quarantined", "gauge", lambda sm: int(bool(sm.quarantined))),
+    ("model_version", "gauge", lambda sm: int(sm.identity["version"])),
+)
 
 
 def _group_id(name: str) -> int | None:

@@ -78,16 +78,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from edgeseal.core.encoding import canonical_json, format_time, parse_json_object, utcnow
 from edgeseal.core.errors import EdgesealError
-from edgeseal.core.files import atomic_write
+from edgeseal.core.files import atomic_write, fsync_dir
+from edgeseal.hardware.floors import FileFloors, VersionFloors
 
-if TYPE_CHECKING:
-    from edgeseal.hardware.floors import VersionFloors
-
-__all__ = ["COUNTER", "AuditError", "AuditLog", "AuditReport", "verify_log"]
+__all__ = ["COUNTER", "AuditError", "AuditLog", "AuditReport", "audit_location", "verify_log"]
 
 log = logging.getLogger(__name__)
 
@@ -360,14 +358,6 @@ def _first_seq(path: Path) -> int | None:
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -375,6 +365,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 # -- verification ------------------------------------------------------------------------
+
+
+def audit_location(home: Path, configured: str) -> tuple[Path, FileFloors]:
+    """The agent's log (``[agent] audit_log`` or ``<home>/audit.log``) and its counter, a
+    file: a TPM NV counter would take one increment per record."""
+    return (
+        Path(configured) if configured else home / "audit.log",
+        FileFloors(home / "audit-counter.json"),
+    )
 
 
 def verify_log(path: Path, floors: VersionFloors | None = None) -> AuditReport:
@@ -664,7 +663,7 @@ class AuditLog:
             self._fd = os.open(
                 self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as e:
             raise AuditError(f"cannot rotate the audit log {self.path}: {e}") from e
         self._size = 0

@@ -12,7 +12,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from edgeseal.agent.audit import verify_log
+from edgeseal.agent.audit import audit_location, verify_log
 from edgeseal.agent.client import Client
 from edgeseal.agent.daemon import Daemon
 from edgeseal.agent.device import DeviceHome
@@ -22,7 +22,6 @@ from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config, load_config
 from edgeseal.core.console import EXIT_REJECTED, emit, out_console, progress_bytes, reports_errors
 from edgeseal.core.keys import passphrase_from
-from edgeseal.hardware.floors import FileFloors
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
 agent_app = typer.Typer(
@@ -340,9 +339,8 @@ def audit_verify(
 ) -> None:
     """Check the audit log's hash chain, its anchor and its counter (exit 1 if broken)."""
     cfg = load_config(config)
-    dev = DeviceHome(home)
-    path = log_path or (Path(cfg.agent.audit_log) if cfg.agent.audit_log else home / "audit.log")
-    report = verify_log(path, FileFloors(dev.path / "audit-counter.json"))
+    path, counter = audit_location(home, cfg.agent.audit_log)
+    report = verify_log(log_path or path, counter)
     emit(
         {"ok": report.ok, "records": report.records, "problems": report.problems},
         as_json=as_json,

@@ -18,12 +18,11 @@ from pathlib import Path
 from types import FrameType
 
 from edgeseal.agent.api import ApiServer
-from edgeseal.agent.audit import AuditLog
+from edgeseal.agent.audit import AuditLog, audit_location
 from edgeseal.agent.channels import UpdateChannel, load_channels
 from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config
-from edgeseal.hardware.floors import FileFloors
 
 __all__ = ["Daemon", "sd_notify"]
 
@@ -51,11 +50,10 @@ class Daemon:
     def __init__(self, home: DeviceHome, config: Config, *, socket_path: Path | None = None):
         self.config = config
         self.agent = Agent(home, config)
-        audit_path = Path(config.agent.audit_log) if config.agent.audit_log else None
+        audit_path, audit_counter = audit_location(home.path, config.agent.audit_log)
         self.audit = AuditLog(
-            audit_path or home.path / "audit.log",
-            # A file counter: a TPM NV counter would take one increment per record.
-            FileFloors(home.path / "audit-counter.json"),
+            audit_path,
+            audit_counter,
             flush_every=config.agent.audit_flush_every,
             max_bytes=config.agent.audit_max_bytes,
         )

@@ -58,7 +58,6 @@ class Counters:
     rejected: int = 0
     golden_runs: int = 0
     digest_runs: int = 0
-    latency_sum: float = 0.0
 
 
 @dataclass
@@ -181,9 +180,7 @@ class ServingModel:
         except EdgesealError:
             self.counters.rejected += 1
             raise
-        t0 = time.perf_counter()
         outputs = self.opened.run(feed)
-        elapsed = time.perf_counter() - t0
         for name, value in outputs.items():
             if (
                 isinstance(value, np.ndarray)
@@ -200,7 +197,6 @@ class ServingModel:
             c.requests += 1
             c.rows += rows
             c.ood_rows += ood_rows
-            c.latency_sum += elapsed
             self._since_golden += 1
         return InferResult(
             outputs,

@@ -20,7 +20,7 @@ import json
 import shutil
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +158,7 @@ class ModelStore:
             j = self.journal(model)
             if j.staged is None:
                 return
-            info = j.slots[j.staged]
-            j.slots[j.staged] = SlotInfo(
-                info.version, info.bundle_id, info.installed, f"failed: {reason}"
-            )
+            j.slots[j.staged] = replace(j.slots[j.staged], state=f"failed: {reason}")
             j.staged = None
             self._write(j)
 
@@ -176,8 +173,7 @@ class ModelStore:
             j.fallback = j.active if j.active and j.slots[j.active].state == "good" else None
             j.active = new
             j.staged = None
-            info = j.slots[new]
-            j.slots[new] = SlotInfo(info.version, info.bundle_id, info.installed, "good")
+            j.slots[new] = replace(j.slots[new], state="good")
             kept = [j.slots[s].version for s in (j.active, j.fallback) if s]
             self._write(j)
             self.floors.raise_to(model, min(kept))
@@ -190,10 +186,7 @@ class ModelStore:
             if j.active is None or j.fallback is None:
                 raise StoreError(f"{model} has no fallback slot to return to")
             bad = j.active
-            info = j.slots[bad]
-            j.slots[bad] = SlotInfo(
-                info.version, info.bundle_id, info.installed, f"failed: {reason}"
-            )
+            j.slots[bad] = replace(j.slots[bad], state=f"failed: {reason}")
             j.active, j.fallback = j.fallback, None
             self._write(j)
             return j

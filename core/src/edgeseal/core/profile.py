@@ -191,17 +191,9 @@ def check_feed(
     extra = sorted(set(feed) - names)
     missing = sorted(names - set(feed))
     if extra or missing:
-        raise InputError(
-            "inputs do not match the model: "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing {', '.join(missing)}" if missing else "",
-                    f"unknown {', '.join(extra)}" if extra else "",
-                )
-                if part
-            )
-        )
+        parts = [f"missing {', '.join(missing)}"] if missing else []
+        parts += [f"unknown {', '.join(extra)}"] if extra else []
+        raise InputError("inputs do not match the model: " + "; ".join(parts))
     prof = (profile or {}).get("inputs", {})
     for spec in specs:
         a = feed[spec.name]

@@ -157,30 +157,24 @@ class OsvFile:
             if pkg.get("ecosystem") != "PyPI" or not isinstance(pkg.get("name"), str):
                 continue
             fixed: list[str] = []
-            entry = _OsvRecord(
-                Advisory(
-                    id=rec["id"],
-                    package=_canonical(pkg["name"]),
-                    summary=str(rec.get("summary") or rec.get("details", ""))[:300],
-                    aliases=tuple(str(a) for a in rec.get("aliases", [])),
-                )
-            )
-            for v in aff.get("versions", []):
-                entry.versions.add(_parse_version(str(v), where))
+            ranges: list[_Range] = []
             for r in aff.get("ranges", []):
                 if r.get("type") not in ("ECOSYSTEM", "SEMVER"):
                     continue
                 events = r.get("events", [])
-                entry.ranges += _ranges(events, where)
+                ranges += _ranges(events, where)
                 fixed += [str(e["fixed"]) for e in events if isinstance(e, dict) and "fixed" in e]
-            entry.advisory = Advisory(
-                entry.advisory.id,
-                entry.advisory.package,
-                entry.advisory.summary,
-                entry.advisory.aliases,
-                tuple(fixed),
+            advisory = Advisory(
+                id=rec["id"],
+                package=_canonical(pkg["name"]),
+                summary=str(rec.get("summary") or rec.get("details", ""))[:300],
+                aliases=tuple(str(a) for a in rec.get("aliases", [])),
+                fixed_in=tuple(fixed),
             )
-            self._records.setdefault(entry.advisory.package, []).append(entry)
+            versions = {_parse_version(str(v), where) for v in aff.get("versions", [])}
+            self._records.setdefault(advisory.package, []).append(
+                _OsvRecord(advisory, versions, ranges)
+            )
 
     def affecting(self, package: str, version: str) -> list[Advisory]:
         v = _parse_version(version, package)
