@@ -9,7 +9,11 @@ power cut leaves the old journal or the new one, never a mix; a staged bundle is
 the same way beside the active one, which it never touches.
 
 Floors: committing raises the model's version floor to the lowest version still kept
-(the fallback's), so the device can fall back one step but never further.
+(the fallback's), so the device can fall back one step but never further. Staging
+refuses, before anything is written, what would move the model backwards or freeze it:
+a version below the one serving, the serving version with other content, and a version
+more than :data:`MAX_VERSION_STEP` above the floor (a fast-forward that would lock the
+model's floor out of reach).
 """
 
 from __future__ import annotations
@@ -25,18 +29,26 @@ from pathlib import Path
 from typing import Any
 
 from edgeseal.core.encoding import canonical_json, format_time, utcnow
-from edgeseal.core.errors import EdgesealError
+from edgeseal.core.errors import EdgesealError, RollbackError
 from edgeseal.core.files import atomic_write, atomic_writer
 from edgeseal.core.manifest import validate_name
-from edgeseal.hardware.floors import VersionFloors
+from edgeseal.hardware.floors import MAX_STEP, VersionFloors
 
-__all__ = ["Journal", "ModelStore", "SlotInfo", "StoreError"]
+__all__ = ["AlreadyInstalledError", "Journal", "ModelStore", "SlotInfo", "StoreError"]
 
 SLOTS = ("a", "b")
+#: The furthest a new version may lie above the floor: the TPM counters' own cap, so a
+#: fast-forward is refused at staging, on every kind of floor, not half-way through a commit.
+MAX_VERSION_STEP = MAX_STEP
 
 
 class StoreError(EdgesealError):
     """The model store cannot do what was asked (no such model, nothing staged...)."""
+
+
+class AlreadyInstalledError(StoreError):
+    """The bundle is the one already serving: nothing to do (a replay or a repeated
+    delivery), and the fallback slot is kept."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class ModelStore:
         """Copy ``bundle`` into the free slot (atomically) and record it as staged."""
         with self._locked():
             j = self.journal(model)
+            self._refuse_backwards(j, version, bundle_id)
             slot = j.free_slot()
             dest = self.slot_path(model, slot)
             with bundle.open("rb") as src, atomic_writer(dest, mode=0o600) as out:
@@ -152,6 +165,33 @@ class ModelStore:
             j.staged = slot
             self._write(j)
             return dest
+
+    def _refuse_backwards(self, j: Journal, version: int, bundle_id: str) -> None:
+        floor = self.floors.get(j.model)
+        if version < floor:
+            raise RollbackError(f"{j.model} v{version} is below this device's floor {floor}")
+        if version > floor + MAX_VERSION_STEP:
+            raise RollbackError(
+                f"{j.model} v{version} is more than {MAX_VERSION_STEP} versions above the "
+                f"floor {floor}: refused as a fast-forward"
+            )
+        active = j.slots.get(j.active) if j.active else None
+        if active is None:
+            return
+        if version < active.version:
+            raise RollbackError(
+                f"{j.model} v{version} is older than the serving v{active.version} "
+                "(a fall-back goes through the fallback slot, not an install)"
+            )
+        if bundle_id == active.bundle_id:
+            raise AlreadyInstalledError(
+                f"{j.model} v{version} (bundle {bundle_id[:8]}) is already serving"
+            )
+        if version == active.version:
+            raise RollbackError(
+                f"{j.model} v{version} is already serving with other content (bundle "
+                f"{active.bundle_id[:8]}); a new release needs a higher version"
+            )
 
     def discard_staged(self, model: str, reason: str) -> None:
         with self._locked():
@@ -189,6 +229,18 @@ class ModelStore:
             j.slots[bad] = replace(j.slots[bad], state=f"failed: {reason}")
             j.active, j.fallback = j.fallback, None
             self._write(j)
+            return j
+
+    def finalize(self, model: str) -> Journal:
+        """The active version is final: the fallback slot is released and the floor rises
+        to the active version (after probation, or a signed finalize order)."""
+        with self._locked():
+            j = self.journal(model)
+            if j.active is None:
+                raise StoreError(f"{model} has nothing active to finalize")
+            j.fallback = None
+            self._write(j)
+            self.floors.raise_to(model, j.slots[j.active].version)
             return j
 
     def set_channel_state(self, model: str, state: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Config",
     "DeviceConfig",
     "Limits",
+    "OtaConfig",
     "RuntimeConfig",
     "load_config",
 ]
@@ -156,6 +157,44 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """The MQTT update channel (``agent.channels = ["mqtt"]``); see docs/ota.md."""
+
+    #: The broker: ``mqtts://host:8883`` (TLS) or ``mqtt://host:1883`` (tests only); "" is off.
+    broker: str = ""
+    #: MQTT protocol: "5" or "3.1.1".
+    protocol: str = "5"
+    #: The groups this device takes group offers for.
+    groups: tuple[str, ...] = ()
+    #: Every topic lives under this versioned prefix.
+    topic_prefix: str = "edgeseal/v1"
+    #: TLS: the fleet CA, this device's certificate and its key (PEM files).
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive: int = 30
+    #: Transport chunks asked for at a time, and how long to wait for one before asking again.
+    window: int = 8
+    chunk_timeout: float = 10.0
+    #: Largest bundle an offer may announce.
+    max_bundle_bytes: int = 2048 * MiB
+    #: A committed version becomes final (the floor rises to it, the fallback goes) after
+    #: this long without trouble; 0 waits for a signed finalize order.
+    probation_seconds: int = 0
+    #: Health check: the candidate's golden-input latency may be at most this many times
+    #: the serving model's (0: not checked).
+    latency_budget: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.broker and not self.broker.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError("ota.broker must be an mqtts://host:port (or mqtt://) URL")
+        if self.protocol not in {"5", "3.1.1"}:
+            raise ConfigError('ota.protocol must be "5" or "3.1.1"')
+        if self.window < 1 or self.keepalive < 5 or self.max_bundle_bytes < 1:
+            raise ConfigError("ota.window, ota.keepalive (>= 5) and ota.max_bundle_bytes too small")
+
+
+@dataclass(frozen=True)
 class AccessRule:
     """Who may call a model (``[access."<model glob>"]``), and how much."""
 
@@ -177,6 +216,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     #: Model name glob -> rule; the first matching glob in file order applies. No rule:
     #: only the agent's own uid and root may call.
     access: tuple[tuple[str, AccessRule], ...] = ()
@@ -228,6 +268,7 @@ def load_config(path: Path | None = None, *, text: str | None = None) -> Config:
         "device": DeviceConfig,
         "runtime": RuntimeConfig,
         "agent": AgentConfig,
+        "ota": OtaConfig,
     }
     access = data.pop("access", {})
     if not isinstance(access, dict):

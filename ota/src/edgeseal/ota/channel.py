@@ -1,0 +1,154 @@
+"""The MQTT update channel: the agent's ``mqtt`` channel (entry point group
+``edgeseal.agent.channels``), started by ``edgeseal agent run`` when the config says
+``[agent] channels = ["mqtt"]`` and ``[ota] broker = "mqtts://..."``.
+
+One paho connection feeds one worker thread, which runs the :class:`Updater`: control
+messages, chunks, agent events and a once-a-second tick, in arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgeseal.agent.service import Agent
+from edgeseal.core.config import Config
+from edgeseal.core.encoding import canonical_json
+from edgeseal.core.errors import ConfigError
+from edgeseal.ota.messages import fetch_request
+from edgeseal.ota.mqtt import MqttConnection
+from edgeseal.ota.topics import Topics, check_level
+from edgeseal.ota.updater import Faults, Updater
+
+__all__ = ["MqttChannel", "make_channel"]
+
+log = logging.getLogger("edgeseal.ota")
+
+TICK = 1.0
+
+
+class _MqttLink:
+    def __init__(self, conn: MqttConnection, topics: Topics, device_id: str) -> None:
+        self.conn = conn
+        self.fetch_topic = topics.device(device_id, "fetch")
+        self.status_topic = topics.device(device_id, "status")
+        self.events_topic = topics.device(device_id, "events")
+
+    def fetch(self, bundle_id: str, indices: Sequence[int]) -> None:
+        self.conn.publish(self.fetch_topic, fetch_request(bundle_id, indices))
+
+    def publish_status(self, status: Mapping[str, Any]) -> None:
+        self.conn.publish(self.status_topic, canonical_json(dict(status)), retain=True)
+
+    def publish_event(self, event: Mapping[str, Any]) -> None:
+        self.conn.publish(self.events_topic, canonical_json(dict(event)))
+
+
+class MqttChannel:
+    name = "mqtt"
+
+    def __init__(self, config: Config, *, faults: Faults | None = None) -> None:
+        if not config.ota.broker:
+            raise ConfigError('agent.channels names "mqtt" but [ota] broker is not set')
+        self.config = config
+        self.faults = faults
+        self.topics = Topics(config.ota.topic_prefix)
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.updater: Updater | None = None
+        self.conn: MqttConnection | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self, agent: Agent) -> None:
+        device_id = self.config.device.id or str(agent.home.info().get("device_id", ""))
+        check_level(device_id, "device id")
+        ota = self.config.ota
+        control = self.topics.device(device_id, "control")
+        data = self.topics.device(device_id, "data")
+        subs = [control, data, *(self.topics.group(g) for g in ota.groups)]
+
+        def on_message(topic: str, payload: bytes) -> None:
+            self.queue.put(("chunk" if topic == data else "control", payload))
+
+        self.conn = MqttConnection(
+            ota.broker,
+            client_id=device_id,
+            ca_file=ota.ca_file,
+            cert_file=ota.cert_file,
+            key_file=ota.key_file,
+            protocol=ota.protocol,
+            keepalive=ota.keepalive,
+            subscriptions=subs,
+            on_message=on_message,
+            on_connect=lambda: self.queue.put(("connected", None)),
+        )
+        link = _MqttLink(self.conn, self.topics, device_id)
+        self.updater = Updater(agent, ota, device_id, link, faults=self.faults)
+        agent.listeners.append(lambda e, m, d: self.queue.put(("agent", (e, m, d))))
+        self._thread = threading.Thread(target=self._run, name="edgeseal-ota", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        updater, conn = self.updater, self.conn
+        assert updater is not None and conn is not None
+        try:
+            updater.resume()
+        except Exception:
+            log.exception("resuming the update failed")
+        conn.start()
+        while not self._stopping.is_set():
+            try:
+                kind, item = self.queue.get(timeout=TICK)
+            except queue.Empty:
+                kind, item = "tick", None
+            try:
+                self._dispatch(updater, kind, item)
+            except ConnectionAbortedError:
+                conn.drop()
+            except Exception:  # never let one bad step stop the channel
+                log.exception("OTA step %s failed", kind)
+
+    def _dispatch(self, updater: Updater, kind: str, item: Any) -> None:
+        if kind == "control":
+            updater.handle_control(item)
+        elif kind == "chunk":
+            updater.handle_chunk(item)
+        elif kind == "agent":
+            updater.on_agent_event(*item)
+        elif kind == "connected":
+            if updater.download is not None:
+                updater.download.asked.clear()  # what was in flight is lost with the link
+            updater.report()
+            updater.tick()
+        else:
+            updater.tick()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.updater is not None:
+            self.updater.close()
+        if self.conn is not None:
+            self.conn.stop()
+
+    def status(self) -> dict[str, Any]:
+        if self.updater is None:
+            return {"state": "not started"}
+        out = self.updater.status()
+        if self.conn is not None:
+            out["connected"] = self.conn.connected.is_set()
+            out["bytes_in"] = self.conn.bytes_in
+            out["bytes_out"] = self.conn.bytes_out
+        return out
+
+
+def make_channel(config: Config) -> MqttChannel:
+    """The entry point's factory. Fault injection comes only from the named environment
+    variable, for tests and the fleet simulator."""
+    faults = Faults.from_text(os.environ.get("EDGESEAL_UNSAFE_OTA_FAULTS", ""))
+    return MqttChannel(config, faults=faults)
