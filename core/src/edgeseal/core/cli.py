@@ -91,7 +91,7 @@ def _keyring(keys_dir: Path | None, passphrase_file: Path | None) -> Keyring:
 
 @keys_app.command("init-root")
 @reports_errors
-def init_root(
+def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not a password
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
     force: bool = False,
@@ -127,7 +127,7 @@ def init_root(
 
 @keys_app.command("new-signer")
 @reports_errors
-def new_signer(
+def new_signer(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not a password
     name: Annotated[str, typer.Argument(help="Signer name, e.g. ci-release.")],
     role: Annotated[list[str], typer.Option("--role", help="pack and/or deploy.")] = ["pack"],  # noqa: B006
     models: Annotated[

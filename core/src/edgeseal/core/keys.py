@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -83,7 +83,7 @@ def load_public_key(data: bytes | str, what: str = "public key") -> ec.EllipticC
             key = serialization.load_pem_public_key(raw)
         else:
             key = serialization.load_der_public_key(raw)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # C1 (docs/fuzzing.md)
         raise ValueError(f"{what} is not a PEM or DER public key") from e
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError(f"{what} must be an EC P-256 key")

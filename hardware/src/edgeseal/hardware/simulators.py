@@ -38,7 +38,7 @@ class Swtpm:
     @classmethod
     def in_tempdir(cls) -> Swtpm:
         # Unix socket paths are limited to ~107 bytes: keep it short, under /tmp.
-        return cls(Path(tempfile.mkdtemp(prefix="estpm-", dir="/tmp")))
+        return cls(Path(tempfile.mkdtemp(prefix="estpm-", dir="/tmp")))  # nosec B108 # private mkdtemp dir
 
     @property
     def socket_path(self) -> Path:
