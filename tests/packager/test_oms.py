@@ -101,3 +101,32 @@ def test_the_oms_signature_is_sealed_in_extras(fleet, onnx_model):
     oms = extras["oms"]
     assert oms["bundle"]["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
     assert json.dumps(oms["bundle"])
+
+
+def test_the_stock_tool_verifies_the_split_form_signature_over_the_sections(
+    fleet, onnx_model, tmp_path
+):
+    """The split-form signature the agent checks from memory is a stock OMS signature:
+    on the workstation, the two sections written as files verify with model_signing."""
+    from edgeseal.core.keys import write_public_key
+
+    bundle, _ = fleet.pack(onnx_model, options=PackOptions(oms="on"))
+    key = fleet.devices["dev-a"]
+    folder = tmp_path / "split"
+    folder.mkdir()
+    with BundleFile.open(bundle) as bf:
+        vb = bf.verify(fleet.policy())
+        for name in ("graph", "weights", "extras"):
+            data = bf.read_section(vb, name, unwrap_content_key(vb.manifest, key))
+            if name == "extras":
+                extras = decode_extras(data)
+            else:
+                (folder / name).write_bytes(data)
+    sig = tmp_path / "split.sig"
+    sig.write_text(json.dumps(extras["oms"]["split"]))
+    pub = tmp_path / "signer.pub"
+    write_public_key(pub, vb.signer.public_key)
+    ok = _stock_verify(folder, sig, pub)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    (folder / "weights").write_bytes((folder / "weights").read_bytes()[:-1] + b"\x01")
+    assert _stock_verify(folder, sig, pub).returncode != 0

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import socket
 import socketserver
@@ -27,7 +28,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,15 @@ from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.profile import InputError
 
-__all__ = ["ApiServer", "decode_arrays", "encode_arrays", "peer_credentials"]
+__all__ = [
+    "TENSORS",
+    "ApiServer",
+    "decode_arrays",
+    "decode_tensors",
+    "encode_arrays",
+    "encode_tensors",
+    "peer_credentials",
+]
 
 log = logging.getLogger(__name__)
 NPZ = "application/x-npz"
@@ -64,25 +72,143 @@ def peer_credentials(sock: socket.socket) -> Caller:
     return Caller(uid=uid, gid=gid, pid=pid, groups=groups)
 
 
+#: The compact tensor body: a fixed header, a JSON index, raw little-endian arrays.
+TENSORS = "application/x-edgeseal-tensors"
+_TENSORS_MAGIC = b"EST1"
+_MAX_INDEX_BYTES = 64 * 1024
+_MAX_TENSORS = 256
+_MAX_RANK = 16
+_ALIGN = 64
+#: dtypes a tensor body may carry (numeric and bool only: nothing that unpickles).
+_DTYPES = frozenset(
+    {
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    }
+)
+
+
+_NAMES = {np.dtype(n): n for n in _DTYPES}
+_LE = {n: np.dtype(n).newbyteorder("<") for n in _DTYPES}
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def encode_tensors(arrays: Mapping[str, npt.NDArray[Any]]) -> list[bytes | memoryview]:
+    """The ``application/x-edgeseal-tensors`` body of ``arrays``, as parts to send with
+    one ``sendmsg`` (an array's bytes are not copied when already C-ordered and
+    little-endian).
+
+    Layout::
+
+        0   4   magic "EST1"
+        4   4   index length N (little-endian u32)
+        8   N   index: JSON {"tensors": [{"name", "dtype", "shape", "offset"}, ...]}
+        ..      zero padding to D, the first multiple of 64 at or after 8 + N
+        D   ..  the data: each tensor at D + offset (offset a multiple of 64), C order,
+                little-endian, prod(shape) * itemsize bytes
+    """
+    index: list[dict[str, Any]] = []
+    parts: list[bytes | memoryview] = []
+    offset = 0
+    for name, value in arrays.items():
+        a = value if isinstance(value, np.ndarray) else np.asarray(value)
+        dtype = _NAMES.get(a.dtype)
+        if dtype is None:  # big-endian or not a numeric dtype
+            dtype = a.dtype.name
+            if dtype not in _DTYPES:
+                raise ValueError(f"tensor {name}: dtype {a.dtype} cannot be sent")
+            a = a.astype(_LE[dtype])
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        index.append({"name": name, "dtype": dtype, "shape": a.shape, "offset": offset})
+        end = offset + a.nbytes
+        if a.nbytes:
+            parts.append(memoryview(a).cast("B"))  # type: ignore[arg-type]
+        pad = _aligned(end) - end
+        if pad:
+            parts.append(bytes(pad))
+        offset = end + pad
+    head = _COMPACT.encode({"tensors": index}).encode()
+    start = _aligned(8 + len(head))
+    return [
+        _TENSORS_MAGIC + struct.pack("<I", len(head)) + head + bytes(start - 8 - len(head)),
+        *parts,
+    ]
+
+
+def decode_tensors(unverified_body: bytes | bytearray | memoryview) -> dict[str, npt.NDArray[Any]]:
+    """Arrays viewing an ``application/x-edgeseal-tensors`` body (no copy); every length,
+    offset, dtype and shape is checked against the body before an array is made."""
+    body = memoryview(unverified_body)
+    if len(body) < 8 or body[:4] != _TENSORS_MAGIC:
+        raise ValueError("no tensor body header")
+    (n,) = struct.unpack_from("<I", body, 4)
+    if n > min(_MAX_INDEX_BYTES, len(body) - 8):
+        raise ValueError("tensor index length out of bounds")
+    index = json.loads(bytes(body[8 : 8 + n]))
+    entries = index.get("tensors") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or len(entries) > _MAX_TENSORS:
+        raise ValueError("the index needs a list of at most 256 tensors")
+    data = _aligned(8 + n)
+    out: dict[str, npt.NDArray[Any]] = {}
+    for e in entries:
+        name, dtype, shape, offset = e["name"], e["dtype"], e["shape"], e["offset"]
+        if not isinstance(name, str) or name in out:
+            raise ValueError("tensor names must be distinct strings")
+        if dtype not in _DTYPES:
+            raise ValueError(f"tensor {name}: dtype {dtype!r} is not allowed")
+        if not isinstance(shape, list) or len(shape) > _MAX_RANK:
+            raise ValueError(f"tensor {name}: bad shape")
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: bad shape")
+        dt = _LE[dtype]
+        count = math.prod(shape)
+        if type(offset) is not int or offset < 0:
+            raise ValueError(f"tensor {name}: bad offset")
+        if data + offset + count * dt.itemsize > len(body):
+            raise ValueError(f"tensor {name}: data out of bounds")
+        out[name] = np.frombuffer(body, dtype=dt, count=count, offset=data + offset).reshape(shape)
+    return out
+
+
 def encode_arrays(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """An ``.npz`` body (the older, slower encoding; still accepted and answered)."""
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     return buf.getvalue()
 
 
-def decode_arrays(body: bytes, content_type: str) -> dict[str, npt.NDArray[Any]]:
-    """Arrays from an .npz body (no pickles) or JSON ``{"inputs": {name: {dtype, shape,
-    data}}}``."""
+def decode_arrays(
+    body: bytes | bytearray | memoryview, content_type: str
+) -> dict[str, npt.NDArray[Any]]:
+    """Arrays from a tensor body (:data:`TENSORS`), an .npz body (no pickles) or JSON
+    ``{"inputs": {name: {dtype, shape, data}}}``."""
     try:
+        if content_type == TENSORS:
+            return decode_tensors(body)
         if content_type == JSON:
-            obj = json.loads(body)
+            obj = json.loads(bytes(body))
             out = {}
             for name, t in obj["inputs"].items():
                 out[name] = np.asarray(t["data"], dtype=np.dtype(t["dtype"])).reshape(t["shape"])
             return out
         with np.load(io.BytesIO(body), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, KeyError, TypeError, OSError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, OSError, AttributeError, struct.error) as e:
         raise BadRequestError(
             f"the body is not a valid {content_type or NPZ} of arrays: {e}"
         ) from e
@@ -97,76 +223,240 @@ _STATUS = {
     QuarantinedError: 503,
     IntegrityError: 503,
 }
+_REASONS = {
+    100: "Continue",
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
+#: The request line and headers of one request, at most.
+MAX_HEAD_BYTES = 16 * 1024
+_MAX_HEADERS = 100
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _UnixHttpServer
+class _Headers(dict[str, str]):
+    """Request headers by lower-cased name."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("api: " + format, *args)
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+
+class _Handler:
+    """One connection: a lean HTTP/1.1 keep-alive loop (request line, headers,
+    Content-Length bodies; no chunked uploads). The peer's credentials are read once per
+    connection: the kernel fixes them when the peer connects."""
+
+    def __init__(self, sock: socket.socket, api: ApiServer) -> None:
+        self.connection = sock
+        self.api = api
+        self.close_connection = False
+        self.path = ""
+        self.headers = _Headers()
+        self._buf = bytearray()
+        self._caller_cache: Caller | None = None
+        self._body_read = False
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _fill(self) -> bool:
+        chunk = self.connection.recv(65536)
+        if not chunk:
+            return False
+        self._buf += chunk
+        return True
+
+    def _read_head(self) -> bytes | None:
+        while True:
+            end = self._buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self._buf[:end])
+                del self._buf[: end + 4]
+                return head
+            if len(self._buf) > MAX_HEAD_BYTES:
+                self.close_connection = True
+                self._error(431, "TooLarge", f"request head over {MAX_HEAD_BYTES} bytes")
+                return None
+            if not self._fill():
+                return None
+
+    def _read_exact(self, n: int) -> bytearray | None:
+        if len(self._buf) >= n:
+            body = self._buf[:n]
+            del self._buf[:n]
+            return body
+        body = bytearray(n)
+        view = memoryview(body)
+        have = len(self._buf)
+        view[:have] = self._buf
+        self._buf.clear()
+        while have < n:
+            got = self.connection.recv_into(view[have:], n - have)
+            if not got:
+                return None
+            have += got
+        return body
+
+    def handle(self) -> None:
+        try:
+            while not self.close_connection:
+                head = self._read_head()
+                if head is None:
+                    return
+                self._one(head)
+        except (ConnectionError, TimeoutError, OSError):
+            return
+
+    def _one(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        try:
+            method, target, version = lines[0].decode("ascii").split(" ")
+            if not version.startswith("HTTP/1.") or len(lines) > _MAX_HEADERS + 1:
+                raise ValueError(version)
+            headers = _Headers()
+            for raw in lines[1:]:
+                name, sep, value = raw.decode("latin-1").partition(":")
+                if not sep or not name or name != name.strip():
+                    raise ValueError(raw)
+                headers[name.lower()] = value.strip()
+        except (ValueError, UnicodeDecodeError):
+            self.close_connection = True
+            self._error(400, "BadRequest", "malformed request line or header")
+            return
+        self.path, self.headers = target, headers
+        conn = headers.get("connection", "").lower()
+        if (version == "HTTP/1.0" and conn != "keep-alive") or conn == "close":
+            self.close_connection = True
+        if method in ("PUT", "DELETE", "PATCH"):
+            self._discard_body()
+            self._error(405, "MethodNotAllowed", "use GET or POST")
+        elif method not in ("GET", "POST"):
+            self.close_connection = True
+            self._error(501, "NotImplemented", f"method {method} is not served")
+        else:
+            self._body_read = False
+            self._dispatch(method)
+            if not self._body_read:  # answered before reading it: keep the stream in step
+                self._discard_body()
+
+    def _discard_body(self) -> None:
+        length = self.headers.get("content-length", "0")
+        if "transfer-encoding" in self.headers or not length.isdigit():
+            self.close_connection = True
+            return
+        left = int(length)
+        if left > self.api.agent.config.agent.max_body_bytes:
+            self.close_connection = True
+            return
+        take = min(left, len(self._buf))
+        del self._buf[:take]
+        left -= take
+        scratch = bytearray(min(left, 1 << 16))
+        while left > 0 and not self.close_connection:
+            got = self.connection.recv_into(scratch, min(left, len(scratch)))
+            if not got:
+                self.close_connection = True
+            left -= got
 
     # -- plumbing ----------------------------------------------------------------------
 
+    def _send_parts(
+        self,
+        code: int,
+        parts: list[bytes | memoryview],
+        ctype: str,
+        headers: Mapping[str, str] = {},
+    ) -> None:
+        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        head = [
+            f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {length}",
+        ]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        if self.close_connection:
+            head.append("Connection: close")
+        _send_all(self.connection, [("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), *parts])
+
     def _send(self, code: int, body: bytes, ctype: str, headers: Mapping[str, str] = {}) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        self._send_parts(code, [body], ctype, headers)
 
     def _json(self, code: int, obj: Any, headers: Mapping[str, str] = {}) -> None:
         self._send(code, json.dumps(obj, default=str).encode(), JSON, headers)
 
     def _error(self, code: int, kind: str, message: str) -> None:
-        self.server.api.count_error(code)
+        self.api.count_error(code)
         self._json(code, {"error": kind, "message": message})
 
     def _caller(self) -> Caller:
-        return peer_credentials(self.connection)
+        if self._caller_cache is None:
+            self._caller_cache = peer_credentials(self.connection)
+        return self._caller_cache
 
-    def _body(self) -> bytes | None:
-        length = self.headers.get("Content-Length")
+    def _body(self) -> bytearray | None:
+        self._body_read = True
+        if "transfer-encoding" in self.headers:
+            self._error(411, "LengthRequired", "send Content-Length (no chunked bodies)")
+            self.close_connection = True
+            return None
+        length = self.headers.get("content-length")
         if length is None or not length.isdigit():
             self._error(411, "LengthRequired", "send Content-Length")
             self.close_connection = True
             return None
         n = int(length)
-        if n > self.server.api.agent.config.agent.max_body_bytes:
+        if n > self.api.agent.config.agent.max_body_bytes:
             self._error(413, "TooLarge", f"body of {n} bytes exceeds the limit")
             self.close_connection = True
             return None
-        return self.rfile.read(n)
+        if self.headers.get("expect", "").lower() == "100-continue":
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self._read_exact(n)
+        if body is None:
+            self.close_connection = True
+        return body
 
     def _dispatch(self, method: str) -> None:
         try:
             parts = [p for p in self.path.split("?")[0].split("/") if p]
-            self.server.api.route(self, method, parts)
+            self.api.route(self, method, parts)
         except EdgesealError as e:
             code = next((c for t, c in _STATUS.items() if isinstance(e, t)), 400)
             self._error(code, type(e).__name__, str(e))
+        except (ConnectionError, TimeoutError):
+            raise
         except Exception as e:  # one request's bug never takes the daemon down
             log.exception("internal error on %s %s", method, self.path)
             self._error(500, "InternalError", f"{type(e).__name__}: {e}")
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
+def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Send ``parts`` in as few syscalls as the kernel allows (scatter/gather)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
 
-    def do_PUT(self) -> None:
-        self._error(405, "MethodNotAllowed", "use GET or POST")
 
-    def do_DELETE(self) -> None:
-        self._error(405, "MethodNotAllowed", "use GET or POST")
-
-
-class _UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    block_on_close = False
     api: ApiServer
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        _Handler(request, self.api).handle()
 
 
 class ApiServer:
@@ -181,7 +471,7 @@ class ApiServer:
             group_ids=_group_id,
         )
         self.errors: dict[int, int] = {}
-        self._server: _UnixHttpServer | None = None
+        self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -193,7 +483,7 @@ class ApiServer:
             self.socket_path.unlink()
         old = os.umask(0o177)
         try:
-            server = _UnixHttpServer(str(self.socket_path), _Handler)
+            server = _UnixServer(str(self.socket_path), socketserver.BaseRequestHandler)
         finally:
             os.umask(old)
         server.api = self
@@ -288,7 +578,9 @@ class ApiServer:
         if result.ood is not None:
             headers["X-Edgeseal-Ood"] = ",".join(f"{s:g}" for s in result.ood)
         accept = h.headers.get("Accept", NPZ)
-        if JSON in accept:
+        if TENSORS in accept:
+            h._send_parts(200, encode_tensors(outputs), TENSORS, headers)
+        elif JSON in accept:
             h._json(
                 200,
                 {

@@ -74,6 +74,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,6 +452,8 @@ class AuditLog:
         self._next_seq = 0
         self._head = ZERO_HASH
         self._first_seq = 0
+        self._time_second = -1
+        self._time_text = ""
         self._writer_fd: int | None = self._take_writer_lock()
         try:
             self._open()
@@ -573,6 +576,14 @@ class AuditLog:
 
     # -- writing
 
+    def _now(self) -> str:
+        """The record time (UTC, to the second), formatted once per second."""
+        second = int(time.time())
+        if second != self._time_second:
+            self._time_second = second
+            self._time_text = format_time(utcnow())
+        return self._time_text
+
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Write one record (the caller's fields plus ``seq``, ``time``, ``prev``); return it.
 
@@ -593,7 +604,7 @@ class AuditLog:
             out = {
                 **fields,
                 "seq": self._next_seq,
-                "time": format_time(utcnow()),
+                "time": self._now(),
                 "prev": self._head,
             }
             line = canonical_json(out)

@@ -9,7 +9,6 @@ Errors come back as :class:`AgentError` with the HTTP status and the agent's mes
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -19,7 +18,14 @@ from typing import Any
 
 import numpy.typing as npt
 
-from edgeseal.agent.api import NPZ, decode_arrays, encode_arrays
+from edgeseal.agent.api import (
+    NPZ,
+    TENSORS,
+    _send_all,
+    decode_arrays,
+    encode_arrays,
+    encode_tensors,
+)
 from edgeseal.core.errors import EdgesealError
 
 __all__ = ["AgentError", "Client", "InferResponse"]
@@ -41,45 +47,145 @@ class InferResponse:
     ood: list[float] | None
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class _Response:
+    """Status, headers (lower-cased names) and body of one answer."""
 
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
+    def __init__(self, status: int, headers: dict[str, str], body: bytearray) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def getheader(self, name: str, default: str | None = None) -> str | None:
+        return self.headers.get(name.lower(), default)
+
+
+class _StaleConnectionError(ConnectionError):
+    """The kept-alive connection was closed before any answer came: safe to resend."""
 
 
 class Client:
-    """One keep-alive connection to the agent; not shared between threads."""
+    """One keep-alive connection to the agent; not shared between threads.
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float = 30.0) -> None:
+    Tensors travel as ``application/x-edgeseal-tensors`` (a small index and the raw
+    little-endian bytes, sent with one ``sendmsg`` and read without a copy); agents
+    before it spoke ``.npz`` only: pass ``encoding="npz"`` for those.
+    """
+
+    #: The longest answer head (status line and headers) read.
+    MAX_HEAD_BYTES = 64 * 1024
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float = 30.0,
+        encoding: str = "tensors",
+        max_answer_bytes: int = 1 << 30,
+    ) -> None:
+        if encoding not in ("tensors", "npz"):
+            raise ValueError("encoding must be 'tensors' or 'npz'")
         self.socket_path = socket_path or os.environ.get("EDGESEAL_SOCKET", DEFAULT_SOCKET)
-        self._conn = _UnixConnection(self.socket_path, timeout)
+        self.timeout = timeout
+        self.encoding = encoding
+        self.max_answer_bytes = max_answer_bytes
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.socket_path)
+            except OSError:
+                s.close()
+                raise
+            self._sock = s
+            self._buf.clear()
+        return self._sock
+
+    def _fill(self, sock: socket.socket, fresh: bool) -> None:
+        chunk = sock.recv(65536)
+        if not chunk:
+            if fresh:
+                raise _StaleConnectionError("the agent closed the connection")
+            raise ConnectionError("the agent closed the connection mid-answer")
+        self._buf += chunk
+
+    def _exchange(self, parts: list[bytes | memoryview]) -> _Response:
+        sock = self._connect()
+        try:
+            _send_all(sock, parts)
+        except BrokenPipeError as e:
+            raise _StaleConnectionError(str(e)) from e
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > self.MAX_HEAD_BYTES:
+                raise ConnectionError("the agent's answer head is too long")
+            self._fill(sock, not self._buf)
+        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        del self._buf[: end + 4]
+        try:
+            status = int(lines[0].split(" ", 2)[1])
+        except (IndexError, ValueError) as e:
+            raise ConnectionError(f"not an HTTP answer: {lines[0][:80]!r}") from e
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        n = int(headers.get("content-length", "0"))
+        if n > self.max_answer_bytes:
+            raise ConnectionError(f"answer of {n} bytes is over max_answer_bytes")
+        if len(self._buf) >= n:
+            body = self._buf[:n]
+            del self._buf[:n]
+        else:
+            body = bytearray(n)
+            view = memoryview(body)
+            have = len(self._buf)
+            view[:have] = self._buf
+            self._buf.clear()
+            while have < n:
+                got = sock.recv_into(view[have:], n - have)
+                if not got:
+                    raise ConnectionError("the agent closed the connection mid-answer")
+                have += got
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return _Response(status, headers, body)
 
     def _request(
-        self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] = {}
-    ) -> tuple[http.client.HTTPResponse, bytes]:
+        self,
+        method: str,
+        path: str,
+        body: bytes | list[bytes | memoryview] | None = None,
+        headers: Mapping[str, str] = {},
+    ) -> tuple[_Response, bytearray]:
+        parts = body if isinstance(body, list) else [body] if body else []
+        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        if method != "GET" or length:
+            head.append(f"Content-Length: {length}")
+        message = [("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), *parts]
         for attempt in (0, 1):
             try:
-                self._conn.request(method, path, body=body, headers=dict(headers))
-                resp = self._conn.getresponse()
-                data = resp.read()
+                resp = self._exchange(message)
                 break
-            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError):
-                self._conn.close()
+            except _StaleConnectionError:
+                self.close()
                 if attempt:
                     raise
+            except BaseException:
+                self.close()  # the stream is out of step: start over next time
+                raise
+        data = resp.body
         if resp.status >= 400:
             try:
                 err = json.loads(data)
                 raise AgentError(resp.status, err.get("error", "Error"), err.get("message", ""))
             except ValueError:
                 raise AgentError(
-                    resp.status, "Error", data[:200].decode(errors="replace")
+                    resp.status, "Error", bytes(data[:200]).decode(errors="replace")
                 ) from None
         return resp, data
 
@@ -107,15 +213,21 @@ class Client:
         return self._request("GET", "/metrics")[1].decode()
 
     def infer(self, model: str, inputs: Mapping[str, npt.NDArray[Any]]) -> InferResponse:
+        if self.encoding == "tensors":
+            body: list[bytes | memoryview] = encode_tensors(inputs)
+            kind = TENSORS
+        else:
+            body, kind = [encode_arrays(inputs)], NPZ
         resp, data = self._request(
             "POST",
             f"/v1/models/{model}/infer",
-            body=encode_arrays(inputs),
-            headers={"Content-Type": NPZ, "Accept": NPZ},
+            body=body,
+            headers={"Content-Type": kind, "Accept": kind},
         )
         ood = resp.getheader("X-Edgeseal-Ood")
+        answer = (resp.getheader("Content-Type") or NPZ).split(";")[0].strip()
         return InferResponse(
-            outputs=decode_arrays(data, NPZ),
+            outputs=decode_arrays(data, answer),
             model={
                 "model": resp.getheader("X-Edgeseal-Model"),
                 "version": int(resp.getheader("X-Edgeseal-Version") or 0),
@@ -125,7 +237,10 @@ class Client:
         )
 
     def close(self) -> None:
-        self._conn.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buf.clear()
 
     def __enter__(self) -> Client:
         return self

@@ -31,6 +31,7 @@ from edgeseal.core.errors import EdgesealError
 from edgeseal.core.manifest import TensorSpec
 
 __all__ = [
+    "CompiledProfile",
     "InputError",
     "check_feed",
     "compile_profile",
@@ -134,9 +135,170 @@ def make_profile(inputs: Mapping[str, Array]) -> dict[str, Any]:
 _ARRAYS = ("mean", "std", "components", "variances")
 
 
-def compile_profile(profile: Mapping[str, Any]) -> dict[str, Any]:
-    """The profile with its vectors as numpy arrays, converted once: what a server keeps
-    (converting the JSON lists on every request costs more than the model)."""
+class _Scorer:
+    """One input's OOD score, folded into a few precomputed matrices: each row's score
+    relative to the reference percentile in two or three vector operations.
+
+    For ``pca`` (orthonormal components ``C``, variances ``v``, residual variance ``r``,
+    ``d`` features) the raw score of a centred row ``c`` is
+    ``(sum(z**2 / v) + (|c|**2 - |z|**2) / r) / d`` with ``z = c @ C.T``: the residual
+    energy is the row's energy minus what the components hold, so no reconstruction is
+    computed. For ``channel`` it is the mean of ``((a - mean) * (1 / std))**2``.
+    """
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        ref = float(entry.get("reference_score") or 0.0)
+        self.active = ref > 0
+        scale = 1.0 / ref if self.active else 1.0
+        model = entry.get("model") or {"kind": "channel"}
+        self.kind = str(model["kind"])
+        if self.kind == "pca":
+            comps = np.asarray(model["components"], dtype=np.float64)
+            d = comps.shape[1]
+            var = np.asarray(model["variances"], dtype=np.float64)
+            rv = float(model["residual_var"])
+            self.mean = np.asarray(model["mean"], dtype=np.float64)
+            self.proj = np.ascontiguousarray(comps.T)
+            self.weights = (1.0 / var - 1.0 / rv) * (scale / d)
+            self.energy = scale / (rv * d)
+        else:
+            axis = int(entry["axis"])
+            self.axis = axis
+            self.mean = np.asarray(entry["mean"], dtype=np.float64)
+            self.inv_std = 1.0 / np.maximum(np.asarray(entry["std"], dtype=np.float64), 1e-12)
+            self._shaped: dict[int, tuple[Array, Array]] = {}
+            self.scale = scale
+
+    def _channel_vectors(self, ndim: int, dtype: np.dtype[Any]) -> tuple[Array, Array]:
+        key = ndim * 1000 + dtype.num
+        got = self._shaped.get(key)
+        if got is None:
+            shape = [1] * ndim
+            shape[self.axis] = -1
+            work = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float64)
+            got = (
+                self.mean.astype(work).reshape(shape),
+                self.inv_std.astype(work).reshape(shape),
+            )
+            self._shaped[key] = got
+        return got
+
+    def raw(self, x: Array) -> npt.NDArray[np.float64]:
+        """Each row's score relative to the reference (1: the calibration's 99th pct)."""
+        rows = x.shape[0]
+        if self.kind == "pca":
+            c = x.reshape(rows, -1) - self.mean  # float64 from here on
+            z = c @ self.proj
+            out: npt.NDArray[np.float64] = (z * z) @ self.weights + np.einsum(
+                "ij,ij->i", c, c
+            ) * self.energy
+            return out
+        mean, inv = self._channel_vectors(x.ndim, x.dtype)
+        zz = (x - mean) * inv
+        flat = zz.reshape(rows, -1)
+        s = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+        return s * (self.scale / flat.shape[1])  # type: ignore[no-any-return]
+
+
+class _InputCheck:
+    """One input's schema and range check, compiled."""
+
+    def __init__(self, spec: TensorSpec, entry: Mapping[str, Any] | None, margin: float) -> None:
+        self.name = spec.name
+        self.dtype = np.dtype(spec.dtype) if spec.dtype in np.sctypeDict else None
+        self.dtype_name = spec.dtype
+        self.want = tuple(spec.shape)
+        self.ndim = len(self.want)
+        #: (axis, size) of every fixed dimension; symbolic and unknown ones take any size.
+        self.fixed = tuple((i, w) for i, w in enumerate(self.want) if isinstance(w, int) and w > 0)
+        self.floating = self.dtype is not None and self.dtype.kind == "f"
+        self.lo, self.hi = -np.inf, np.inf
+        self.ranged = False
+        if entry and margin > 0:
+            lo, hi = float(entry["min"]), float(entry["max"])
+            span = max(hi - lo, 1e-12) * margin
+            self.lo, self.hi, self.ranged = lo - span, hi + span, True
+            self.calibrated = (lo, hi)
+
+
+class CompiledProfile:
+    """A profile and a schema compiled once per model: what a server keeps. Converting
+    the JSON lists, or looking up entries, on every request costs more than a small model.
+
+    :meth:`check` refuses a feed exactly as :func:`check_feed` does, :meth:`scores` gives
+    :func:`ood_scores`. ``raw`` is the profile as sealed (its vectors as arrays).
+    """
+
+    def __init__(
+        self,
+        profile: Mapping[str, Any] | None,
+        specs: Sequence[TensorSpec] = (),
+        *,
+        max_rows: int = 1024,
+        range_margin: float = 1.0,
+    ) -> None:
+        self.raw: dict[str, Any] = _arrays(profile or {})
+        prof = self.raw.get("inputs", {})
+        self.max_rows = max_rows
+        self.names = frozenset(s.name for s in specs)
+        self.inputs = tuple(_InputCheck(s, prof.get(s.name), range_margin) for s in specs)
+        self.scorers = {name: _Scorer(e) for name, e in prof.items()}
+        self.scorers = {n: s for n, s in self.scorers.items() if s.active}
+
+    def check(self, feed: Mapping[str, Array]) -> None:
+        if len(feed) != len(self.names) or not self.names.issuperset(feed):
+            _names_problem(self.names, feed)
+        for c in self.inputs:
+            a = feed[c.name]
+            if a.dtype != c.dtype:
+                order = " big-endian" if a.dtype.byteorder == ">" else ""
+                raise InputError(
+                    f"input {c.name}: dtype{order} {a.dtype.name}, the model takes "
+                    f"{c.dtype_name}" + (" in little-endian order" if order else "")
+                )
+            shape = a.shape
+            if len(shape) != c.ndim or any(shape[i] != w for i, w in c.fixed):
+                raise InputError(
+                    f"input {c.name}: shape {list(a.shape)}, the model takes {list(c.want)}"
+                )
+            if a.ndim and a.shape[0] > self.max_rows:
+                raise InputError(
+                    f"input {c.name}: {a.shape[0]} rows, at most {self.max_rows} per call"
+                )
+            if not a.size or not (c.floating or c.ranged):
+                continue
+            # Two reductions check finiteness and range at once: NaN propagates through
+            # min and max and fails every comparison; an infinity lies outside any bound.
+            amin, amax = a.min(), a.max()
+            if c.lo <= amin and amax <= c.hi and (c.ranged or np.isfinite(amin - amax)):
+                continue
+            if c.floating and not np.isfinite(a).all():
+                raise InputError(f"input {c.name}: NaN or infinite values")
+            if c.ranged:
+                lo, hi = c.calibrated
+                raise InputError(
+                    f"input {c.name}: values in [{float(amin):.4g}, {float(amax):.4g}], far "
+                    f"outside the calibrated range [{lo:.4g}, {hi:.4g}]"
+                )
+
+    def scores(self, feed: Mapping[str, Array]) -> Array | None:
+        out: Array | None = None
+        for name, scorer in self.scorers.items():
+            if name in feed:
+                s = scorer.raw(feed[name])
+                out = s if out is None else np.maximum(out, s)
+        return out
+
+
+def _names_problem(names: frozenset[str], feed: Mapping[str, Array]) -> None:
+    extra = sorted(set(feed) - names)
+    missing = sorted(names - set(feed))
+    parts = [f"missing {', '.join(missing)}"] if missing else []
+    parts += [f"unknown {', '.join(extra)}"] if extra else []
+    raise InputError("inputs do not match the model: " + "; ".join(parts))
+
+
+def _arrays(profile: Mapping[str, Any]) -> dict[str, Any]:
     inputs = {}
     for name, entry in profile.get("inputs", {}).items():
         e = {k: np.asarray(v) if k in _ARRAYS else v for k, v in entry.items()}
@@ -148,6 +310,17 @@ def compile_profile(profile: Mapping[str, Any]) -> dict[str, Any]:
     return {**profile, "inputs": inputs}
 
 
+def compile_profile(
+    profile: Mapping[str, Any],
+    specs: Sequence[TensorSpec] = (),
+    *,
+    max_rows: int = 1024,
+    range_margin: float = 1.0,
+) -> CompiledProfile:
+    """The profile (and the signed input schema ``specs``) compiled once per model."""
+    return CompiledProfile(profile, specs, max_rows=max_rows, range_margin=range_margin)
+
+
 def raw_scores(profile: Mapping[str, Any], feed: Mapping[str, Array]) -> dict[str, Array]:
     """Per input present in the profile, the raw score of each row."""
     return {
@@ -157,17 +330,13 @@ def raw_scores(profile: Mapping[str, Any], feed: Mapping[str, Array]) -> dict[st
     }
 
 
-def ood_scores(profile: Mapping[str, Any], feed: Mapping[str, Array]) -> Array | None:
+def ood_scores(
+    profile: Mapping[str, Any] | CompiledProfile, feed: Mapping[str, Array]
+) -> Array | None:
     """Per row, the highest score over the inputs relative to the calibration data's 99th
     percentile (above 1: unusual); None when the profile has nothing to score with."""
-    parts = []
-    for name, raw in raw_scores(profile, feed).items():
-        ref = profile["inputs"][name].get("reference_score")
-        if ref:
-            parts.append(raw / float(ref))
-    if not parts:
-        return None
-    return np.max(np.stack(parts), axis=0)  # type: ignore[no-any-return]
+    compiled = profile if isinstance(profile, CompiledProfile) else CompiledProfile(profile)
+    return compiled.scores(feed)
 
 
 def _shape_ok(want: Sequence[int | str], have: tuple[int, ...]) -> bool:
@@ -186,36 +355,6 @@ def check_feed(
 ) -> None:
     """Refuse a request that does not match the signed schema: names, dtypes, shapes,
     finite values, and values within the profile's range widened by ``range_margin``
-    times its span on each side (0 disables the range check)."""
-    names = {s.name for s in specs}
-    extra = sorted(set(feed) - names)
-    missing = sorted(names - set(feed))
-    if extra or missing:
-        parts = [f"missing {', '.join(missing)}"] if missing else []
-        parts += [f"unknown {', '.join(extra)}"] if extra else []
-        raise InputError("inputs do not match the model: " + "; ".join(parts))
-    prof = (profile or {}).get("inputs", {})
-    for spec in specs:
-        a = feed[spec.name]
-        if a.dtype.name != spec.dtype:
-            raise InputError(
-                f"input {spec.name}: dtype {a.dtype.name}, the model takes {spec.dtype}"
-            )
-        if not _shape_ok(spec.shape, a.shape):
-            raise InputError(
-                f"input {spec.name}: shape {list(a.shape)}, the model takes {list(spec.shape)}"
-            )
-        if a.ndim and a.shape[0] > max_rows:
-            raise InputError(f"input {spec.name}: {a.shape[0]} rows, at most {max_rows} per call")
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            raise InputError(f"input {spec.name}: NaN or infinite values")
-        entry = prof.get(spec.name)
-        if entry and range_margin > 0 and a.size:
-            lo, hi = float(entry["min"]), float(entry["max"])
-            span = max(hi - lo, 1e-12) * range_margin
-            amin, amax = float(a.min()), float(a.max())
-            if amin < lo - span or amax > hi + span:
-                raise InputError(
-                    f"input {spec.name}: values in [{amin:.4g}, {amax:.4g}], far outside the "
-                    f"calibrated range [{lo:.4g}, {hi:.4g}]"
-                )
+    times its span on each side (0 disables the range check). A server compiles this
+    once per model (:func:`compile_profile`) and calls ``check``."""
+    CompiledProfile(profile, specs, max_rows=max_rows, range_margin=range_margin).check(feed)

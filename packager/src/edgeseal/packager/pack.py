@@ -29,6 +29,7 @@ from edgeseal.core.files import atomic_write
 from edgeseal.core.keyring import DeviceRecord
 from edgeseal.core.keys import Signer, SoftwareSigner
 from edgeseal.core.manifest import Manifest, Target, TensorSpec
+from edgeseal.core.oms import split_signature
 from edgeseal.core.targets import TargetProfile, cipher_for, get_target
 from edgeseal.core.writer import RecipientKey, seal_bundle
 from edgeseal.packager import oms
@@ -249,9 +250,9 @@ def pack_model(
             domains=sorted({n.domain for n in final_model.graph.node}),
             runtime_version=_version("onnxruntime"),
         )
-        _add_oms(extras, final, signer, opts)
-        say("seal")
         split = split_onnx(final_model)
+        _add_oms(extras, final, signer, opts, split=(split.graph, split.weights))
+        say("seal")
         sections: dict[str, bytes | bytearray] = {
             "graph": split.graph,
             "weights": split.weights,
@@ -408,21 +409,47 @@ def _sbom(
     return audit
 
 
-def _add_oms(extras: dict[str, Any], model: Path, signer: Signer, opts: PackOptions) -> None:
-    """Seal an OMS signature of the final plaintext model (and write it, on request)."""
-    skip = {
-        "off": "not signed (--no-oms)",
-        "auto": None
-        if oms.available() and isinstance(signer, SoftwareSigner)
-        else "not signed (model-signing not installed, or the signer is on a token)",
-    }.get(opts.oms)
-    if skip:
-        extras["provenance"]["oms"] = skip
+def _add_oms(
+    extras: dict[str, Any],
+    model: Path,
+    signer: Signer,
+    opts: PackOptions,
+    *,
+    split: tuple[bytes, bytes | bytearray] | None = None,
+) -> None:
+    """Seal the OMS signatures (docs/bundle-format.md, "OMS signatures"):
+
+    ``bundle``, over the final model file, by the model-signing library, for the stock
+    tool on the workstation (written to ``oms_out`` on request); and, for an ONNX model,
+    ``split``, over the ``graph`` and ``weights`` sections' plaintext, which the agent
+    checks from memory. A TFLite model's ``graph`` section is the file itself, so its
+    ``bundle`` signature is what the agent checks."""
+    if opts.oms == "off":
+        extras["provenance"]["oms"] = "not signed (--no-oms)"
         return
-    signature = oms.oms_sign(model, signer)
-    extras["oms"] = {"file_name": model.name, "bundle": signature}
-    if opts.oms_out is not None:
-        atomic_write(opts.oms_out, json.dumps(signature).encode())
+    block: dict[str, Any] = {"file_name": model.name}
+    if split is not None:
+        graph, weights = split
+        block["split"] = split_signature(
+            model.name,
+            {
+                "graph": hashlib.sha256(graph).hexdigest(),
+                "weights": hashlib.sha256(weights).hexdigest(),
+            },
+            public_key=signer.public_key,
+            sign_raw=signer.sign,
+        )
+    if opts.oms == "on" or (oms.available() and isinstance(signer, SoftwareSigner)):
+        signature = oms.oms_sign(model, signer)
+        block["bundle"] = signature
+        if opts.oms_out is not None:
+            atomic_write(opts.oms_out, json.dumps(signature).encode())
+    else:
+        extras["provenance"]["oms"] = (
+            "file not signed (model-signing not installed, or the signer is on a token)"
+        )
+    if len(block) > 1:
+        extras["oms"] = block
 
 
 def _seal(
