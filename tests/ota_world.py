@@ -42,14 +42,20 @@ from helpers import NOW
 TOPICS = Topics()
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+def wait_for(
+    pred: Callable[[], Any],
+    timeout: float = 60.0,
+    what: str = "condition",
+    detail: Callable[[], Any] | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    more = f"\n{detail()}" if detail else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{more}")
 
 
 @dataclass
@@ -291,3 +297,42 @@ def start_daemon(home: Path, config_path: Path, faults: str = "") -> subprocess.
         stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
+
+
+def device_child(
+    home: str, config_text: str, kill_after: float, want_version: int, out: str
+) -> None:
+    """A device process for fault trials (run by a multiprocessing forkserver, so it starts
+    in milliseconds): serve and take updates; with ``kill_after`` > 0, SIGKILL itself
+    after that many seconds, wherever it is. Without, run until ``want_version`` is
+    committed (or the update is refused or fails) and write what it serves to ``out``."""
+    import signal as _signal
+
+    if kill_after > 0:
+        threading.Timer(kill_after, os.kill, (os.getpid(), _signal.SIGKILL)).start()
+    dev = InProcessDevice.start(Path(home), config_text)
+    deadline = time.monotonic() + 60
+    state = None
+    while time.monotonic() < deadline:
+        st = dev.channel.status()["models"].get("clf", {})
+        state = st.get("state")
+        if (
+            kill_after <= 0
+            and st.get("offered") == want_version
+            and state
+            in (
+                "committed",
+                "fallen-back",
+                "failed",
+            )
+        ):
+            break
+        time.sleep(0.02)
+    sm = dev.agent.serving.get("clf")
+    result = {
+        "state": state,
+        "serving": sm.identity["version"] if sm else None,
+        "golden": sm.self_check(golden=True, digest=True) if sm else None,
+    }
+    dev.stop()
+    Path(out).write_text(json.dumps(result))

@@ -32,9 +32,6 @@ import hashlib
 import io
 import socket
 import tempfile
-import tokenize
-import zipfile
-import zlib
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -468,39 +465,19 @@ def fuzz_api_request(data: bytes) -> None:
         raise PropertyViolation(f"the API stopped serving after this input: {health[:200]!r}")
 
 
-#: Findings reported but not fixed yet, because the code is not ours to change in this
-#: campaign (docs/fuzzing.md, "Findings"). Their regression cases replay as strict
-#: xfails, and the fuzz engines step over them so a run reaches further. Remove an entry
-#: when its fix lands (the strict xfail then fails, as a reminder).
-KNOWN_FINDINGS: dict[str, tuple[type[BaseException], ...]] = {
-    # A1: decode_arrays lets zipfile's own errors through (the API answers 500, not 400).
-    # The zip reader raises these for malformed .npz bodies (each seen in a fuzz run or
-    # read in zipfile.py: bad central directory, unknown or encrypted members, bad streams).
-    "api_body": (
-        zipfile.BadZipFile,
-        NotImplementedError,
-        RuntimeError,
-        EOFError,
-        zlib.error,
-        tokenize.TokenError,
-    ),  # numpy's .npy header reader
-    "api_request": (),
-}
+#: Findings reported but not fixed yet (docs/fuzzing.md, "Findings"). Their regression
+#: cases replay as strict xfails, and the fuzz engines step over them so a run reaches
+#: further. Remove an entry when its fix lands (the strict xfail then fails, as a
+#: reminder). A1-A3 (the local API's body parsing and Content-Length) are fixed.
+KNOWN_FINDINGS: dict[str, tuple[type[BaseException], ...]] = {"api_body": (), "api_request": ()}
 
-
-#: Regression cases of those findings start with one of these ids (docs/fuzzing.md).
-UNFIXED = ("A1", "A2", "A3")
+#: Regression cases of those findings start with one of these ids.
+UNFIXED: tuple[str, ...] = ()
 
 
 class KnownFindingError(Exception):
     """A 500 from the API whose cause is a finding in :data:`KNOWN_FINDINGS`."""
 
-
-KNOWN_FINDINGS["api_request"] = (KnownFindingError,)
-# A3: a JSON body's dtype ("U20000000", a structured dtype with a huge sub-array) makes
-# decode_arrays allocate far more than the body (1.6 GB from 68 bytes), the only property
-# the api_body target checks; it stays a known finding until decode_arrays bounds it.
-KNOWN_FINDINGS["api_body"] += (PropertyViolation,)
 
 TargetFn = Callable[[bytes], None]
 TARGETS: dict[str, TargetFn] = {

@@ -31,6 +31,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgeseal.ota.broker import BrokerSetup, Mosquitto, mosquitto_version
 from edgeseal.ota.enroll import CONTROLLER, FleetCA, make_csr
 from edgeseal.ota.topics import Topics
+from edgeseal.ota.updater import Faults
+from ota_world import FleetSide, InProcessDevice, Workstation, copy_home, device_config
 
 DEVICES = ("dev-a", "dev-b")
 GROUPS: dict[str, tuple[str, ...]] = {"lab": ("dev-a", "dev-b"), "north": ("dev-a",)}
@@ -309,3 +311,54 @@ def mqtt_client(ota_pki: OtaPki) -> Iterator[Callable[..., Probe]]:
     yield connect
     for p in probes:
         p.close()
+
+
+# --- devices driven end to end (tests/ota_world.py) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    """A workstation with bundles v1, v2, v3 and v3-bad (fails its golden vectors) for dev-a."""
+    ws = Workstation.make(tmp_path_factory.mktemp("ota-ws"), ["dev-a"])
+    ws.make_models()
+    ws.pack("v1", 1, "m1")
+    ws.pack("v2", 2, "m2")
+    ws.pack("v3-bad", 3, "m1", bad_golden=True)
+    ws.pack("v3", 3, "m1")
+    return ws
+
+
+@pytest.fixture
+def fleet_side(ws, broker, ota_pki):
+    ctl = ota_pki["edgeseal-controller"]
+    side = FleetSide(ws, broker, ota_pki.ca_file, ctl.cert, ctl.key)
+    yield side
+    side.close()
+
+
+@pytest.fixture
+def dev_config(ws, broker, ota_pki, tmp_path):
+    def make(home: Path, **ota):
+        ident = ota_pki["dev-a"]
+        text = device_config(home, broker, ota_pki.ca_file, ident.cert, ident.key, "dev-a", **ota)
+        path = home.parent / f"{home.name}.toml"
+        path.write_text(text)
+        return text, path
+
+    return make
+
+
+@pytest.fixture
+def device(ws, dev_config, tmp_path):
+    started = []
+
+    def start(faults: Faults | None = None, home: Path | None = None, **ota):
+        home = home or copy_home(ws, "dev-a", tmp_path / "home")
+        text, _ = dev_config(home, **ota)
+        d = InProcessDevice.start(home, text, faults)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()

@@ -12,66 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from edgeseal.agent.device import DeviceHome
+from edgeseal.agent.service import Agent
+from edgeseal.core.config import load_config
 from edgeseal.core.encoding import b64d, b64e, canonical_json, utcnow
 from edgeseal.ota.updater import Faults
 from ota_world import (
-    FleetSide,
     InProcessDevice,
-    Workstation,
     copy_home,
-    device_config,
     start_daemon,
     wait_for,
 )
 
 pytestmark = pytest.mark.mqtt
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    ws = Workstation.make(tmp_path_factory.mktemp("ota-ws"), ["dev-a"])
-    ws.make_models()
-    ws.pack("v1", 1, "m1")
-    ws.pack("v2", 2, "m2")
-    ws.pack("v3-bad", 3, "m1", bad_golden=True)
-    ws.pack("v3", 3, "m1")
-    return ws
-
-
-@pytest.fixture
-def fleet_side(ws, broker, ota_pki):
-    ctl = ota_pki["edgeseal-controller"]
-    side = FleetSide(ws, broker, ota_pki.ca_file, ctl.cert, ctl.key)
-    yield side
-    side.close()
-
-
-@pytest.fixture
-def dev_config(ws, broker, ota_pki, tmp_path):
-    def make(home: Path, **ota):
-        ident = ota_pki["dev-a"]
-        text = device_config(home, broker, ota_pki.ca_file, ident.cert, ident.key, "dev-a", **ota)
-        path = home.parent / f"{home.name}.toml"
-        path.write_text(text)
-        return text, path
-
-    return make
-
-
-@pytest.fixture
-def device(ws, dev_config, tmp_path):
-    started = []
-
-    def start(faults: Faults | None = None, home: Path | None = None, **ota):
-        home = home or copy_home(ws, "dev-a", tmp_path / "home")
-        text, _ = dev_config(home, **ota)
-        d = InProcessDevice.start(home, text, faults)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
 
 
 def _serving(dev: InProcessDevice) -> int | None:
@@ -312,16 +265,14 @@ def test_kill_9_at_every_state_leaves_a_valid_model_and_a_true_journal(
 ):
     home = copy_home(ws, "dev-a", tmp_path / "home")
     _, config = dev_config(home)
-    # v1 installed first by a clean run, so there is always something to serve.
-    proc = start_daemon(home, config)
+    # v1 installed first (directly, as `agent install` would), so there is always
+    # something to serve.
+    agent = Agent(DeviceHome(home), load_config(config))
     try:
-        wait_for(lambda: "dev-a" in fleet_side.status, what="the device online")
-        fleet_side.offer("v1")
-        wait_for(lambda: fleet_side.model_status("dev-a").get("active") == 1, what="v1")
+        agent.install(ws.bundles["v1"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    fleet_side.status.pop("dev-a")
+        agent.close()
+    fleet_side.status.pop("dev-a", None)
     proc = start_daemon(home, config, faults=f"kill-at={state}")
     wait_for(lambda: "dev-a" in fleet_side.status, what="the device online")
     fleet_side.offer("v2")

@@ -204,14 +204,37 @@ def decode_arrays(
             obj = json.loads(bytes(body))
             out = {}
             for name, t in obj["inputs"].items():
-                out[name] = np.asarray(t["data"], dtype=np.dtype(t["dtype"])).reshape(t["shape"])
+                dtype = np.dtype(t["dtype"])
+                # Numbers only: "U400000000" would make 60 bytes of JSON allocate 1.6 GB.
+                if dtype.kind not in _NUMERIC_KINDS:
+                    raise ValueError(f"dtype {dtype} is not a numeric tensor type")
+                out[name] = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
             return out
-        with np.load(io.BytesIO(body), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return _decode_npz(body)
     except (ValueError, KeyError, TypeError, OSError, AttributeError, struct.error) as e:
         raise BadRequestError(
             f"the body is not a valid {content_type or NPZ} of arrays: {e}"
         ) from e
+
+
+_NUMERIC_KINDS = frozenset("biuf")
+
+
+def _decode_npz(body: bytes | bytearray | memoryview) -> dict[str, npt.NDArray[Any]]:
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (ValueError, KeyError, TypeError, OSError, AttributeError, struct.error):
+        raise
+    # zipfile and numpy's header parser raise whatever they meet in hostile bytes
+    # (BadZipFile, NotImplementedError, RuntimeError, tokenize errors, zlib.error...):
+    # every one of them means "not a valid .npz", never a server error.
+    except Exception as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    for k, a in out.items():
+        if a.dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(f"array {k!r} has dtype {a.dtype}, not a numeric tensor type")
+    return out
 
 
 _STATUS = {
@@ -240,6 +263,11 @@ _REASONS = {
 }
 #: The request line and headers of one request, at most.
 MAX_HEAD_BYTES = 16 * 1024
+#: A request, once its first byte is in, must be whole within this many seconds; a kept-alive
+#: connection may wait this long for its next request. Past either, the connection is closed,
+#: so stalled callers (slowloris) cannot hold server threads.
+REQUEST_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0
 _MAX_HEADERS = 100
 
 
@@ -264,13 +292,30 @@ class _Handler:
         self._buf = bytearray()
         self._caller_cache: Caller | None = None
         self._body_read = False
+        self._deadline: float | None = None
 
     # -- reading -----------------------------------------------------------------------
 
+    def _arm(self) -> None:
+        """Bound the next recv: by the request's deadline once it has begun, else by the
+        idle timeout. TimeoutError ends the connection (handle)."""
+        if self._deadline is None and not self._buf:
+            self.connection.settimeout(IDLE_TIMEOUT)
+            return
+        if self._deadline is None:
+            self._deadline = time.monotonic() + REQUEST_TIMEOUT
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not complete within the request timeout")
+        self.connection.settimeout(left)
+
     def _fill(self) -> bool:
+        self._arm()
         chunk = self.connection.recv(65536)
         if not chunk:
             return False
+        if self._deadline is None:
+            self._deadline = time.monotonic() + REQUEST_TIMEOUT
         self._buf += chunk
         return True
 
@@ -299,6 +344,7 @@ class _Handler:
         view[:have] = self._buf
         self._buf.clear()
         while have < n:
+            self._arm()
             got = self.connection.recv_into(view[have:], n - have)
             if not got:
                 return None
@@ -312,6 +358,7 @@ class _Handler:
                 if head is None:
                     return
                 self._one(head)
+                self._deadline = None  # the next request gets its own
         except (ConnectionError, TimeoutError, OSError):
             return
 
@@ -349,7 +396,7 @@ class _Handler:
 
     def _discard_body(self) -> None:
         length = self.headers.get("content-length", "0")
-        if "transfer-encoding" in self.headers or not length.isdigit():
+        if "transfer-encoding" in self.headers or not (length.isascii() and length.isdigit()):
             self.close_connection = True
             return
         left = int(length)
@@ -361,6 +408,7 @@ class _Handler:
         left -= take
         scratch = bytearray(min(left, 1 << 16))
         while left > 0 and not self.close_connection:
+            self._arm()
             got = self.connection.recv_into(scratch, min(left, len(scratch)))
             if not got:
                 self.close_connection = True
@@ -408,7 +456,7 @@ class _Handler:
             self.close_connection = True
             return None
         length = self.headers.get("content-length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             self._error(411, "LengthRequired", "send Content-Length")
             self.close_connection = True
             return None
@@ -452,6 +500,7 @@ def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128  # a burst of callers waits in the backlog, not in EAGAIN
     block_on_close = False
     api: ApiServer
 

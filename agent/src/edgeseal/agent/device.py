@@ -144,13 +144,14 @@ class DeviceHome:
                 self.path / "trust" / "rotations.json",
                 canonical_json(list(bundle.trust.get("rotations", []))),
             )
-        known = self.known_revocations(bundle.anchor)
-        carried = bundle.revocations
-        if (
-            carried is not None
-            and carried.envelope is not None
-            and (known is None or carried.version > known.version)
-        ):
+        if bundle.revocations is not None:
+            self.remember_revocations(bundle.revocations, bundle.anchor)
+
+    def remember_revocations(self, carried: RevocationList, anchor: TrustAnchor) -> None:
+        """Keep a verified revocation list (from a bundle or a signed OTA message) when it is
+        newer than the one known; an older one never replaces it."""
+        known = self.known_revocations(anchor)
+        if carried.envelope is not None and (known is None or carried.version > known.version):
             atomic_write(
                 self.path / "trust" / "revocations.json", canonical_json(dict(carried.envelope))
             )

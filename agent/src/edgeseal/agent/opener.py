@@ -2,12 +2,18 @@
 
 open_bundle follows docs/bundle-format.md: V1-V11 on the prelude, V12 unwrap through the
 device's key store, V13-V14 stream-decrypt each section straight into a locked
-:class:`SecretBuffer` and check digests, then build the runtime session from those
-buffers. No plaintext byte of the model is written to any file.
+:class:`SecretBuffer` and check digests, V15 check the sealed OMS signature against those
+buffers, then build the runtime session from them. No plaintext byte of the model is
+written to any file.
+
+Before the runtime in this process sees the graph, a child process checks it and loads
+it (:mod:`edgeseal.agent.preflight`), so a malicious graph is refused and a runtime crash
+costs a failed open, not the process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,14 +23,17 @@ from typing import Any
 import numpy as np
 
 from edgeseal.agent.memory import SecretBuffer
+from edgeseal.agent.preflight import Preflight, default_preflight
 from edgeseal.agent.runtimes import InferenceSession, OnnxSession, TfliteSession
 from edgeseal.core.config import Config
+from edgeseal.core.extras import decode_extras
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import Manifest
+from edgeseal.core.oms import OmsError, verify_split_signature
 from edgeseal.core.reader import BundleFile, VerifiedBundle, VerifyPolicy, unwrap_content_key, wipe
 from edgeseal.core.weights import parse_weights_index
 
-__all__ = ["OpenedModel", "open_bundle"]
+__all__ = ["OmsError", "OpenedModel", "check_oms", "open_bundle"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -39,6 +48,8 @@ class OpenedModel:
     buffers: dict[str, SecretBuffer] = field(default_factory=dict)
     key_store_kind: str = "software"
     hardware_backed: bool = False
+    #: What the OMS check on open found (see :func:`check_oms`).
+    oms: str = "not checked"
 
     @property
     def manifest(self) -> Manifest:
@@ -56,6 +67,7 @@ class OpenedModel:
             "signer": self.bundle.signer.name,
             "key_store": self.key_store_kind,
             "hardware_backed": self.hardware_backed,
+            "oms": self.oms,
             "memory": {name: b.status().to_obj() for name, b in self.buffers.items()},
             **self.session.status(),
         }
@@ -80,6 +92,7 @@ def open_bundle(
     policy: VerifyPolicy,
     config: Config,
     progress: Progress | None = None,
+    preflight: Preflight | None = None,
 ) -> OpenedModel:
     buffers: dict[str, SecretBuffer] = {}
     with BundleFile.open(path) as bf:
@@ -97,22 +110,72 @@ def open_bundle(
         finally:
             wipe(content_key)
     try:
-        session = _session(vb, buffers, config)
+        oms_status = check_oms(vb, buffers)  # V15, before any runtime sees the plaintext
+        session = _session(vb, buffers, config, preflight or default_preflight())
     except BaseException:
         for b in buffers.values():
             b.close()
         raise
-    return OpenedModel(vb, session, buffers, key_store.kind, key_store.hardware_backed)
+    opened = OpenedModel(vb, session, buffers, key_store.kind, key_store.hardware_backed)
+    opened.oms = oms_status
+    return opened
+
+
+def check_oms(vb: VerifiedBundle, buffers: Mapping[str, SecretBuffer]) -> str:
+    """V15: the sealed OMS signature, checked against the plaintext in memory, before any
+    runtime sees it; a mismatch raises :class:`OmsError` and the model is refused.
+
+    ONNX: the ``split`` signature covers the ``graph`` and ``weights`` sections exactly
+    as they sit in the locked buffers. TFLite: the ``graph`` section is the model file,
+    so the file signature (``bundle``) is checked against it. Returns what was checked,
+    for status."""
+    extras_buf = buffers.get("extras")
+    extras = decode_extras(extras_buf.view) if extras_buf is not None else {}
+    block = extras.get("oms")
+    if not isinstance(block, dict):
+        return "not sealed (packed with --no-oms)"
+    signer = vb.signer.public_key
+    graph = buffers.get("graph")
+    if graph is None:
+        raise OmsError("the bundle has no graph section for its OMS signature to cover")
+    if vb.manifest.model_format == "tflite":
+        if "bundle" not in block:
+            raise OmsError("the OMS block holds no signature of the model file")
+        verify_split_signature(block["bundle"], signer, {".": _sha256(graph.view)})
+        return "verified: the model file (graph section) matches its OMS signature"
+    if "split" not in block:
+        # Sealed before split-form signatures existed: its file signature covers bytes
+        # the device does not hold. The bundle signature still covers every section.
+        return "not checkable from memory (bundle sealed without a split-form signature)"
+    weights = buffers.get("weights")
+    digests = {
+        "graph": _sha256(graph.view),
+        "weights": _sha256(weights.view) if weights is not None else _sha256(b""),
+    }
+    verify_split_signature(block["split"], signer, digests)
+    return "verified: graph and weights in memory match the split-form OMS signature"
+
+
+def _sha256(data: memoryview | bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _session(
-    vb: VerifiedBundle, buffers: dict[str, SecretBuffer], config: Config
+    vb: VerifiedBundle, buffers: dict[str, SecretBuffer], config: Config, preflight: Preflight
 ) -> InferenceSession:
     graph = bytes(buffers["graph"].view)
-    if vb.manifest.model_format == "tflite":
-        return TfliteSession(graph, config.runtime)
     weights = buffers.get("weights")
-    entries = parse_weights_index(weights.view) if weights is not None else []
+    fmt = vb.manifest.model_format
+    entries = parse_weights_index(weights.view) if weights is not None and fmt == "onnx" else []
+    preflight.check(
+        model_format=fmt,
+        graph=graph,
+        weights=entries,
+        limits=config.limits,
+        runtime=config.runtime,
+    )
+    if fmt == "tflite":
+        return TfliteSession(graph, config.runtime)
     return OnnxSession(
         graph,
         weights.view if weights else None,

@@ -22,7 +22,7 @@ from edgeseal.agent.opener import open_bundle
 from edgeseal.agent.store import ModelStore, StoreError
 from edgeseal.agent.version import __version__
 from edgeseal.core.config import Config
-from edgeseal.core.errors import EdgesealError, RollbackError
+from edgeseal.core.errors import EdgesealError, NotARecipientError, RollbackError
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.reader import BundleFile, VerifyPolicy
 from edgeseal.hardware.floors import FileFloors, TpmFloors, VersionFloors
@@ -116,6 +116,15 @@ class Agent:
         free slot; the serving slot is untouched. Returns (model, version)."""
         with BundleFile.open(bundle) as bf:
             vb = bf.verify(self.policy(None, installing=True))
+            # V12 and V13 as far as they need no key, before the store is touched: a
+            # bundle for another device, or a corrupted or spliced payload, must not
+            # displace the fallback slot it would be staged into.
+            if vb.manifest.recipient_for(self.key_store.key_id) is None:
+                raise NotARecipientError(
+                    f"bundle {vb.manifest.model_name} v{vb.manifest.version} is not wrapped "
+                    "for this device's key"
+                )
+            bf.check_chunk_digests(vb)
         name, version = vb.manifest.model_name, vb.manifest.version
         floor = self.store.floors.get(name)
         if version < floor:
@@ -199,13 +208,19 @@ class Agent:
         return f"serving v{sm.identity['version']}"
 
     def reload(self) -> dict[str, str]:
-        """Re-open everything from the store (SIGHUP)."""
+        """Re-open everything from the store (SIGHUP). Each model keeps answering until its
+        replacement is open; a model that no longer opens, or is gone, stops serving."""
+        results = self.load_all()
+        installed = set(self.store.models())
         with self._lock:
-            old = dict(self.serving)
-            self.serving.clear()
-        for sm in old.values():
+            stale = [
+                self.serving.pop(n)
+                for n in list(self.serving)
+                if n not in installed or results.get(n, "").startswith("not serving")
+            ]
+        for sm in stale:
             sm.close()
-        return self.load_all()
+        return results
 
     # -- serving -----------------------------------------------------------------------
 

@@ -176,7 +176,8 @@ def _check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:
                 f"bundle expired at {format_time(manifest.expires)} "
                 f"(trusted time is {format_time(policy.now)})"
             )
-        if manifest.created - policy.clock_skew > policy.now:
+        # (now + skew, not created - skew: a signed "created" of year 1 must not overflow)
+        if manifest.created > policy.now + policy.clock_skew:
             raise ExpiredError(
                 f"bundle was created at {format_time(manifest.created)}, after the trusted "
                 f"time {format_time(policy.now)}"
@@ -265,6 +266,25 @@ class BundleFile:
 
     def verify(self, policy: VerifyPolicy) -> VerifiedBundle:
         return verify_prelude(self.read_prefix(policy.limits), file_len=self.size, policy=policy)
+
+    def check_chunk_digests(self, bundle: VerifiedBundle) -> None:
+        """V13's first half, which needs no key: every sealed chunk is the one the signed
+        manifest lists. A store runs it before copying a bundle in, so a corrupted or
+        spliced payload never displaces anything."""
+        m = bundle.manifest
+        scratch = bytearray(m.chunk_size + 16)
+        view = memoryview(scratch)
+        for entry in m.sections:
+            self._f.seek(bundle.header.payload_offset + entry.offset)
+            for i, digest in enumerate(entry.chunks):
+                n = min(m.chunk_size, entry.plaintext_size - i * m.chunk_size) + 16
+                if self._f.readinto(view[:n]) != n:
+                    raise MalformedBundleError("truncated: a sealed chunk ended early")
+                # V13: the sealed chunk matches the digest the signed manifest lists.
+                if hashlib.sha256(view[:n]).hexdigest() != digest:
+                    raise DigestMismatchError(
+                        f"chunk {i} of section {entry.name} does not match the manifest"
+                    )
 
     def decrypt_section_into(
         self,

@@ -1,0 +1,286 @@
+"""Attacks on the local API from processes on the device: callers outside the ACL, floods
+against rate limits and budgets, and malformed or stalled requests. After each, a good
+request still gets the right answer: the daemon never goes down for a caller's bytes.
+
+Callers are identified by SO_PEERCRED on a real unix socket. The suite runs as one uid
+(it cannot switch: the venv is not executable by others), so "a uid not in the ACL" is
+this uid with root and the agent's uid untrusted and a rule naming only another uid.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeseal.agent.api import ApiServer
+from edgeseal.agent.client import AgentError, Client
+from edgeseal.core.config import AccessRule
+from security.conftest import MODEL, probe_input
+
+ME = os.getuid()
+
+
+@pytest.fixture
+def api(serving):
+    sock = Path(f"/tmp/es-sec-{os.getpid()}-{time.monotonic_ns()}.sock")
+    server = ApiServer(serving.agent, sock)
+    server.start()
+    server.acl.trusted_uids = ()  # the test's uid is an ordinary caller
+    yield serving, server, sock
+    server.stop()
+
+
+def _allow(server, **rule):
+    server.acl.rules = ((MODEL, AccessRule(uids=(ME,), **rule)),)
+
+
+def _good_request_works(sock, expected):
+    with Client(str(sock), timeout=30) as c:
+        r = c.infer(MODEL, {"input": probe_input()})
+    assert r.model == expected[0]
+    for k, v in expected[1].items():
+        np.testing.assert_allclose(r.outputs[k], v, rtol=1e-6)
+
+
+def _raw(sock, data: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, half-close, read the answer until the server closes or goes quiet."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(sock))
+    out = b""
+    try:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before reading it all: read the answer
+        while chunk := s.recv(65536):
+            out += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        s.close()
+    return out
+
+
+def _status(answer: bytes) -> int:
+    """The answer's status code; 0 when the server closed without answering."""
+    if not answer:
+        return 0
+    assert answer.startswith(b"HTTP/1."), answer[:80]
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_uid_not_in_the_acl_gets_403_and_sees_no_model(api):
+    serving, server, sock = api
+    before = serving.snapshot()
+    server.acl.rules = ((MODEL, AccessRule(uids=(ME + 1,), groups=())),)
+    with Client(str(sock)) as c:
+        with pytest.raises(AgentError) as e:
+            c.infer(MODEL, {"input": probe_input()})
+        assert e.value.status == 403 and f"uid {ME}" in str(e.value)
+        with pytest.raises(AgentError) as e:
+            c.info(MODEL)
+        assert e.value.status == 403
+        assert c.models() == []
+    server.acl.rules = ()  # no rule at all: nobody but the trusted uids
+    with Client(str(sock)) as c, pytest.raises(AgentError) as e:
+        c.infer(MODEL, {"input": probe_input()})
+    assert e.value.status == 403
+    serving.assert_unchanged(before)
+
+
+def _flood(sock, threads: int, each: int, rows: int = 4) -> list[int]:
+    codes: list[int] = []
+    lock = threading.Lock()
+    x = np.repeat(probe_input(), rows // 4 or 1, axis=0)[:rows]
+
+    def worker():
+        with Client(str(sock), timeout=60) as c:
+            for _ in range(each):
+                try:
+                    c.infer(MODEL, {"input": x})
+                    code = 200
+                except AgentError as err:
+                    code = err.status
+                with lock:
+                    codes.append(code)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(120)
+    assert len(codes) == threads * each, "a flooding caller got no answer"
+    return codes
+
+
+def test_the_rate_limit_holds_under_a_flood_of_threads(api):
+    """8 threads x 6 requests at once against 10 a minute: at most 10 (plus what refills
+    while the flood lasts) get through, the rest get 429, none gets a 5xx."""
+    serving, server, sock = api
+    expected = serving.snapshot().served[MODEL]
+    _allow(server, rate_per_minute=10)
+    start = time.monotonic()
+    codes = _flood(sock, threads=8, each=6)
+    refilled = int((time.monotonic() - start) * 10 / 60) + 1
+    assert set(codes) <= {200, 429}
+    assert 10 <= codes.count(200) <= 10 + refilled
+    server.acl.rules = ()
+    server.acl.trusted_uids = None
+    _good_request_works(sock, expected)
+
+
+def test_the_daily_budget_holds_exactly_under_a_flood_of_threads(api):
+    """A budget of 20 rows a day, 8 threads sending 4-row requests: exactly 5 succeed."""
+    _, server, sock = api
+    _allow(server, daily_budget=20)
+    codes = _flood(sock, threads=8, each=4, rows=4)
+    assert codes.count(200) == 5 and codes.count(429) == len(codes) - 5
+
+
+def _post(body: bytes, *, ctype: str = "application/x-npz", length: str | None = None) -> bytes:
+    n = str(len(body)) if length is None else length
+    return (
+        f"POST /v1/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {n}\r\n\r\n"
+    ).encode("latin-1") + body
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+MALFORMED = {
+    "garbage": (b"\x00\xff\xfe garbage \x13\x37\r\n\r\n", {400}),
+    "no request line": (b"\r\n\r\n", {400}),
+    "binary request line": (bytes(range(256)) + b"\r\n\r\n", {400}),
+    "huge content-length": (_post(b"", length="999999999999999999999"), {413}),
+    "negative content-length": (_post(b"x", length="-1"), {400, 411}),
+    "content-length not ascii digits": (_post(b"x", length="\xb2"), {400, 411}),
+    "no content-length": (
+        f"POST /v1/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        {411},
+    ),
+    "chunked upload": (
+        f"POST /v1/models/{MODEL}/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n0\r\n\r\n".encode(),
+        {400, 411},
+    ),
+    "header flood": (  # the server may close mid-send, before its answer is read: 0
+        b"GET /v1/health HTTP/1.1\r\n" + b"X-A: " + b"a" * 200_000 + b"\r\n\r\n",
+        {0, 400, 431},
+    ),
+    "bad json": (_post(b'{"inputs": ', ctype="application/json"), {400}),
+    "json of the wrong shape": (
+        _post(
+            b'{"inputs": {"input": {"dtype": "float32", "shape": [2, 2], "data": [1]}}}',
+            ctype="application/json",
+        ),
+        {400},
+    ),
+    "json object dtype": (
+        _post(
+            b'{"inputs": {"input": {"dtype": "object", "shape": [1], "data": [1]}}}',
+            ctype="application/json",
+        ),
+        {400},
+    ),
+    "bad npz": (_post(b"PK\x03\x04" + b"\x00" * 64), {400}),
+    "npz with a pickled object array": (
+        _post(_npz(input=np.array([{"a": 1}], dtype=object))),
+        {400},
+    ),
+    "wrong dtype": (_post(_npz(input=probe_input().astype(np.float64))), {400}),
+    "wrong shape": (_post(_npz(input=np.zeros((4, 9), np.float32))), {400}),
+    "wrong rank": (_post(_npz(input=np.zeros((2, 2, 8), np.float32))), {400}),
+    "wrong input name": (_post(_npz(other=probe_input())), {400}),
+    "nan inputs": (_post(_npz(input=np.full((1, 8), np.nan, np.float32))), {400}),
+    "zero rows": (_post(_npz(input=np.zeros((0, 8), np.float32))), {400, 200}),
+    "too many rows": (_post(_npz(input=np.zeros((5000, 8), np.float32))), {400, 413}),
+    "unknown method": (b"BREW /v1/health HTTP/1.1\r\n\r\n", {400, 405, 501}),
+    "path traversal": (b"GET /v1/models/../../etc/passwd HTTP/1.1\r\n\r\n", {400, 403, 404}),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_request_gets_a_4xx_and_the_daemon_keeps_serving(api, name):
+    serving, server, sock = api
+    server.acl.trusted_uids = None  # root may call: only the bytes are wrong
+    data, codes = MALFORMED[name]
+    expected = serving.snapshot().served[MODEL]
+    answer = _raw(sock, data)
+    assert _status(answer) in codes, answer[:300]
+    assert 500 not in server.errors, server.errors
+    _good_request_works(sock, expected)
+
+
+def test_a_body_shorter_than_its_content_length_costs_only_its_own_connection(api):
+    """A caller declares 1 MB, sends 10 bytes and stalls; meanwhile others are served."""
+    serving, server, sock = api
+    server.acl.trusted_uids = None
+    expected = serving.snapshot().served[MODEL]
+    stalled = socket.socket(socket.AF_UNIX)
+    stalled.connect(str(sock))
+    stalled.sendall(_post(b"", length="1000000") + b"0123456789")
+    try:
+        start = time.monotonic()
+        _good_request_works(sock, expected)
+        assert time.monotonic() - start < 30
+    finally:
+        stalled.close()
+    _good_request_works(sock, expected)
+
+
+def test_many_stalled_partial_requests_do_not_block_other_callers(api):
+    """Slowloris: 100 connections each send half a request line and stall."""
+    serving, server, sock = api
+    server.acl.trusted_uids = None
+    expected = serving.snapshot().served[MODEL]
+    held = []
+    try:
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sock))
+            s.sendall(b"POST /v1/models/clf/in")
+            held.append(s)
+        time.sleep(1.0)  # let the server accept them all (its listen backlog is small)
+        start = time.monotonic()
+        _good_request_works(sock, expected)
+        with Client(str(sock), timeout=30) as c:
+            assert c.health()["ok"] is True
+        assert time.monotonic() - start < 30
+    finally:
+        for s in held:
+            s.close()
+
+
+@pytest.mark.slow
+def test_a_stalled_partial_request_is_dropped_after_a_timeout(api):
+    """A connection that never completes its request must not hold a server thread (and
+    its memory) forever: thousands of them would exhaust the daemon. The server should
+    close it after a request timeout (10 s here at most)."""
+    _, _, sock = api
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(12)
+    s.connect(str(sock))
+    s.sendall(b"GET /v1/heal")
+    start = time.monotonic()
+    try:
+        data = s.recv(4096)  # b"" (closed) or an error answer, before our own timeout
+    except TimeoutError:
+        data = None
+    finally:
+        s.close()
+    assert data is not None, "the server kept a stalled request open for 12 s"
+    assert time.monotonic() - start <= 12
