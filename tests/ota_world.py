@@ -310,12 +310,16 @@ def device_child(
 
     if kill_after > 0:
         threading.Timer(kill_after, os.kill, (os.getpid(), _signal.SIGKILL)).start()
+    t0 = time.monotonic()
     dev = InProcessDevice.start(Path(home), config_text)
     deadline = time.monotonic() + 60
     state = None
+    t_update = None
     while time.monotonic() < deadline:
         st = dev.channel.status()["models"].get("clf", {})
         state = st.get("state")
+        if t_update is None and st.get("offered") == want_version:
+            t_update = time.monotonic() - t0
         if (
             kill_after <= 0
             and st.get("offered") == want_version
@@ -330,6 +334,8 @@ def device_child(
         time.sleep(0.02)
     sm = dev.agent.serving.get("clf")
     result = {
+        "t_update": t_update,
+        "t_done": time.monotonic() - t0,
         "state": state,
         "serving": sm.identity["version"] if sm else None,
         "golden": sm.self_check(golden=True, digest=True) if sm else None,

@@ -48,6 +48,7 @@ from edgeseal.core.weights import PLACEHOLDER_LOCATION, TensorEntry
 
 __all__ = [
     "MAX_DEPTH",
+    "InstalledSlot",
     "ModelRejectedError",
     "Preflight",
     "RuntimeCrashError",
@@ -360,6 +361,16 @@ class UnsafeNoPreflight(Preflight):
 
     def check(self, **kwargs: Any) -> None:
         log.warning("UnsafeNoPreflight: loading a model without the pre-flight check")
+
+
+class InstalledSlot(Preflight):
+    """For opening a slot the model store holds as good (at start and on reload): its bundle
+    passed the pre-flight when it was staged, and the signature and chunk digests checked
+    on every open prove it is still that bundle, so the child is not run again. Boards
+    start serving seconds sooner; a new bundle always goes through :class:`Preflight`."""
+
+    def check(self, **kwargs: Any) -> None:
+        return None
 
 
 _DEFAULT = Preflight()

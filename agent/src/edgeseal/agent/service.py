@@ -19,6 +19,7 @@ from edgeseal.agent.device import DeviceHome, machine_architecture
 from edgeseal.agent.guard import InferResult, ServingModel
 from edgeseal.agent.memory import make_process_undumpable
 from edgeseal.agent.opener import open_bundle
+from edgeseal.agent.preflight import InstalledSlot
 from edgeseal.agent.store import ModelStore, StoreError
 from edgeseal.agent.version import __version__
 from edgeseal.core.config import Config
@@ -104,6 +105,7 @@ class Agent:
             key_store=self.key_store,
             policy=self.policy(model, installing=installing),
             config=self.config,
+            preflight=None if installing else InstalledSlot(),
         )
         return ServingModel.start(opened, self.config.agent, self._quarantined)
 
