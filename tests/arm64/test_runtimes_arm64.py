@@ -90,13 +90,6 @@ def test_onnx_and_litert_bundles_packed_on_x86_pass_golden_checks_on_emulated_ar
     _compare_on_arm64(fleet, arm64_sysroot, tmp_path, bundles)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="int8 golden tolerances are measured on the packing host's kernels only: ONNX "
-    "Runtime's aarch64 int8 kernels differ by up to 0.034 on a probability where the "
-    "x86-measured tolerance is 0.011, so the device refuses the model (cross/raspberrypi.md)",
-)
 def test_dynamic_int8_bundle_packed_on_x86_passes_golden_checks_on_emulated_arm64(
     fleet, onnx_model, arm64_sysroot, tmp_path
 ):

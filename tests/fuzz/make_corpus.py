@@ -37,6 +37,41 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _ota_seeds() -> dict[str, bytes]:
+    """Real control messages, fetch requests and chunk frames (mode byte first)."""
+    from edgeseal.core.encoding import canonical_json
+    from edgeseal.ota.messages import (
+        chunk_digests,
+        encode_chunk,
+        fetch_request,
+        make_message,
+    )
+
+    _, deployer, cert = targets._ota_world()
+    digests, size, sha = chunk_digests(b"x" * 5000, 2048)
+    bid = "ab" * 16
+    offer = make_message(
+        deployer, cert, action="install", seq=7, to=("device", "dev-a"), model="clf",
+        version=2, bundle_id=bid, now=targets.OTA_NOW, size=size, sha256=sha,
+        chunk_bytes=2048, chunks=digests, rollout="r1",
+    )  # fmt: skip
+    order = make_message(
+        deployer, cert, action="fall-back", seq=8, to=("group", "lab"), model="clf",
+        version=1, bundle_id=bid, now=targets.OTA_NOW, reason="operator",
+    )  # fmt: skip
+    payload = json.loads(offer)["envelope"]["payload"]
+    import base64
+
+    return {
+        "offer.wire": b"\x00" + offer,
+        "order.wire": b"\x00" + order,
+        "offer.payload": b"\x01" + base64.b64decode(payload),
+        "fetch.json": b"\x02" + fetch_request(bid, [0, 1, 2]),
+        "chunk.frame": b"\x03" + encode_chunk(bid, 1, b"data"),
+        "garbage.json": b"\x01" + canonical_json({"_type": "ota-message", "action": "x"}),
+    }
+
+
 def seeds() -> dict[str, dict[str, bytes]]:
     w = targets.world()
     h, m = w.header, w.verified.manifest
@@ -108,6 +143,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
             ),
             "keepalive-two.http": _http("GET", "/v1/health") + _http("GET", "/v1/models"),
         },
+        "ota_message": _ota_seeds(),
     }
 
 

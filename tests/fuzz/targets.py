@@ -479,8 +479,76 @@ class KnownFindingError(Exception):
     """A 500 from the API whose cause is a finding in :data:`KNOWN_FINDINGS`."""
 
 
+# --- OTA control messages, fetch requests and chunk frames ------------------------------
+
+OTA_NOW = datetime(2026, 11, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@functools.cache
+def _ota_world() -> tuple[Any, SoftwareSigner, dict[str, Any]]:
+    """A pinned root and a deploy signer it certified (test material only)."""
+    from edgeseal.core.trust import TrustAnchor, make_signer_certificate
+
+    root, deployer = SoftwareSigner(_key(101)), SoftwareSigner(_key(102))
+    cert = make_signer_certificate(
+        root, deployer.public_key, name="fuzz-deploy", roles=["deploy"],
+        model_patterns=["clf*"], not_before=OTA_NOW - timedelta(days=1),
+        not_after=OTA_NOW + timedelta(days=365),
+    )  # fmt: skip
+    return TrustAnchor.from_public_keys([root.public_key]), deployer, cert
+
+
+def fuzz_ota_message(data: bytes) -> None:
+    """The device's side of OTA messages. ``data[0] % 4`` picks:
+
+    0. ``verify_message`` on the raw wire bytes (before any signature is trusted);
+    1. the rest is a *payload*, signed with the test deploy signer so it gets past the
+       signature: field parsing, then the device's decision (``judge``) on what verified;
+    2. a chunk server's ``parse_fetch``;  3. a device's ``decode_chunk``.
+    """
+    from edgeseal.core.encoding import canonical_json
+    from edgeseal.core.envelope import pae
+    from edgeseal.ota.decide import SeqBook, SlotView, judge
+    from edgeseal.ota.messages import (
+        MESSAGE_TYPE,
+        decode_chunk,
+        parse_fetch,
+        verify_message,
+    )
+
+    if not data:
+        return
+    anchor, deployer, cert = _ota_world()
+    mode, rest = data[0] % 4, data[1:]
+    if mode == 2:
+        parse_fetch(rest)
+        return
+    if mode == 3:
+        decode_chunk(rest)
+        return
+    wire = rest
+    if mode == 1:
+        from edgeseal.core.encoding import b64e
+
+        sig = b64e(deployer.sign(pae(MESSAGE_TYPE, rest)))
+        envelope = {
+            "payloadType": MESSAGE_TYPE,
+            "payload": b64e(rest),
+            "signatures": [{"keyid": deployer.key_id, "sig": sig}],
+        }
+        wire = canonical_json({"envelope": envelope, "certificate": cert})
+    msg = verify_message(wire, anchor=anchor, known_revocations=None, now=OTA_NOW)
+    decision = judge(
+        msg, device_id="dev-a", groups=("lab",), seqs=SeqBook(),
+        slots=SlotView(active=(1, "ab" * 16), fallback=None, floor=1),
+    )  # fmt: skip
+    if decision.verdict not in {"accept", "ignore", "refuse"}:
+        raise PropertyViolation(f"judge returned {decision!r}")
+
+
 TargetFn = Callable[[bytes], None]
 TARGETS: dict[str, TargetFn] = {
+    "ota_message": fuzz_ota_message,
     "prelude": fuzz_prelude,
     "manifest": fuzz_manifest,
     "chunk": fuzz_chunk,

@@ -1,11 +1,19 @@
 """Golden vectors, the input profile and provenance: what the device checks itself with.
 
 Golden vectors are a handful of inputs with the final model's outputs on this machine
-and a per-output absolute tolerance. The tolerance comes from the measured spread of the
-same model under other execution settings (graph optimizations off and all on, one
-thread), times a safety factor, with a floor relative to the output's scale that depends
-on the number format (float32 models are checked tightly; int8/fp16 kernels differ more
-across CPUs, e.g. x86 against arm64).
+and a per-output absolute tolerance: the measured spread of the same model over other
+ways of computing it, times a safety factor, with a floor relative to the output's scale.
+
+- Float and fp16 models: the spread over other session settings (graph optimizations off
+  and all on, one thread) is rounding noise, which other CPUs' SIMD widths and summation
+  orders can multiply; the factor is 16.
+- int8 models: what differs across CPUs is the integer matrix product itself. Besides
+  the session settings (which switch QDQ models between float fallback and QLinear
+  kernels), the spread covers emulations of the two results CPUs compute for an int8
+  GEMM, on the same golden inputs: exact int32 accumulation (ARM NEON and dot-product,
+  x86 VNNI) and x86's u8s8 ``vpmaddubsw`` path (AVX2, AVX-512 without VNNI), whose
+  adjacent pair sums saturate at int16. The device computes one of those up to rounding
+  at ties, so the factor is 2. See docs/packager.md ("golden").
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from edgeseal.core.extras import array_from_obj, array_to_obj
 from edgeseal.core.golden import numeric_outputs
@@ -38,7 +48,12 @@ __all__ = [
     "tflite_runners",
 ]
 
+#: Spread multiplier for float rounding noise (float32, fp16 models).
 SAFETY_FACTOR = 16.0
+#: Spread multiplier for int8 models, whose spread includes every integer kernel family.
+KERNEL_FACTOR = 2.0
+#: Largest weight matrix (K x N) the saturating u8s8 emulation expands per input row.
+MAX_EMULATED_PRODUCTS = 1 << 24
 #: Tolerance floor relative to each output's largest magnitude, by quantization mode.
 RELATIVE_FLOOR = {"none": 1e-4, "fp16": 1e-2, "dynamic-int8": 2e-2, "static-int8": 2e-2}
 
@@ -50,20 +65,185 @@ def onnx_runners(model: Path) -> tuple[Runner, list[Runner]]:
     """The reference runner (basic optimizations) and variants to measure spread with."""
     import onnxruntime as ort
 
-    def runner(level: str, threads: int = 0) -> Runner:
+    def runner(level: str, threads: int = 0, graph: bytes | None = None) -> Runner:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         if threads:
             so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        source = graph if graph is not None else str(model)
+        sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         return lambda feed: dict(zip(names, sess.run(None, feed), strict=True))
 
-    return runner("ORT_ENABLE_BASIC"), [
-        runner("ORT_DISABLE_ALL"),
-        runner("ORT_ENABLE_ALL", threads=1),
-    ]
+    variants = [runner("ORT_DISABLE_ALL"), runner("ORT_ENABLE_ALL", threads=1)]
+    integer_ops = {"MatMulInteger", "ConvInteger"}
+    loaded = onnx.load(str(model), load_external_data=True)
+    if any(n.op_type in integer_ops for n in loaded.graph.node):
+        for saturate in (False, True):
+            emulated = _emulate_integer_kernels(loaded, saturate=saturate)
+            if emulated is not None:
+                variants.append(runner("ORT_ENABLE_BASIC", graph=emulated.SerializeToString()))
+    return runner("ORT_ENABLE_BASIC"), variants
+
+
+class _Rewriter:
+    """Appends nodes and constants to a copy of a graph under fresh names."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        self.graph = self.model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.opset = next(
+            (o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0
+        )
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def name(self) -> str:
+        self._n += 1
+        return f"_edgeseal_emulated_{self._n}"
+
+    def const(self, value: npt.NDArray[Any]) -> str:
+        name = self.name()
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        out = self.name()
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def array(self, name: str) -> npt.NDArray[Any] | None:
+        t = self.inits.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def reduce_sum(self, x: str, axis: int) -> str:
+        if self.opset >= 13:
+            return self.op("ReduceSum", x, self.const(np.array([axis], np.int64)), keepdims=0)
+        return self.op("ReduceSum", x, axes=[axis], keepdims=0)
+
+
+def _scalar_zero_point(rw: _Rewriter, name: str, producers: dict[str, str]) -> bool:
+    """A zero point the emulation may broadcast: absent, a scalar, or DynamicQuantizeLinear's."""
+    if not name or producers.get(name) == "DynamicQuantizeLinear":
+        return True
+    value = rw.array(name)
+    return value is not None and value.size == 1
+
+
+def _matmul_integer(
+    rw: _Rewriter, node: onnx.NodeProto, producers: dict[str, str], *, saturate: bool
+) -> bool:
+    """MatMulInteger as int32 arithmetic; with ``saturate``, the x86 u8s8 path: products of
+    the raw uint8 activations and int8 weights summed in adjacent pairs, each pair clamped
+    to int16, then zero points corrected exactly. False when it cannot be emulated."""
+    a, b, a_zp, b_zp = (*node.input, "", "")[:4]
+    if not _scalar_zero_point(rw, a_zp, producers):
+        return False
+    i32 = TensorProto.INT32
+    weights = rw.array(b)
+    if not saturate or weights is None or weights.ndim != 2 or weights.dtype != np.int8:
+        lhs = rw.op("Cast", a, to=i32)
+        rhs = rw.op("Cast", b, to=i32)
+        if a_zp:
+            lhs = rw.op("Sub", lhs, rw.op("Cast", a_zp, to=i32))
+        if b_zp:
+            rhs = rw.op("Sub", rhs, rw.op("Cast", b_zp, to=i32))
+        rw.nodes.append(helper.make_node("MatMul", [lhs, rhs], [node.output[0]]))
+        return True
+    k, n = weights.shape
+    if k * n > MAX_EMULATED_PRODUCTS:
+        return False
+    w = weights.astype(np.int32)
+    padded = np.vstack([w, np.zeros((k % 2, n), np.int32)])
+    rows = rw.op("Reshape", rw.op("Cast", a, to=i32), rw.const(np.array([-1, k], np.int64)))
+    if k % 2:
+        rows = rw.op("Pad", rows, rw.const(np.array([0, 0, 0, 1], np.int64)))
+    column = rw.op("Reshape", rows, rw.const(np.array([-1, k + k % 2, 1], np.int64)))
+    products = rw.op("Mul", column, rw.const(padded))
+    pairs = rw.op("Reshape", products, rw.const(np.array([-1, (k + k % 2) // 2, 2, n], np.int64)))
+    pair_sums = rw.reduce_sum(pairs, 2)
+    clamped = rw.op(
+        "Max",
+        rw.op("Min", pair_sums, rw.const(np.array(32767, np.int32))),
+        rw.const(np.array(-32768, np.int32)),
+    )
+    acc = rw.reduce_sum(clamped, 1)
+    if a_zp:
+        azp = rw.op("Cast", a_zp, to=i32)
+        acc = rw.op("Sub", acc, rw.op("Mul", azp, rw.const(w.sum(axis=0, dtype=np.int32))))
+    if b_zp:
+        bzp = rw.op("Cast", b_zp, to=i32)
+        row_sums = (
+            rw.op(
+                "Unsqueeze",
+                rw.reduce_sum(rows, 1),
+                rw.const(np.array([1], np.int64)),
+            )
+            if rw.opset >= 13
+            else rw.op("Unsqueeze", rw.reduce_sum(rows, 1), axes=[1])
+        )
+        acc = rw.op("Sub", acc, rw.op("Mul", row_sums, bzp))
+        if a_zp:
+            kk = rw.const(np.array(k, np.int32))
+            acc = rw.op("Add", acc, rw.op("Mul", kk, rw.op("Mul", azp, bzp)))
+    lead = rw.op(
+        "Slice",
+        rw.op("Shape", a),
+        rw.const(np.array([0], np.int64)),
+        rw.const(np.array([-1], np.int64)),
+    )
+    shape = rw.op("Concat", lead, rw.const(np.array([n], np.int64)), axis=0)
+    rw.nodes.append(helper.make_node("Reshape", [acc, shape], [node.output[0]]))
+    return True
+
+
+def _conv_integer(rw: _Rewriter, node: onnx.NodeProto, producers: dict[str, str]) -> bool:
+    """ConvInteger as a float Conv over zero-point-corrected integers (exact while partial
+    sums stay below 2**24). False when it cannot be emulated."""
+    x, w, x_zp, w_zp = (*node.input, "", "")[:4]
+    weights = rw.array(w)
+    if weights is None or not _scalar_zero_point(rw, x_zp, producers):
+        return False
+    wf = weights.astype(np.float32)
+    if w_zp:
+        zp = rw.array(w_zp)
+        if zp is None:
+            return False
+        wf = wf - zp.astype(np.float32).reshape(-1, *[1] * (wf.ndim - 1))
+    xf = rw.op("Cast", x, to=TensorProto.FLOAT)
+    if x_zp:
+        xf = rw.op("Sub", xf, rw.op("Cast", x_zp, to=TensorProto.FLOAT))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    conv = rw.op("Conv", xf, rw.const(wf), **attrs)
+    rw.nodes.append(helper.make_node("Cast", [conv], [node.output[0]], to=TensorProto.INT32))
+    return True
+
+
+def _emulate_integer_kernels(model: onnx.ModelProto, *, saturate: bool) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose integer matrix products compute what one family of CPU
+    kernels computes: exact int32 accumulation, or (``saturate``) x86's u8s8 pair sums
+    clamped to int16. None when no op could be emulated that way."""
+    rw = _Rewriter(model)
+    producers = {o: n.op_type for n in rw.graph.node for o in n.output}
+    changed = False
+    for node in rw.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type == "MatMulInteger":
+            done = _matmul_integer(rw, node, producers, saturate=saturate)
+        elif node.domain in ("", "ai.onnx") and node.op_type == "ConvInteger" and not saturate:
+            done = _conv_integer(rw, node, producers)
+        else:
+            done = False
+        if not done:
+            rw.nodes.append(node)
+        changed = changed or done
+    if not changed:
+        return None
+    del rw.graph.node[:]
+    rw.graph.node.extend(rw.nodes)
+    return rw.model
 
 
 def tflite_runners(model: bytes) -> tuple[Runner, list[Runner]]:
@@ -137,11 +317,16 @@ def make_golden(
         scale = max(
             float(np.abs(array_from_obj(v["outputs"][name])).max(initial=0.0)) for v in vectors
         )
+        factor = KERNEL_FACTOR if mode.endswith("int8") else SAFETY_FACTOR
         atol = max(
-            SAFETY_FACTOR * spreads.get(name, 0.0),
+            factor * spreads.get(name, 0.0),
             RELATIVE_FLOOR.get(mode, 2e-2) * max(scale, 1e-6),
         )
-        tolerances[name] = {"atol": atol, "measured_spread": spreads.get(name, 0.0)}
+        tolerances[name] = {
+            "atol": atol,
+            "measured_spread": spreads.get(name, 0.0),
+            "factor": factor,
+        }
     return {"vectors": vectors, "tolerances": tolerances, "mode": mode}
 
 
