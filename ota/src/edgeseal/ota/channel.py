@@ -3,7 +3,9 @@
 ``[agent] channels = ["mqtt"]`` and ``[ota] broker = "mqtts://..."``.
 
 One paho connection feeds one worker thread, which runs the :class:`Updater`: control
-messages, chunks, agent events and a once-a-second tick, in arrival order.
+messages, chunks, agent events and a once-a-second tick, in arrival order. The status is
+published on every transition and again every ``report_interval`` seconds, so the fleet
+sees OOD rates and quarantines move between updates.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from edgeseal.agent.service import Agent
@@ -50,12 +53,21 @@ class _MqttLink:
 
 class MqttChannel:
     name = "mqtt"
+    #: Seconds between status reports when nothing changes.
+    report_interval = 30.0
 
-    def __init__(self, config: Config, *, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        faults: Faults | None = None,
+        kill: Callable[[str], None] | None = None,
+    ) -> None:
         if not config.ota.broker:
             raise ConfigError('agent.channels names "mqtt" but [ota] broker is not set')
         self.config = config
         self.faults = faults
+        self.kill = kill
         self.topics = Topics(config.ota.topic_prefix)
         self.queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.updater: Updater | None = None
@@ -72,6 +84,8 @@ class MqttChannel:
         subs = [control, data, *(self.topics.group(g) for g in ota.groups)]
 
         def on_message(topic: str, payload: bytes) -> None:
+            if not payload:
+                return  # a retained message cleared (the controller withdrew an offer)
             self.queue.put(("chunk" if topic == data else "control", payload))
 
         self.conn = MqttConnection(
@@ -87,7 +101,7 @@ class MqttChannel:
             on_connect=lambda: self.queue.put(("connected", None)),
         )
         link = _MqttLink(self.conn, self.topics, device_id)
-        self.updater = Updater(agent, ota, device_id, link, faults=self.faults)
+        self.updater = Updater(agent, ota, device_id, link, faults=self.faults, kill=self.kill)
         agent.listeners.append(lambda e, m, d: self.queue.put(("agent", (e, m, d))))
         self._thread = threading.Thread(target=self._run, name="edgeseal-ota", daemon=True)
         self._thread.start()
@@ -100,11 +114,14 @@ class MqttChannel:
         except Exception:
             log.exception("resuming the update failed")
         conn.start()
+        reported = time.monotonic()
         while not self._stopping.is_set():
             try:
                 kind, item = self.queue.get(timeout=TICK)
             except queue.Empty:
                 kind, item = "tick", None
+            if kind == "tick" and time.monotonic() - reported >= self.report_interval:
+                kind, reported = "report", time.monotonic()
             try:
                 self._dispatch(updater, kind, item)
             except ConnectionAbortedError:
@@ -119,6 +136,9 @@ class MqttChannel:
             updater.handle_chunk(item)
         elif kind == "agent":
             updater.on_agent_event(*item)
+        elif kind == "report":
+            updater.report()
+            updater.tick()
         elif kind == "connected":
             if updater.download is not None:
                 updater.download.asked.clear()  # what was in flight is lost with the link

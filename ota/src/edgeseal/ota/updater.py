@@ -137,6 +137,7 @@ class Updater:
         *,
         faults: Faults | None = None,
         clock: Callable[[], float] = time.monotonic,
+        kill: Callable[[str], None] | None = None,
     ) -> None:
         self.agent = agent
         self.config = config
@@ -144,6 +145,9 @@ class Updater:
         self.link = link
         self.faults = faults or Faults()
         self.clock = clock
+        #: What a kill fault does: SIGKILL this process. The fleet simulator, which runs
+        #: many devices in one process, abandons the one device instead.
+        self.kill = kill or _kill_process
         self.dir = agent.home.path / "ota"
         (self.dir / "incoming").mkdir(parents=True, exist_ok=True, mode=0o700)
         self.counters = Counters()
@@ -171,6 +175,9 @@ class Updater:
     def _set_state(self, model: str, state: str, **details: Any) -> None:
         old = self._state(model)
         new = {**old, **details, "state": state, "since": format_time(utcnow())}
+        log.info(
+            "%s: %s -> %s %s", model, old.get("state", "idle"), state, details.get("reason", "")
+        )
         self.agent.store.set_channel_state(model, new)
         self.link.publish_event(
             {
@@ -186,8 +193,7 @@ class Updater:
         )
         self.report()
         if self.faults.kill_at == state:
-            log.warning("UNSAFE fault: killing this process at %s", state)
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.kill(f"UNSAFE fault: killing this process at {state}")
 
     def _slots(self, model: str) -> SlotView:
         j = self.agent.store.journal(model)
@@ -289,6 +295,8 @@ class Updater:
         except EdgesealError as e:
             self._refuse(f"{type(e).__name__}: {e}")
             return Decision("refuse", str(e))
+        if msg.revocations is not None:
+            self.agent.home.remember_revocations(msg.revocations, anchor)
         decision = judge(
             msg,
             device_id=self.device_id,
@@ -304,12 +312,16 @@ class Updater:
             if decision.reason != "duplicate":
                 self._record(msg)
             return decision
-        self._record(msg)
         self.agent.home.advance_trusted_time(msg.issued)
+        # Act first, then record: a crash in between leaves the message unrecorded, so its
+        # redelivery (retained, or queued in the session) is judged again, and finds the
+        # update in progress or the order already done. Recorded first, a crash would make
+        # the redelivery a "duplicate" and the update would never start.
         if msg.action == "install":
             self._start(msg, unverified_wire)
         else:
             self._order(msg)
+        self._record(msg)
         return decision
 
     def _order(self, msg: ControlMessage) -> None:
@@ -449,8 +461,7 @@ class Updater:
             d.written_since_sync = 0
         if self.faults.kill_after_chunks == len(d.have):
             os.fsync(d.fd)
-            log.warning("UNSAFE fault: killing this process after %d chunks", len(d.have))
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.kill(f"UNSAFE fault: killing this process after {len(d.have)} chunks")
         if self.faults.drop_after_chunks == len(d.have):
             self.faults = replace(self.faults, drop_after_chunks=-1)
             raise ConnectionAbortedError("UNSAFE fault: dropping the connection mid-download")
@@ -644,6 +655,11 @@ class Updater:
         if d is not None:
             os.fsync(d.fd)
             os.close(d.fd)
+
+
+def _kill_process(why: str) -> None:
+    log.warning("%s", why)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _golden_time(sm: ServingModel, runs: int = 3) -> float:
