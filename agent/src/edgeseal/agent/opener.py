@@ -25,6 +25,7 @@ import numpy as np
 from edgeseal.agent.memory import SecretBuffer
 from edgeseal.agent.preflight import Preflight, default_preflight
 from edgeseal.agent.runtimes import InferenceSession, OnnxSession, TfliteSession
+from edgeseal.agent.trtcache import EngineCache
 from edgeseal.core.config import Config
 from edgeseal.core.extras import decode_extras
 from edgeseal.core.keystore import KeyStore
@@ -93,7 +94,11 @@ def open_bundle(
     config: Config,
     progress: Progress | None = None,
     preflight: Preflight | None = None,
+    engine_cache_dir: Path | None = None,
 ) -> OpenedModel:
+    """Open ``path`` into memory and build its session. ``engine_cache_dir`` is where
+    this model's sealed TensorRT engine caches live (the agent's model store); without
+    it, TensorRT runs with its engine cache off."""
     buffers: dict[str, SecretBuffer] = {}
     with BundleFile.open(path) as bf:
         vb = bf.verify(policy)
@@ -111,7 +116,16 @@ def open_bundle(
             wipe(content_key)
     try:
         oms_status = check_oms(vb, buffers)  # V15, before any runtime sees the plaintext
-        session = _session(vb, buffers, config, preflight or default_preflight())
+        cache = None
+        if config.runtime.trt_engine_cache and engine_cache_dir is not None:
+            cache = EngineCache(
+                engine_cache_dir,
+                vb.manifest.bundle_id,
+                key_store,
+                config.runtime.trt_engine_cache_max_bytes,
+                ram_base=config.runtime.trt_engine_cache_ram_dir,
+            )
+        session = _session(vb, buffers, config, preflight or default_preflight(), cache)
     except BaseException:
         for b in buffers.values():
             b.close()
@@ -161,7 +175,11 @@ def _sha256(data: memoryview | bytes) -> str:
 
 
 def _session(
-    vb: VerifiedBundle, buffers: dict[str, SecretBuffer], config: Config, preflight: Preflight
+    vb: VerifiedBundle,
+    buffers: dict[str, SecretBuffer],
+    config: Config,
+    preflight: Preflight,
+    engine_cache: EngineCache | None = None,
 ) -> InferenceSession:
     graph = bytes(buffers["graph"].view)
     weights = buffers.get("weights")
@@ -182,4 +200,5 @@ def _session(
         entries,
         config.runtime,
         providers=vb.manifest.target.execution_providers,
+        engine_cache=engine_cache,
     )

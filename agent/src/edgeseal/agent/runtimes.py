@@ -12,17 +12,31 @@ LiteRT's Python API only takes an immutable ``bytes`` model, which cannot be wip
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from edgeseal.agent.trtcache import EngineCache
 from edgeseal.core.config import RuntimeConfig
-from edgeseal.core.errors import MissingExtraError, RuntimeBackendError
+from edgeseal.core.errors import EdgesealError, MissingExtraError, RuntimeBackendError
 from edgeseal.core.weights import PLACEHOLDER_DIR, TensorEntry
 
-__all__ = ["InferenceSession", "OnnxSession", "TfliteSession", "available_providers"]
+__all__ = [
+    "InferenceSession",
+    "OnnxSession",
+    "TfliteInterpreter",
+    "TfliteSession",
+    "available_providers",
+    "choose_providers",
+    "find_tflite_interpreter",
+    "provider_options",
+]
 
 log = logging.getLogger(__name__)
 _OPT_LEVELS = {
@@ -53,11 +67,56 @@ def _ort() -> Any:
     return onnxruntime
 
 
+CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+def choose_providers(
+    requested: Sequence[str], have: Collection[str]
+) -> tuple[list[str], list[str]]:
+    """The requested execution providers ``have`` holds, CPU always last, and the
+    reason for each one passed over. Pure: ``have`` is ORT's available providers."""
+    chosen: list[str] = []
+    reasons: list[str] = []
+    for p in requested:
+        if p == CPU or p in chosen:
+            continue
+        if p in have:
+            chosen.append(p)
+        else:
+            reasons.append(
+                f"{p} is not available in this ONNX Runtime (it has: {', '.join(sorted(have))})"
+            )
+    return [*chosen, CPU], reasons
+
+
 def available_providers(requested: tuple[str, ...]) -> list[str]:
-    """The requested execution providers this ONNX Runtime has, CPU always last."""
-    have = set(_ort().get_available_providers())
-    chosen = [p for p in requested if p in have and p != "CPUExecutionProvider"]
-    return [*chosen, "CPUExecutionProvider"]
+    """The requested execution providers this ONNX Runtime has, CPU always last; each one
+    passed over is logged with the reason."""
+    chosen, reasons = choose_providers(requested, _ort().get_available_providers())
+    for reason in reasons:
+        log.warning("%s: falling back to %s", reason, " then ".join(chosen))
+    return chosen
+
+
+def provider_options(
+    providers: Sequence[str], *, engine_cache_dir: Path | None
+) -> list[dict[str, str]]:
+    """ONNX Runtime's options for each provider. TensorRT's engine cache (the weights,
+    compiled) is written only to ``engine_cache_dir``, a RAM-only directory that
+    :class:`~edgeseal.agent.trtcache.EngineCache` seals into the store; without one it
+    is explicitly off."""
+    options: list[dict[str, str]] = []
+    for p in providers:
+        if p == TENSORRT and engine_cache_dir is not None:
+            options.append(
+                {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engine_cache_dir)}
+            )
+        elif p == TENSORRT:
+            options.append({"trt_engine_cache_enable": "False"})
+        else:
+            options.append({})
+    return options
 
 
 class OnnxSession:
@@ -71,8 +130,11 @@ class OnnxSession:
         config: RuntimeConfig,
         *,
         providers: tuple[str, ...] = (),
+        engine_cache: EngineCache | None = None,
     ) -> None:
         ort = _ort()
+        self._engine_cache: EngineCache | None = None
+        self.active_providers: list[str] = []
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization]
@@ -98,14 +160,67 @@ class OnnxSession:
             self._arrays.append(arr)
             self._values.append(value)
             so.add_initializer(e.name, value)
-        self.providers = available_providers(providers or config.providers)
+        self.providers, self.provider_fallbacks = choose_providers(
+            providers or config.providers, ort.get_available_providers()
+        )
+        for reason in self.provider_fallbacks:
+            log.warning("%s: falling back to %s", reason, " then ".join(self.providers))
         try:
-            self._session = ort.InferenceSession(graph, so, providers=self.providers)
+            cache_dir = self._prepare_engine_cache(config, engine_cache)
+            self._session = ort.InferenceSession(
+                graph,
+                so,
+                providers=self.providers,
+                provider_options=provider_options(self.providers, engine_cache_dir=cache_dir),
+            )
+            self._after_build()
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             self.close()
+            if isinstance(e, EdgesealError):
+                raise
             raise RuntimeBackendError(f"ONNX Runtime refused the model: {e}") from e
+        except BaseException:
+            self.close()
+            raise
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def _prepare_engine_cache(
+        self, config: RuntimeConfig, engine_cache: EngineCache | None
+    ) -> Path | None:
+        """The RAM directory TensorRT's engine cache goes to, filled from the sealed
+        cache; None when TensorRT is not used or its cache is off."""
+        if TENSORRT not in self.providers or not config.trt_engine_cache:
+            return None
+        if engine_cache is None:
+            log.warning("TensorRT engine cache is on, but this open has no store for it: off")
+            return None
+        try:
+            cache_dir = engine_cache.prepare()
+        except RuntimeBackendError as e:  # no RAM-only directory: never a disk one
+            log.warning("TensorRT engine cache off for this session: %s", e)
+            self.provider_fallbacks.append(f"TensorRT engine cache off: {e}")
+            return None
+        self._engine_cache = engine_cache
+        return cache_dir
+
+    def _after_build(self) -> None:
+        # ORT itself falls back to CPU when a listed provider fails to start (no GPU).
+        self.active_providers = list(self._session.get_providers())
+        for p in self.providers:
+            if p not in self.active_providers:
+                log.warning(
+                    "%s did not start in ONNX Runtime: running on %s",
+                    p,
+                    " then ".join(self.active_providers),
+                )
+                self.provider_fallbacks.append(f"{p} did not start in ONNX Runtime")
+        cache = self._engine_cache
+        if cache is not None and TENSORRT not in self.active_providers:
+            self._engine_cache = None
+            cache.close()  # nothing was built; remove the RAM directory
+        elif cache is not None:
+            cache.persist()  # seal what the build wrote, wipe the plaintext
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -118,36 +233,97 @@ class OnnxSession:
         self._session = None
         self._values.clear()
         self._arrays.clear()
+        cache, self._engine_cache = self._engine_cache, None
+        if cache is not None:
+            cache.close()  # after the session: seal engines built since, wipe, remove
 
     def status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "runtime": self.runtime,
-            "providers": self.providers,
+            "providers": self.active_providers,
             "weights_handed_over": "OrtValue views of the locked buffer (no copy)",
         }
+        if self.provider_fallbacks:
+            status["provider_fallbacks"] = self.provider_fallbacks
+        if TENSORRT in self.active_providers:
+            cache = self._engine_cache
+            status["trt_engine_cache"] = (
+                f"on, sealed to the device key: {cache.status()}" if cache else "off"
+            )
+        return status
+
+
+#: The TFLite interpreters the agent can use, in order of preference: (import name,
+#: distribution, the name status shows). LiteRT is the maintained one; tflite-runtime (last
+#: release 2.14, numpy<2) serves boards LiteRT publishes no wheel for.
+TFLITE_RUNTIMES = (
+    ("ai_edge_litert.interpreter", "ai-edge-litert", "litert"),
+    ("tflite_runtime.interpreter", "tflite-runtime", "tflite-runtime"),
+)
+_TFLITE_HANDOVER = {
+    "litert": "as immutable bytes: LiteRT's Python API copies the model and the copy "
+    "cannot be wiped",
+    # Not counted by tests/agent/test_plaintext.py (it runs where LiteRT is installed).
+    "tflite-runtime": "as immutable bytes: tflite-runtime's Python API holds the model "
+    "as bytes that cannot be wiped (copies not counted)",
+}
+
+
+@dataclass(frozen=True)
+class TfliteInterpreter:
+    """The TFLite interpreter found here: its class, and which runtime provides it."""
+
+    cls: Any
+    runtime: str
+    distribution: str
+    version: str
+    #: Why a preferred runtime was passed over ("" when the first one was used).
+    fallback_reason: str = ""
+
+
+def find_tflite_interpreter() -> TfliteInterpreter:
+    """LiteRT (``ai-edge-litert``) when it imports, else ``tflite-runtime``.
+
+    Raises :class:`MissingExtraError` naming the pip install when neither does.
+    """
+    reasons: list[str] = []
+    for module_name, dist, runtime in TFLITE_RUNTIMES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            reasons.append(f"{dist} does not import ({e})")
+            continue
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        reason = "; ".join(reasons)
+        if reason:
+            log.info("TFLite models run on %s %s: %s", dist, version, reason)
+        return TfliteInterpreter(module.Interpreter, runtime, dist, version, reason)
+    raise MissingExtraError(
+        "running TFLite models needs LiteRT: pip install ai-edge-litert "
+        "(or, where LiteRT has no wheel, tflite-runtime with numpy<2)"
+    )
 
 
 class TfliteSession:
+    """A TFLite model on LiteRT, or on tflite-runtime where LiteRT is not installed;
+    :attr:`runtime` (and status) say which."""
+
     runtime = "litert"
 
     def __init__(self, model: bytes, config: RuntimeConfig) -> None:
+        found = find_tflite_interpreter()
+        self.runtime = found.runtime
+        self.interpreter = found
         try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            try:
-                from tflite_runtime.interpreter import Interpreter
-            except ImportError as e:
-                raise MissingExtraError(
-                    "running TFLite models needs LiteRT: pip install "
-                    "ai-edge-litert (or tflite-runtime with numpy<2)"
-                ) from e
-        try:
-            self._interp: Any = Interpreter(
+            self._interp: Any = found.cls(
                 model_content=model, num_threads=config.intra_op_threads or None
             )
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise RuntimeBackendError(f"LiteRT refused the model: {e}") from e
+            raise RuntimeBackendError(f"{found.distribution} refused the model: {e}") from e
         self._inputs = {d["name"]: d for d in self._interp.get_input_details()}
         self._outputs = self._interp.get_output_details()
         self.input_names = list(self._inputs)
@@ -169,8 +345,12 @@ class TfliteSession:
         self._interp = None
 
     def status(self) -> dict[str, Any]:
-        return {
+        found = self.interpreter
+        status = {
             "runtime": self.runtime,
-            "weights_handed_over": "as immutable bytes: LiteRT's Python API copies the "
-            "model and the copy cannot be wiped",
+            "tflite_runtime": f"{found.distribution} {found.version}",
+            "weights_handed_over": _TFLITE_HANDOVER[found.runtime],
         }
+        if found.fallback_reason:
+            status["tflite_fallback"] = found.fallback_reason
+        return status

@@ -106,6 +106,8 @@ class Agent:
             policy=self.policy(model, installing=installing),
             config=self.config,
             preflight=None if installing else InstalledSlot(),
+            # Sealed TensorRT engine caches (runtime.trt_engine_cache) live by the slots.
+            engine_cache_dir=self.store.root / model / "trt-cache" if model else None,
         )
         return ServingModel.start(opened, self.config.agent, self._quarantined)
 

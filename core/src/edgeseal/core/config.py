@@ -107,12 +107,25 @@ class RuntimeConfig:
     #: ONNX Runtime graph optimization: disable, basic, extended or all. Levels above
     #: basic may derive transformed copies of weights outside the locked buffer.
     graph_optimization: str = "basic"
+    #: TensorRT's engine cache holds the weights (compiled into engines): off by default.
+    #: On, engines are kept sealed to the device key in the model store and exist in
+    #: plaintext only in a RAM-only directory while ORT reads or writes them.
+    trt_engine_cache: bool = False
+    #: A tmpfs/ramfs directory for the plaintext engines ("": $XDG_RUNTIME_DIR, else
+    #: /dev/shm); a disk-backed one is refused.
+    trt_engine_cache_ram_dir: str = ""
+    #: Largest engine cache (all engine files of one model) sealed or opened, in bytes.
+    trt_engine_cache_max_bytes: int = 4096 * MiB
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in {"disable", "basic", "extended", "all"}:
             raise ConfigError("runtime.graph_optimization must be disable, basic, extended or all")
         if self.intra_op_threads < 0:
             raise ConfigError("runtime.intra_op_threads must be 0 (auto) or positive")
+        if self.trt_engine_cache_ram_dir and not self.trt_engine_cache_ram_dir.startswith("/"):
+            raise ConfigError("runtime.trt_engine_cache_ram_dir must be an absolute path")
+        if self.trt_engine_cache_max_bytes < 1:
+            raise ConfigError("runtime.trt_engine_cache_max_bytes must be positive")
 
 
 @dataclass(frozen=True)
