@@ -337,6 +337,7 @@ def device_child(
         "t_update": t_update,
         "t_done": time.monotonic() - t0,
         "state": state,
+        "reason": dev.channel.status()["models"].get("clf", {}).get("reason"),
         "serving": sm.identity["version"] if sm else None,
         "golden": sm.self_check(golden=True, digest=True) if sm else None,
     }

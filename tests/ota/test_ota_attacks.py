@@ -235,13 +235,25 @@ def test_a_revoked_deploy_signer_is_refused_once_the_revocation_is_known(
 
 
 def test_an_oversized_message_never_reaches_the_device_and_it_keeps_working(
-    serving_v2, fleet_side, attack_bundles
+    serving_v2, fleet_side, attack_bundles, broker, ota_pki
 ):
-    """The broker bounds every message (max_packet_size): a 2 MiB control message is
-    dropped there; the device's own bound (4 MiB) is the second line."""
+    """The broker bounds every message (max_packet_size) and drops the connection that
+    sent a larger one; the device never sees it and its own bound (4 MiB) is the second
+    line. Sent from a connection of its own, as an attacker holding the controller's
+    credentials would."""
+    from edgeseal.ota.mqtt import MqttConnection
+
     dev = serving_v2
-    before = _snapshot(dev)
-    fleet_side.send(b"{" + b" " * (2 * 1024 * 1024) + b"}", ("device", "dev-a"))
+    ctl = ota_pki["edgeseal-controller"]
+    attacker = MqttConnection(
+        broker.url, client_id="big-sender", ca_file=str(ota_pki.ca_file),
+        cert_file=str(ctl.cert), key_file=str(ctl.key), clean=True, on_message=lambda t, p: None,
+    )  # fmt: skip
+    attacker.start()
+    assert attacker.wait_connected(10)
+    attacker.publish(TOPICS.device("dev-a", "control"), b"{" + b" " * (2 * 1024 * 1024) + b"}")
+    wait_for(lambda: not attacker.connected.is_set(), what="the broker dropping the sender")
+    attacker.stop()
+    assert dev.channel.updater.counters.messages_refused == 0  # it never arrived
     fleet_side.offer("v3")
-    wait_for(lambda: dev.agent.serving["clf"].identity["version"] == 3, what="v3 committed")
-    assert before[5]["version"] == 2
+    wait_for(lambda: _serving_version(dev) == 3, what="v3 committed")

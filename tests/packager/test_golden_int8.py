@@ -9,7 +9,9 @@ the emulations against numpy and that the tolerance built from them stays tight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,10 +19,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeseal.core.extras import array_from_obj, array_to_obj
 from edgeseal.core.golden import check_golden
+from edgeseal.packager.datasets import InputData
 from edgeseal.packager.golden import (
+    EXACT,
     KERNEL_FACTOR,
+    KERNEL_FAMILIES,
+    PAIRSUM16,
     _emulate_integer_kernels,
+    host_kernel_family,
     make_golden,
     onnx_runners,
     synthetic_inputs,
@@ -85,33 +93,197 @@ def test_the_integer_kernel_emulations_compute_exact_and_saturated_products(k: i
 
 
 @pytest.fixture(scope="module")
-def dynamic_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The fleet's classifier and one trained from another seed, both dynamic int8."""
+def int8_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, Path]]:
+    """The fleet's classifier (seed 1) and one trained from another seed (2), each
+    quantized dynamic and static int8; the float sources under "float"."""
     d = tmp_path_factory.mktemp("int8")
-    paths = []
+    models: dict[str, dict[int, Path]] = {"float": {}, **{m.value: {} for m in MODES}}
     for seed in (1, 2):
         src = d / f"clf{seed}.onnx"
         src.write_bytes(make_onnx_classifier(seed=seed))
-        work = d / f"q{seed}"
-        work.mkdir()
-        paths.append(quantize_onnx(src, work, QuantizeMode.DYNAMIC_INT8))
-    return paths[0], paths[1]
+        models["float"][seed] = src
+        for mode in MODES:
+            models[mode.value][seed] = _quantize(src, d / f"{mode.value}-{seed}", mode)
+    return models
 
 
-def test_int8_tolerances_cover_both_kernel_families_and_refuse_another_seed(
-    dynamic_int8: tuple[Path, Path],
-) -> None:
-    model, other = dynamic_int8
+MODES = (QuantizeMode.DYNAMIC_INT8, QuantizeMode.STATIC_INT8)
+
+
+def _data(model: Path) -> InputData:
     inputs, _ = onnx_io(onnx.load(str(model)))
+    return synthetic_inputs(inputs)
+
+
+def _quantize(src: Path, work: Path, mode: QuantizeMode) -> Path:
+    work.mkdir()
+    return quantize_onnx(src, work, mode, calibration=_data(src))
+
+
+def _golden(model: Path, mode: QuantizeMode) -> dict[str, Any]:
     reference, variants = onnx_runners(model)
-    assert len(variants) == 4  # two session settings, exact and saturating int8 GEMMs
-    golden = make_golden(reference, variants, synthetic_inputs(inputs), mode="dynamic-int8")
-    tol = golden["tolerances"]["probs"]
-    # Both emulations always run, so the spread is at least their distance, on any host.
-    assert tol["factor"] == KERNEL_FACTOR and tol["measured_spread"] > 0
+    return make_golden(reference, variants, _data(model), mode=mode.value)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_int8_golden_vectors_hold_one_tight_expectation_per_kernel_family(
+    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode
+) -> None:
+    model = int8_models[mode.value][1]
+    reference, variants = onnx_runners(model)
+    kernels = [getattr(r, "kernel", None) for r in (reference, *variants)]
+    golden = make_golden(reference, variants, _data(model), mode=mode.value)
+    legacy = golden["tolerances"]["probs"]
+    per_kernel = golden["kernel_tolerances"]
+    assert set(per_kernel) == set(KERNEL_FAMILIES)
+    assert all(set(v["expected_by_kernel"]) == set(KERNEL_FAMILIES) for v in golden["vectors"])
+    for tol in per_kernel.values():
+        # Tight: within a family the settings agree (bit for bit on the sample), so the
+        # floor rules; the single tolerance must span the families' distance.
+        assert tol["probs"]["atol"] < legacy["atol"] / 5
+    # Every way of computing the model on this host, and each family's emulation, passes.
     for runner in (reference, *variants):
         assert check_golden(runner, golden) == []
-    # Still tight: on a probability the tolerance stays well below what another seed moves.
-    assert tol["atol"] < 0.1
-    problems = check_golden(onnx_runners(other)[0], golden)
+    if mode is QuantizeMode.DYNAMIC_INT8:
+        # Both emulations always run: the families are the exact and saturating GEMMs.
+        assert kernels.count(EXACT) == 2 and kernels.count(PAIRSUM16) == 2
+        assert legacy["factor"] == KERNEL_FACTOR and legacy["measured_spread"] > 0
+    else:
+        # QDQ at basic optimizations is the exact family; "all" is this host's kernels.
+        assert kernels[:2] == [EXACT, EXACT] and kernels[2] == host_kernel_family()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_int8_golden_vectors_refuse_another_seed(
+    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode
+) -> None:
+    golden = _golden(int8_models[mode.value][1], mode)
+    problems = check_golden(onnx_runners(int8_models[mode.value][2])[0], golden)
     assert problems and all("golden vector" in p for p in problems)
+    # The single tolerance old agents use still refuses it too.
+    legacy = {k: v for k, v in golden.items() if k != "kernel_tolerances"}
+    assert check_golden(onnx_runners(int8_models[mode.value][2])[0], legacy)
+
+
+def _largest_int8_weight(model: onnx.ModelProto) -> tuple[onnx.TensorProto, tuple[int, ...]]:
+    weights = [t for t in model.graph.initializer if t.data_type == TensorProto.INT8 and t.dims]
+    best = max(weights, key=lambda t: int(np.abs(numpy_helper.to_array(t).astype(int)).max()))
+    arr = numpy_helper.to_array(best).astype(int)
+    return best, tuple(int(i) for i in np.unravel_index(np.abs(arr).argmax(), arr.shape))
+
+
+def _with_int8_weight(model: Path, out: Path, change: Callable[[int], int]) -> Path:
+    m = onnx.load(str(model))
+    tensor, index = _largest_int8_weight(m)
+    arr = numpy_helper.to_array(tensor).copy()
+    arr[index] = np.int8(np.clip(change(int(arr[index])), -128, 127))
+    tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+    onnx.save(m, str(out))
+    return out
+
+
+def _max_error(golden: dict[str, Any], model: Path) -> float:
+    """The smallest, over kernel families, of the largest error over the vectors."""
+    run = onnx_runners(model)[0]
+    got = [
+        run({k: array_from_obj(v) for k, v in vec["inputs"].items()}) for vec in golden["vectors"]
+    ]
+    return min(
+        max(
+            float(np.abs(g["probs"] - array_from_obj(vec["expected_by_kernel"][k]["probs"])).max())
+            for g, vec in zip(got, golden["vectors"], strict=True)
+        )
+        for k in KERNEL_FAMILIES
+    )
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_int8_golden_vectors_refuse_one_changed_weight(
+    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode, tmp_path: Path
+) -> None:
+    model = int8_models[mode.value][1]
+    golden = _golden(model, mode)
+    atol = golden["kernel_tolerances"][EXACT]["probs"]["atol"]
+    legacy = {k: v for k, v in golden.items() if k != "kernel_tolerances"}
+
+    # The largest int8 weight negated: within the single tolerance, outside the family's.
+    negated = _with_int8_weight(model, tmp_path / "negated.onnx", lambda w: -w)
+    assert check_golden(onnx_runners(negated)[0], golden)
+    assert _max_error(golden, negated) > 3 * atol
+    assert not check_golden(onnx_runners(negated)[0], legacy)
+
+    # One float weight changed before quantizing (the classifier's largest in W1): 5 %
+    # for dynamic int8; 10 % for static, whose quantized outputs move in steps of 1/255
+    # and may move one step by rounding alone (5 % moves them one step, 10 % two).
+    m = onnx.load(str(int8_models["float"][1]))
+    w1 = next(t for t in m.graph.initializer if t.name == "W1")
+    arr = numpy_helper.to_array(w1).copy()
+    arr[np.unravel_index(np.abs(arr).argmax(), arr.shape)] *= (
+        1.05 if mode is QuantizeMode.DYNAMIC_INT8 else 1.10
+    )
+    w1.CopyFrom(numpy_helper.from_array(arr, "W1"))
+    onnx.save(m, str(tmp_path / "tweaked.onnx"))
+    tweaked = _quantize(tmp_path / "tweaked.onnx", tmp_path / "q", mode)
+    assert check_golden(onnx_runners(tweaked)[0], golden)
+    assert not check_golden(onnx_runners(tweaked)[0], legacy)  # what one tolerance missed
+
+
+def test_outputs_mixing_kernel_families_across_vectors_are_refused(
+    int8_models: dict[str, dict[int, Path]],
+) -> None:
+    model = int8_models[QuantizeMode.DYNAMIC_INT8.value][1]
+    reference, variants = onnx_runners(model)
+    golden = make_golden(reference, variants, _data(model), mode="dynamic-int8")
+    exact = next(r for r in variants if getattr(r, "kernel", None) == EXACT)
+    saturating = next(r for r in variants if getattr(r, "kernel", None) == PAIRSUM16)
+    vectors = golden["vectors"]
+    # The sample's families differ on some vectors by more than the family tolerance.
+    differs = [
+        i
+        for i, v in enumerate(vectors)
+        if np.abs(
+            array_from_obj(v["expected_by_kernel"][EXACT]["probs"])
+            - array_from_obj(v["expected_by_kernel"][PAIRSUM16]["probs"])
+        ).max()
+        > golden["kernel_tolerances"][EXACT]["probs"]["atol"]
+    ]
+    assert len(differs) >= 2
+    first = vectors[differs[0]]["inputs"]["input"]["data"]
+
+    def mixed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Exact kernels on the first vector where the families differ, else saturating."""
+        key = array_to_obj(feed["input"])["data"]
+        return (exact if key == first else saturating)(feed)
+
+    assert check_golden(exact, golden) == [] and check_golden(saturating, golden) == []
+    problems = check_golden(mixed, golden)
+    assert problems and all("int8 kernels" in p for p in problems)
+    # Old agents' single tolerance would have let it through.
+    legacy = {k: v for k, v in golden.items() if k != "kernel_tolerances"}
+    assert check_golden(mixed, legacy) == []
+
+
+def test_golden_data_without_per_family_expectations_uses_the_single_tolerance(
+    int8_models: dict[str, dict[int, Path]],
+) -> None:
+    """Bundles packed before per-family expectations, or whose families are incomplete
+    (a family named in kernel_tolerances missing from a vector), keep the old check."""
+    model = int8_models[QuantizeMode.DYNAMIC_INT8.value][1]
+    golden = _golden(model, QuantizeMode.DYNAMIC_INT8)
+    reference = onnx_runners(model)[0]
+    old = {k: v for k, v in golden.items() if k != "kernel_tolerances"}
+    old["vectors"] = [
+        {k: v for k, v in vec.items() if k != "expected_by_kernel"} for vec in golden["vectors"]
+    ]
+    assert check_golden(reference, old) == []
+    old["tolerances"] = {"probs": {"atol": -1.0}}
+    assert check_golden(reference, old)
+    partial = dict(golden, tolerances={"probs": {"atol": -1.0}})
+    partial["vectors"] = [dict(v) for v in golden["vectors"]]
+    partial["vectors"][0] = {
+        k: v for k, v in partial["vectors"][0].items() if k != "expected_by_kernel"
+    }
+    assert check_golden(reference, partial)  # falls back to the single tolerance
+    # Unknown families are just other candidates; unknown keys are ignored.
+    extra = dict(golden, future_field=1)
+    assert check_golden(reference, extra) == []

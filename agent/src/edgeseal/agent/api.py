@@ -211,7 +211,10 @@ def decode_arrays(
                 out[name] = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
             return out
         return _decode_npz(body)
-    except (ValueError, KeyError, TypeError, OSError, AttributeError, struct.error) as e:
+    # OverflowError: a JSON number out of its dtype's range (657 as int8).
+    except (
+        ValueError, KeyError, TypeError, OSError, AttributeError, OverflowError, struct.error
+    ) as e:
         raise BadRequestError(
             f"the body is not a valid {content_type or NPZ} of arrays: {e}"
         ) from e

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import statistics
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +53,11 @@ from edgeseal.ota.messages import (
 __all__ = ["Faults", "HealthError", "Link", "Updater"]
 
 log = logging.getLogger("edgeseal.ota")
+
+
+#: A candidate slower than the serving model by less than this per golden pass is not
+#: refused for latency, whatever the ratio.
+LATENCY_SLACK = 0.002
 
 
 class HealthError(EdgesealError):
@@ -576,7 +580,9 @@ class Updater:
         budget = self.config.latency_budget
         if budget > 0:
             before, after = _golden_time(serving), _golden_time(checked)
-            if before > 0 and after > budget * before:
+            # Both the ratio and an absolute cost: a sub-millisecond model's ratio is mostly
+            # scheduler noise on a busy board.
+            if before > 0 and after > budget * before and after - before > LATENCY_SLACK:
                 raise HealthError(
                     f"golden inputs take {after * 1e3:.2f} ms, over {budget}x the serving "
                     f"model's {before * 1e3:.2f} ms"
@@ -662,10 +668,11 @@ def _kill_process(why: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _golden_time(sm: ServingModel, runs: int = 3) -> float:
+def _golden_time(sm: ServingModel, runs: int = 5) -> float:
+    """The fastest of a few golden passes: the least disturbed by other work on the device."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         sm.self_check(golden=True, digest=False)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)

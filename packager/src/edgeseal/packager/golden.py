@@ -13,7 +13,10 @@ ways of computing it, times a safety factor, with a floor relative to the output
   GEMM, on the same golden inputs: exact int32 accumulation (ARM NEON and dot-product,
   x86 VNNI) and x86's u8s8 ``vpmaddubsw`` path (AVX2, AVX-512 without VNNI), whose
   adjacent pair sums saturate at int16. The device computes one of those up to rounding
-  at ties, so the factor is 2. See docs/packager.md ("golden").
+  at ties, so the factor is 2. That single tolerance spans both families; int8 golden
+  data also holds each family's own outputs with a tight per-family tolerance, and the
+  agent accepts a device that matches one family on every vector. See docs/packager.md
+  ("golden").
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeseal.core.extras import array_from_obj, array_to_obj
+from edgeseal.core.extras import array_to_obj
 from edgeseal.core.golden import numeric_outputs
 from edgeseal.core.manifest import TensorSpec
 from edgeseal.core.profile import make_profile
 from edgeseal.packager.datasets import InputData
 
 __all__ = [
+    "KERNEL_FAMILIES",
+    "KernelRunner",
     "Runner",
     "fixed_batch",
+    "host_kernel_family",
     "input_profile",
     "make_golden",
     "onnx_runners",
@@ -56,6 +62,17 @@ KERNEL_FACTOR = 2.0
 MAX_EMULATED_PRODUCTS = 1 << 24
 #: Tolerance floor relative to each output's largest magnitude, by quantization mode.
 RELATIVE_FLOOR = {"none": 1e-4, "fp16": 1e-2, "dynamic-int8": 2e-2, "static-int8": 2e-2}
+#: The int8 GEMM families: exact int32 accumulation, and int16-saturated u8s8 pair sums.
+EXACT = "exact"
+PAIRSUM16 = "pairsum16"
+KERNEL_FAMILIES = (EXACT, PAIRSUM16)
+#: Floor of a per-family int8 tolerance, relative to the output's largest magnitude: a few
+#: flips of one activation's quantization at a rounding tie, which float noise upstream
+#: can cause on one device of a family and not on another.
+FAMILY_FLOOR = 5e-3
+#: A quantized output (QDQ) may move by one whole step where float noise meets a rounding
+#: tie, so a per-family tolerance is at least this many of its steps: one, not two.
+STEP_FACTOR = 1.25
 
 
 Runner = Callable[[dict[str, npt.NDArray[Any]]], dict[str, npt.NDArray[Any]]]
@@ -65,7 +82,9 @@ def onnx_runners(model: Path) -> tuple[Runner, list[Runner]]:
     """The reference runner (basic optimizations) and variants to measure spread with."""
     import onnxruntime as ort
 
-    def runner(level: str, threads: int = 0, graph: bytes | None = None) -> Runner:
+    def runner(
+        level: str, threads: int = 0, graph: bytes | None = None, kernel: str | None = None
+    ) -> Runner:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
@@ -74,17 +93,92 @@ def onnx_runners(model: Path) -> tuple[Runner, list[Runner]]:
         source = graph if graph is not None else str(model)
         sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        return lambda feed: dict(zip(names, sess.run(None, feed), strict=True))
+        return KernelRunner(
+            lambda feed: dict(zip(names, sess.run(None, feed), strict=True)), kernel
+        )
 
-    variants = [runner("ORT_DISABLE_ALL"), runner("ORT_ENABLE_ALL", threads=1)]
-    integer_ops = {"MatMulInteger", "ConvInteger"}
+    def kernel_runner(level: str, kernel: str | None = None) -> KernelRunner:
+        r = runner(level, kernel=kernel)
+        assert isinstance(r, KernelRunner)
+        return r
+
     loaded = onnx.load(str(model), load_external_data=True)
-    if any(n.op_type in integer_ops for n in loaded.graph.node):
-        for saturate in (False, True):
+    ops = {n.op_type for n in loaded.graph.node if n.domain in ("", "ai.onnx")}
+    if ops & {"MatMulInteger", "ConvInteger"}:
+        # Dynamic int8: this host's runs join the family whose emulation they match.
+        variants = [runner("ORT_DISABLE_ALL"), runner("ORT_ENABLE_ALL", threads=1)]
+        emulations = []
+        for saturate, kernel in ((False, EXACT), (True, PAIRSUM16)):
             emulated = _emulate_integer_kernels(loaded, saturate=saturate)
             if emulated is not None:
-                variants.append(runner("ORT_ENABLE_BASIC", graph=emulated.SerializeToString()))
-    return runner("ORT_ENABLE_BASIC"), variants
+                graph = emulated.SerializeToString()
+                emulations.append(runner("ORT_ENABLE_BASIC", graph=graph, kernel=kernel))
+                emulations.append(runner("ORT_DISABLE_ALL", graph=graph, kernel=kernel))
+        if len(emulations) == 4:
+            variants += emulations[::2] + emulations[1::2]
+        else:  # one family cannot be emulated: no per-family expectations
+            variants += [KernelRunner(r, None) for r in emulations[::2]]
+        return runner("ORT_ENABLE_BASIC"), variants
+    if "QuantizeLinear" in ops and "DequantizeLinear" in ops:
+        # Static int8 (QDQ): up to basic optimizations ONNX Runtime computes it in float
+        # from the dequantized integers, which is exact integer accumulation up to float
+        # rounding; "all" fuses QLinear int8 kernels, of this host's family.
+        reference = kernel_runner("ORT_ENABLE_BASIC", kernel=EXACT)
+        reference.steps = _output_steps(loaded)
+        return reference, [
+            runner("ORT_DISABLE_ALL", kernel=EXACT),
+            runner("ORT_ENABLE_ALL", threads=1, kernel=host_kernel_family()),
+        ]
+    return runner("ORT_ENABLE_BASIC"), [
+        runner("ORT_DISABLE_ALL"),
+        runner("ORT_ENABLE_ALL", threads=1),
+    ]
+
+
+def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
+    """The quantization step of each graph output that a DequantizeLinear with a scalar
+    scale produces (a QDQ model's quantized outputs move in whole steps)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    steps = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in outputs:
+            scale = inits.get(node.input[1])
+            if scale is not None and numpy_helper.to_array(scale).size == 1:
+                steps[node.output[0]] = float(numpy_helper.to_array(scale).reshape(()))
+    return steps
+
+
+class KernelRunner:
+    """A runner that knows which int8 kernel family it computes (None: unknown, or a
+    float model), and the quantization step of outputs that move in steps. Plain
+    callables are runners of unknown family."""
+
+    def __init__(self, run: Runner, kernel: str | None) -> None:
+        self.run = run
+        self.kernel = kernel
+        self.steps: dict[str, float] = {}
+
+    def __call__(self, feed: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        return self.run(feed)
+
+
+def host_kernel_family() -> str | None:
+    """The int8 GEMM family ONNX Runtime's CPU kernels compute on this machine: ``exact``
+    on arm64 and x86 with VNNI, ``pairsum16`` on x86 without VNNI; None when unknown."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return EXACT
+    if machine not in ("x86_64", "amd64"):
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(cpuinfo.split())
+    if "avx2" not in flags:
+        return None
+    return EXACT if flags & {"avx512_vnni", "avx_vnni"} else PAIRSUM16
 
 
 class _Rewriter:
@@ -269,6 +363,11 @@ def tflite_runners(model: bytes) -> tuple[Runner, list[Runner]]:
     return runner(None), [runner(1)]
 
 
+def _distance(a: dict[str, npt.NDArray[Any]], b: dict[str, npt.NDArray[Any]], name: str) -> float:
+    x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+    return float(np.abs(x - y).max(initial=0.0))
+
+
 def make_golden(
     reference: Runner,
     variants: list[Runner],
@@ -279,7 +378,11 @@ def make_golden(
     batch: int = 1,
 ) -> dict[str, Any]:
     """Record the outputs for ``count`` feeds of ``batch`` rows (a model with a fixed batch
-    dimension takes exactly that many) and derive per-output tolerances from the spread."""
+    dimension takes exactly that many) and derive per-output tolerances from the spread.
+
+    For an int8 model whose runners (:class:`KernelRunner`) cover both kernel families,
+    each vector also gets ``expected_by_kernel`` and the golden data ``kernel_tolerances``:
+    per family, its expected outputs and a tolerance from the spread within the family."""
     n = min(count, data.rows // batch)
     if n == 0:
         raise ValueError(f"need at least {batch} rows of data for golden vectors")
@@ -295,39 +398,95 @@ def make_golden(
             else a[k]
             for k in a
         }
-    vectors: list[dict[str, Any]] = []
-    spreads: dict[str, float] = {}
-    for feed in rows:
-        expected = numeric_outputs(reference(feed))
-        for variant in variants:
-            other = numeric_outputs(variant(feed))
-            for name, y in expected.items():
-                d = float(
-                    np.abs(other[name].astype(np.float64) - y.astype(np.float64)).max(initial=0.0)
-                )
-                spreads[name] = max(spreads.get(name, 0.0), d)
-        vectors.append(
-            {
-                "inputs": {k: array_to_obj(v) for k, v in feed.items()},
-                "outputs": {k: array_to_obj(v) for k, v in expected.items()},
-            }
-        )
-    tolerances = {}
-    for name in vectors[0]["outputs"]:
-        scale = max(
-            float(np.abs(array_from_obj(v["outputs"][name])).max(initial=0.0)) for v in vectors
-        )
-        factor = KERNEL_FACTOR if mode.endswith("int8") else SAFETY_FACTOR
-        atol = max(
-            factor * spreads.get(name, 0.0),
-            RELATIVE_FLOOR.get(mode, 2e-2) * max(scale, 1e-6),
-        )
-        tolerances[name] = {
-            "atol": atol,
-            "measured_spread": spreads.get(name, 0.0),
+    runners = [reference, *variants]
+    # runs[r][v]: runner r's numeric outputs on vector v
+    runs = [[numeric_outputs(r(feed)) for feed in rows] for r in runners]
+    names = list(runs[0][0])
+    spreads = {
+        name: max(_distance(run[v], runs[0][v], name) for run in runs for v in range(n))
+        for name in names
+    }
+    vectors: list[dict[str, Any]] = [
+        {
+            "inputs": {k: array_to_obj(v) for k, v in feed.items()},
+            "outputs": {k: array_to_obj(v) for k, v in runs[0][i].items()},
+        }
+        for i, feed in enumerate(rows)
+    ]
+    scales = {
+        name: max(float(np.abs(runs[0][v][name]).max(initial=0.0)) for v in range(n))
+        for name in names
+    }
+    int8 = mode.endswith("int8")
+    factor = KERNEL_FACTOR if int8 else SAFETY_FACTOR
+    tolerances = {
+        name: {
+            "atol": max(
+                factor * spreads[name], RELATIVE_FLOOR.get(mode, 2e-2) * max(scales[name], 1e-6)
+            ),
+            "measured_spread": spreads[name],
             "factor": factor,
         }
-    return {"vectors": vectors, "tolerances": tolerances, "mode": mode}
+        for name in names
+    }
+    golden: dict[str, Any] = {"vectors": vectors, "tolerances": tolerances, "mode": mode}
+    families = _kernel_families(runners, runs, names) if int8 else None
+    if families is not None:
+        expected, family_spreads = families
+        steps: dict[str, float] = getattr(reference, "steps", {})
+        for v, vector in enumerate(vectors):
+            vector["expected_by_kernel"] = {
+                kernel: {k: array_to_obj(a) for k, a in runs[first][v].items()}
+                for kernel, first in expected.items()
+            }
+        golden["kernel_tolerances"] = {
+            kernel: {
+                name: {
+                    "atol": max(
+                        KERNEL_FACTOR * family_spreads[name],
+                        FAMILY_FLOOR * max(scales[name], 1e-6),
+                        STEP_FACTOR * steps.get(name, 0.0),
+                    ),
+                    "measured_spread": family_spreads[name],
+                    "factor": KERNEL_FACTOR,
+                }
+                for name in names
+            }
+            for kernel in expected
+        }
+    return golden
+
+
+def _kernel_families(
+    runners: list[Runner], runs: list[list[dict[str, npt.NDArray[Any]]]], names: list[str]
+) -> tuple[dict[str, int], dict[str, float]] | None:
+    """Each kernel family's expectation (the index of its first runner) and the spread
+    within a family, or None unless both families have runners.
+
+    A runner of unknown family (this host's own kernels, when not known up front) joins
+    the family whose expectation it is nearest. The spread is the largest distance of a
+    runner from its family's expectation, over every family: the family this host does
+    not compute is only emulated here, so it borrows the gap measured between this
+    host's kernels and the emulation of their family."""
+    kernels = [getattr(r, "kernel", None) for r in runners]
+    expected: dict[str, int] = {}
+    for i, kernel in enumerate(kernels):
+        if kernel is not None:
+            expected.setdefault(kernel, i)
+    if set(expected) != set(KERNEL_FAMILIES):
+        return None
+
+    def distance(i: int, j: int, name: str) -> float:
+        return max(_distance(a, b, name) for a, b in zip(runs[i], runs[j], strict=True))
+
+    spreads = dict.fromkeys(names, 0.0)
+    for i, known in enumerate(kernels):
+        kernel = known or min(
+            expected, key=lambda k: max(distance(i, expected[k], name) for name in names)
+        )
+        for name in names:
+            spreads[name] = max(spreads[name], distance(i, expected[kernel], name))
+    return expected, spreads
 
 
 def fixed_batch(specs: tuple[TensorSpec, ...]) -> int | None:
