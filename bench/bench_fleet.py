@@ -26,11 +26,16 @@ def proc_stats(pid: int) -> dict[str, float]:
     ticks = os.sysconf("SC_CLK_TCK")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks
+    children = (int(fields[13]) + int(fields[14])) / ticks  # waited-for children (pre-flight)
     hwm = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1]) / 1024
-    return {"cpu_s": round(cpu, 1), "peak_rss_mb": round(hwm, 1)}
+    return {
+        "cpu_s": round(cpu, 1),
+        "children_cpu_s": round(children, 1),
+        "peak_rss_mb": round(hwm, 1),
+    }
 
 
 def main() -> None:
@@ -41,6 +46,15 @@ def main() -> None:
     ap.add_argument("--chunk-kb", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--chunk-timeout", type=float, default=5.0)
+    ap.add_argument("--pool-threads", type=int, default=4, help="update-step threads per process")
+    ap.add_argument("--publishers", type=int, default=2, help="controller data connections")
+    ap.add_argument(
+        "--preflight",
+        choices=("each", "once"),
+        default="each",
+        help="each: every device runs the pre-flight child (as real devices do); once: a "
+        "simulator process runs it once for the bundle and reuses the verdict",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--tmp",
@@ -84,7 +98,7 @@ def main() -> None:
     spec = FleetSpec(
         root=str(tmp / "fleet"), broker=broker.url, ca_file=str(setup.ca_file),
         devices=tuple(ids), groups=("bench",), keep_serving=False, chunk_timeout=args.chunk_timeout,
-        keepalive=60, window=4,
+        keepalive=60, window=4, pool_threads=args.pool_threads, preflight=args.preflight,
     )  # fmt: skip
     t1 = time.monotonic()
     fleet = SimFleet(spec, processes=args.processes).start(wait=900)
@@ -100,7 +114,8 @@ def main() -> None:
         )  # fmt: skip
 
     store = open_store(tmp / "rollouts.sqlite")
-    ctl = Controller(store, connect, signer=dsigner, certificate=dcert, anchor=ring.anchor())
+    ctl = Controller(store, connect, signer=dsigner, certificate=dcert, anchor=ring.anchor(),
+                     data_connections=args.publishers)  # fmt: skip
     ctl.start()
     r = ctl.create(bundle, group="bench", members=ids, policy=Policy(waves=(1.0,),
                    wave_timeout=args.timeout), signer_name="deployer",
@@ -112,7 +127,10 @@ def main() -> None:
     start = time.monotonic()
     done = threading.Event()
 
+    peak_load = [0.0]
+
     def watch(rec: object) -> None:
+        peak_load[0] = max(peak_load[0], os.getloadavg()[0])
         n = sum(1 for p in store.phases(r.id).values() if p.phase == "committed")
         for pct in (50, 90, 100):
             if f"{pct}%" not in marks and n * 100 >= pct * len(ids):
@@ -133,6 +151,9 @@ def main() -> None:
         "bundle_mb": round(bundle.stat().st_size / 2**20, 2),
         "chunk_kb": args.chunk_kb,
         "processes": args.processes,
+        "pool_threads": args.pool_threads,
+        "publishers": args.publishers,
+        "preflight": args.preflight,
         "cpus": os.cpu_count(),
         "state": final.state,
         "reason": final.reason,
@@ -152,6 +173,14 @@ def main() -> None:
         "simulator_cpu_s": round(
             sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after_sim, before_sim, strict=False)), 1
         ),
+        "simulator_children_cpu_s": round(
+            sum(
+                a["children_cpu_s"] - b["children_cpu_s"]
+                for a, b in zip(after_sim, before_sim, strict=False)
+            ),
+            1,
+        ),
+        "peak_load_average_1m": round(peak_load[0], 1),
         "simulator_peak_rss_mb_per_process": [s["peak_rss_mb"] for s in after_sim],
     }
     ctl.stop()

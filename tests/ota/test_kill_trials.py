@@ -95,7 +95,7 @@ def test_kill_9_at_random_moments_never_leaves_a_device_broken(
         clean = json.loads(out.read_text())
         assert clean["serving"] == 2
         # Kills land from just before the update begins to just after it ends.
-        first, last = max(clean["t_update"] - 0.2, 0.01), clean["t_done"] + 0.05
+        first, last = max(clean["t_update"] - 0.05, 0.01), clean["t_done"] + 0.05
         span = last - first
         t_trials = time.monotonic()
         for trial in range(RANDOM_TRIALS):

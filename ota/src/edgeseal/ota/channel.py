@@ -6,6 +6,10 @@ One paho connection feeds one worker thread, which runs the :class:`Updater`: co
 messages, chunks, agent events and a once-a-second tick, in arrival order. The status is
 published on every transition and again every ``report_interval`` seconds, so the fleet
 sees OOD rates and quarantines move between updates.
+
+A process that runs many devices (the fleet simulator) gives each channel a shared
+:class:`~edgeseal.ota.mqtt.NetLoop` and :class:`StepPool` instead: no thread per device,
+each device's steps still run one at a time and in arrival order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,11 +28,11 @@ from edgeseal.core.config import Config
 from edgeseal.core.encoding import canonical_json
 from edgeseal.core.errors import ConfigError
 from edgeseal.ota.messages import fetch_request
-from edgeseal.ota.mqtt import MqttConnection
+from edgeseal.ota.mqtt import MqttConnection, NetLoop
 from edgeseal.ota.topics import Topics, check_level
 from edgeseal.ota.updater import Faults, Updater
 
-__all__ = ["MqttChannel", "make_channel"]
+__all__ = ["MqttChannel", "StepPool", "make_channel"]
 
 log = logging.getLogger("edgeseal.ota")
 
@@ -51,6 +56,61 @@ class _MqttLink:
         self.conn.publish(self.events_topic, canonical_json(dict(event)))
 
 
+class StepPool:
+    """A few threads that run many channels' updater steps. A channel is queued here when
+    it has work and is not already queued or running, so its steps never overlap and keep
+    their order; a ticker posts each channel's once-a-second tick."""
+
+    def __init__(self, threads: int = 4, *, name: str = "edgeseal-ota-pool") -> None:
+        self._ready: queue.Queue[MqttChannel | None] = queue.Queue()
+        self._channels: set[MqttChannel] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        self._threads.append(threading.Thread(target=self._tick, name=f"{name}-tick", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def attach(self, channel: MqttChannel) -> None:
+        with self._lock:
+            self._channels.add(channel)
+
+    def detach(self, channel: MqttChannel) -> None:
+        with self._lock:
+            self._channels.discard(channel)
+
+    def schedule(self, channel: MqttChannel) -> None:
+        self._ready.put(channel)
+
+    def _work(self) -> None:
+        while True:
+            channel = self._ready.get()
+            if channel is None:
+                return
+            try:
+                channel._drain()
+            except BaseException:  # a killed simulated device unwinds its step, not the pool
+                if not channel._stopping.is_set():
+                    log.exception("an OTA channel's step failed")
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK):
+            with self._lock:
+                channels = list(self._channels)
+            for ch in channels:
+                ch._post("tick", None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for _ in self._threads[:-1]:
+            self._ready.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+
+
 class MqttChannel:
     name = "mqtt"
     #: Seconds between status reports when nothing changes.
@@ -62,6 +122,8 @@ class MqttChannel:
         *,
         faults: Faults | None = None,
         kill: Callable[[str], None] | None = None,
+        loop: NetLoop | None = None,
+        pool: StepPool | None = None,
     ) -> None:
         if not config.ota.broker:
             raise ConfigError('agent.channels names "mqtt" but [ota] broker is not set')
@@ -74,6 +136,46 @@ class MqttChannel:
         self.conn: MqttConnection | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.loop = loop
+        self.pool = pool
+        self._pending: deque[tuple[str, Any]] = deque()
+        self._plock = threading.Lock()
+        self._scheduled = False
+        self._step_lock = threading.Lock()
+        self._reported = time.monotonic()
+
+    def _post(self, kind: str, item: Any) -> None:
+        if self.pool is None:
+            self.queue.put((kind, item))
+            return
+        with self._plock:
+            if kind == "tick" and self._pending:
+                return  # busy: the tick would only repeat what the next step does
+            self._pending.append((kind, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.pool.schedule(self)
+
+    def _drain(self) -> None:
+        """Pool mode: run this channel's pending steps (a bounded batch, then requeue)."""
+        assert self.pool is not None
+        with self._step_lock:
+            for _ in range(16):
+                with self._plock:
+                    if not self._pending or self._stopping.is_set():
+                        self._scheduled = False
+                        return
+                    kind, item = self._pending.popleft()
+                if kind == "begin":
+                    self._begin()
+                else:
+                    self._step(kind, item)
+        with self._plock:
+            if not self._pending or self._stopping.is_set():
+                self._scheduled = False
+                return
+        self.pool.schedule(self)
 
     def start(self, agent: Agent) -> None:
         device_id = self.config.device.id or str(agent.home.info().get("device_id", ""))
@@ -86,7 +188,7 @@ class MqttChannel:
         def on_message(topic: str, payload: bytes) -> None:
             if not payload:
                 return  # a retained message cleared (the controller withdrew an offer)
-            self.queue.put(("chunk" if topic == data else "control", payload))
+            self._post("chunk" if topic == data else "control", payload)
 
         self.conn = MqttConnection(
             ota.broker,
@@ -98,15 +200,20 @@ class MqttChannel:
             keepalive=ota.keepalive,
             subscriptions=subs,
             on_message=on_message,
-            on_connect=lambda: self.queue.put(("connected", None)),
+            on_connect=lambda: self._post("connected", None),
+            loop=self.loop,
         )
         link = _MqttLink(self.conn, self.topics, device_id)
         self.updater = Updater(agent, ota, device_id, link, faults=self.faults, kill=self.kill)
-        agent.listeners.append(lambda e, m, d: self.queue.put(("agent", (e, m, d))))
+        agent.listeners.append(lambda e, m, d: self._post("agent", (e, m, d)))
+        if self.pool is not None:
+            self.pool.attach(self)
+            self._post("begin", None)
+            return
         self._thread = threading.Thread(target=self._run, name="edgeseal-ota", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _begin(self) -> None:
         updater, conn = self.updater, self.conn
         assert updater is not None and conn is not None
         try:
@@ -114,20 +221,28 @@ class MqttChannel:
         except Exception:
             log.exception("resuming the update failed")
         conn.start()
-        reported = time.monotonic()
+        self._reported = time.monotonic()
+
+    def _step(self, kind: str, item: Any) -> None:
+        updater, conn = self.updater, self.conn
+        assert updater is not None and conn is not None
+        if kind == "tick" and time.monotonic() - self._reported >= self.report_interval:
+            kind, self._reported = "report", time.monotonic()
+        try:
+            self._dispatch(updater, kind, item)
+        except ConnectionAbortedError:
+            conn.drop()
+        except Exception:  # never let one bad step stop the channel
+            log.exception("OTA step %s failed", kind)
+
+    def _run(self) -> None:
+        self._begin()
         while not self._stopping.is_set():
             try:
                 kind, item = self.queue.get(timeout=TICK)
             except queue.Empty:
                 kind, item = "tick", None
-            if kind == "tick" and time.monotonic() - reported >= self.report_interval:
-                kind, reported = "report", time.monotonic()
-            try:
-                self._dispatch(updater, kind, item)
-            except ConnectionAbortedError:
-                conn.drop()
-            except Exception:  # never let one bad step stop the channel
-                log.exception("OTA step %s failed", kind)
+            self._step(kind, item)
 
     def _dispatch(self, updater: Updater, kind: str, item: Any) -> None:
         if kind == "control":
@@ -147,10 +262,18 @@ class MqttChannel:
         else:
             updater.tick()
 
+    def wait_idle(self, timeout: float = 30) -> None:
+        """After ``_stopping`` is set: wait until no step of this channel is running."""
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+        elif self.pool is not None:
+            self.pool.detach(self)
+            if self._step_lock.acquire(timeout=timeout):
+                self._step_lock.release()
+
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self.wait_idle()
         if self.updater is not None:
             self.updater.close()
         if self.conn is not None:

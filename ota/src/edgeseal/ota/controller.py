@@ -94,6 +94,7 @@ class Controller:
         anchor: TrustAnchor | None = None,
         share: str | None = None,
         clock: Callable[[], float] = time.time,
+        data_connections: int = 2,
     ) -> None:
         self.store = store
         self.topics = topics or Topics()
@@ -120,13 +121,13 @@ class Controller:
             subscriptions=[self.topics.all_devices("status"), self.topics.all_devices("events")],
             on_message=self._on_message,
         )
-        self.server = ChunkServer(shared, self.topics)
+        self.server = ChunkServer(shared, self.topics, publishers=data_connections)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> None:
         self.conn.start()
         self.server.start()
-        if not (self.conn.wait_connected(timeout) and self.server.conn.wait_connected(timeout)):
+        if not (self.conn.wait_connected(timeout) and self.server.wait_connected(timeout)):
             self.stop()
             raise ConnectionError(f"the controller could not reach {self.conn.address.host}")
 

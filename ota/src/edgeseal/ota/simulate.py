@@ -5,7 +5,11 @@ Each simulated device is a real device in miniature: its own home (device key in
 software key store, pinned root, model store with slots and journal, trusted time), its
 own TLS key and certificate from the fleet CA (the broker's ACL keys on the CN), its own
 :class:`~edgeseal.agent.service.Agent` and :class:`~edgeseal.ota.channel.MqttChannel`
-(one paho connection and one worker thread). Devices share processes: ``processes=0``
+(one paho connection). Devices share processes, and within a process they share threads:
+one network loop drives every device's paho connection (:class:`~edgeseal.ota.mqtt.NetLoop`)
+and a small pool runs the devices' update steps (:class:`~edgeseal.ota.channel.StepPool`,
+``FleetSpec.pool_threads``), each device's steps in order and never two at once; the pool
+size caps how many devices verify and open models at once. ``processes=0``
 runs them all in this process (tests: faults and restarts are method calls);
 ``processes=k`` starts k worker processes (``python -m edgeseal.ota.simulate``) that
 split the devices, so a 2-core machine can drive a thousand of them.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -41,13 +46,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeseal.agent import preflight as _preflight
 from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config, load_config
 from edgeseal.core.keyring import Keyring
 from edgeseal.core.keys import load_public_key
-from edgeseal.ota.channel import MqttChannel
+from edgeseal.ota.channel import MqttChannel, StepPool
 from edgeseal.ota.enroll import FleetCA, make_csr
+from edgeseal.ota.mqtt import NetLoop
 from edgeseal.ota.topics import check_level
 from edgeseal.ota.updater import Faults
 
@@ -82,6 +89,14 @@ class FleetSpec:
     keepalive: int = 30
     report_interval: float = 30.0
     restart_delay: float = 1.0
+    #: Threads per process that run the devices' update steps (verify, stage, open and
+    #: golden-check included): also the cap on how many do that at once.
+    pool_threads: int = 4
+    #: ``"each"``: every device runs the pre-flight child for its staged bundle, as real
+    #: devices do. ``"once"``: a process runs it once per distinct (graph, shapes, limits,
+    #: runtime) request and reuses the verdict for its other devices (a benchmark economy:
+    #: the devices of a process receive the same bundle; say so when reporting figures).
+    preflight: str = "each"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -150,11 +165,61 @@ def provision_fleet(
     return ids
 
 
+class SharedPreflight(_preflight.Preflight):
+    """The real pre-flight child, run once per distinct request in this process: the
+    verdict (or the refusal) for identical graph bytes, weight shapes, limits and runtime
+    settings is reused. For the simulator's ``preflight="once"`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._verdicts: dict[str, BaseException | None] = {}
+        self._running: dict[str, threading.Lock] = {}
+        self.children = 0
+        self.reused = 0
+
+    def check(self, **kwargs: Any) -> None:
+        key = hashlib.sha256(kwargs["graph"]).hexdigest() + repr(
+            (
+                kwargs["model_format"],
+                [(e.name, e.dtype, tuple(e.shape)) for e in kwargs["weights"]],
+                kwargs["limits"],
+                kwargs["runtime"],
+            )
+        )
+        with self._lock:
+            gate = self._running.setdefault(key, threading.Lock())
+        with gate:
+            if key in self._verdicts:
+                self.reused += 1
+                err = self._verdicts[key]
+                if err is not None:
+                    raise err
+                return
+            self.children += 1
+            try:
+                super().check(**kwargs)
+            except _preflight.ModelRejectedError as e:
+                self._verdicts[key] = e
+                raise
+            self._verdicts[key] = None
+
+
 class SimDevice:
     """One simulated device in this process: a real Agent and MqttChannel on its home."""
 
-    def __init__(self, spec: FleetSpec, device: str, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        device: str,
+        faults: Faults | None = None,
+        *,
+        loop: NetLoop | None = None,
+        pool: StepPool | None = None,
+    ) -> None:
         self.spec = spec
+        self.loop = loop
+        self.pool = pool
         self.id = device
         self.home = spec.home(device)
         self.config: Config = load_config(text=spec.config_text(device))
@@ -171,7 +236,9 @@ class SimDevice:
         agent.load_all()
         if not self.spec.keep_serving:
             agent.listeners.append(self._unserve)
-        channel = MqttChannel(self.config, faults=self.faults, kill=self._kill)
+        channel = MqttChannel(
+            self.config, faults=self.faults, kill=self._kill, loop=self.loop, pool=self.pool
+        )
         channel.report_interval = self.spec.report_interval
         self.agent, self.channel = agent, channel
         channel.start(agent)
@@ -190,8 +257,7 @@ class SimDevice:
         if self.channel is not None:
             self.channel._stopping.set()
             if self.channel.conn is not None:
-                self.channel.conn.drop()
-                self.channel.conn.client.loop_stop()
+                self.channel.conn.abandon()
         raise DeviceKilled(why)
 
     @property
@@ -209,10 +275,8 @@ class SimDevice:
         if ch is not None:
             ch._stopping.set()
             if ch.conn is not None:
-                ch.conn.drop()
-                ch.conn.client.loop_stop()
-            if ch._thread is not None:
-                ch._thread.join(timeout=10)
+                ch.conn.abandon()
+            ch.wait_idle(timeout=10)
             if ch.updater is not None and ch.updater.download is not None:
                 with contextlib.suppress(OSError):
                     os.close(ch.updater.download.fd)
@@ -260,6 +324,9 @@ class SimFleet:
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
         self.offline: set[str] = set()
+        self.loop: NetLoop | None = None
+        self.pool: StepPool | None = None
+        self._saved_preflight: _preflight.Preflight | None = None
 
     def start(self, *, wait: float = 120.0, offline: Sequence[str] = ()) -> SimFleet:
         """Start every device (those in ``offline`` stay off until :meth:`bring_online`)
@@ -269,9 +336,22 @@ class SimFleet:
             self._start_processes(wait)
             return self
         threading.excepthook = _quiet_kills
+        if self.spec.preflight == "once":
+            self._saved_preflight = _preflight._DEFAULT
+            _preflight._DEFAULT = SharedPreflight()  # see FleetSpec.preflight
+        elif self.spec.preflight != "each":
+            raise ValueError(f"FleetSpec.preflight: 'each' or 'once', not {self.spec.preflight!r}")
+        self.loop = NetLoop(name="sim-mqtt")
+        self.pool = StepPool(max(1, self.spec.pool_threads), name="sim-ota")
         for dev in self.spec.devices:
             text = self.spec.faults.get(dev, "")
-            sim = SimDevice(self.spec, dev, Faults.from_text(text) if text else None)
+            sim = SimDevice(
+                self.spec,
+                dev,
+                Faults.from_text(text) if text else None,
+                loop=self.loop,
+                pool=self.pool,
+            )
             self.devices[dev] = sim
             if dev not in self.offline:
                 sim.start()
@@ -365,6 +445,14 @@ class SimFleet:
         self._procs.clear()
         for sim in self.devices.values():
             sim.stop()
+        if self.pool is not None:
+            self.pool.stop()
+        if self.loop is not None:
+            self.loop.stop()
+        self.pool = self.loop = None
+        if self._saved_preflight is not None:
+            _preflight._DEFAULT = self._saved_preflight
+            self._saved_preflight = None
         threading.excepthook = _default_hook
 
     def __enter__(self) -> SimFleet:
