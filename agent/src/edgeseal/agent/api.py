@@ -213,7 +213,13 @@ def decode_arrays(
         return _decode_npz(body)
     # OverflowError: a JSON number out of its dtype's range (657 as int8).
     except (
-        ValueError, KeyError, TypeError, OSError, AttributeError, OverflowError, struct.error
+        ValueError,
+        KeyError,
+        TypeError,
+        OSError,
+        AttributeError,
+        OverflowError,
+        struct.error,
     ) as e:
         raise BadRequestError(
             f"the body is not a valid {content_type or NPZ} of arrays: {e}"
