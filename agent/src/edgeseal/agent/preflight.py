@@ -272,8 +272,11 @@ def main() -> None:
         answer = {"ok": False, "message": str(e)}
     except Exception as e:  # an unexpected failure is a refusal too, never a pass
         answer = {"ok": False, "message": f"pre-flight check failed: {type(e).__name__}: {e}"}
-    with os.fdopen(answer_fd, "wb") as out:
-        out.write(json.dumps(answer).encode())
+    try:
+        with os.fdopen(answer_fd, "wb") as out:
+            out.write(json.dumps(answer).encode())
+    except BrokenPipeError:  # the agent went away (stopped or killed): nobody to answer
+        os._exit(1)
 
 
 # --- the agent's side ----------------------------------------------------------------

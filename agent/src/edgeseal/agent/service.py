@@ -11,9 +11,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeseal.agent.device import DeviceHome, machine_architecture
 from edgeseal.agent.guard import InferResult, ServingModel
@@ -28,7 +31,7 @@ from edgeseal.core.keystore import KeyStore
 from edgeseal.core.reader import BundleFile, VerifyPolicy
 from edgeseal.hardware.floors import FileFloors, TpmFloors, VersionFloors
 
-__all__ = ["Agent", "NoSuchModelError", "floors_for"]
+__all__ = ["Agent", "NoSuchModelError", "ShadowStats", "floors_for"]
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("onnxruntime", "litert")
@@ -48,6 +51,63 @@ def floors_for(home: DeviceHome) -> VersionFloors:
 
 
 Listener = Callable[[str, str, Mapping[str, Any]], None]
+
+
+@dataclass
+class ShadowStats:
+    """What a shadowed candidate did with live traffic (see :meth:`Agent.start_shadow`)."""
+
+    #: Requests the serving model answered while the shadow was set.
+    seen: int = 0
+    #: Of those, the ones the candidate ran on (every ``every``-th).
+    requests: int = 0
+    #: Candidate calls that raised (any exception: schema, non-finite outputs, a crash).
+    errors: int = 0
+    #: Rows the candidate scored, and those it found out of distribution.
+    rows: int = 0
+    ood_rows: int = 0
+    #: Rows where both answered a classifier-like output (last dim > 1), and where their
+    #: top-1 differs.
+    compared_rows: int = 0
+    disagreements: int = 0
+
+    def to_obj(self) -> dict[str, Any]:
+        def rate(n: int, d: int) -> float:
+            return round(n / d, 4) if d else 0.0
+
+        return {
+            **vars(self),
+            "error_rate": rate(self.errors, self.requests),
+            "ood_rate": rate(self.ood_rows, self.rows),
+            "disagreement_rate": rate(self.disagreements, self.compared_rows),
+        }
+
+
+@dataclass
+class _Shadow:
+    candidate: ServingModel
+    every: int
+    stats: ShadowStats
+    busy: int = 0
+
+
+def _disagreements(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[int, int]:
+    """(rows compared, rows whose top-1 differs) over the outputs both have with the same
+    shape and a last dimension above 1."""
+    compared = differ = 0
+    for name, x in a.items():
+        y = b.get(name)
+        if (
+            isinstance(x, np.ndarray)
+            and isinstance(y, np.ndarray)
+            and x.shape == y.shape
+            and x.ndim >= 2  # rows by classes
+            and x.shape[-1] > 1
+        ):
+            top_x, top_y = np.argmax(x, axis=-1), np.argmax(y, axis=-1)
+            compared += int(top_x.size)
+            differ += int(np.count_nonzero(top_x != top_y))
+    return compared, differ
 
 
 class Agent:
@@ -71,6 +131,9 @@ class Agent:
         #: Called as listener(event, model, details) on install, quarantine, fall-back.
         self.listeners: list[Listener] = []
         self.events: list[dict[str, Any]] = []
+        #: Candidates run beside the serving model on live traffic (an OTA trial).
+        self._shadows: dict[str, _Shadow] = {}
+        self._shadow_cv = threading.Condition()
 
     # -- policy ------------------------------------------------------------------------
 
@@ -240,7 +303,70 @@ class Agent:
         golden_due, digest_due = sm.due_checks()
         if golden_due or digest_due:
             sm.self_check(golden=golden_due, digest=digest_due)
+        if self._shadows:
+            self._run_shadow(name, feed, result)
         return result
+
+    # -- shadow inference (OTA trials) -----------------------------------------------------
+
+    def start_shadow(self, name: str, candidate: ServingModel, *, every: int = 1) -> None:
+        """Run ``candidate`` beside the serving model ``name`` on live traffic until
+        :meth:`stop_shadow`. The caller always gets the serving model's answer; the
+        candidate runs afterwards on the same thread and the same feed (every ``every``-th
+        request), so a trial adds the candidate's cost to the requests it samples. Its
+        failures are counted, never raised. The caller keeps owning ``candidate``."""
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        with self._shadow_cv:
+            self._shadows[name] = _Shadow(candidate, every, ShadowStats())
+
+    def shadow_stats(self, name: str) -> dict[str, Any] | None:
+        with self._shadow_cv:
+            sh = self._shadows.get(name)
+            return sh.stats.to_obj() if sh else None
+
+    def stop_shadow(self, name: str) -> dict[str, Any]:
+        """Stop shadowing ``name``; once this returns no request is still running the
+        candidate (so it may be closed or committed). Returns the stats
+        (:class:`ShadowStats` with rates); empty if no shadow was set."""
+        with self._shadow_cv:
+            sh = self._shadows.pop(name, None)
+            if sh is None:
+                return {}
+            self._shadow_cv.wait_for(lambda: sh.busy == 0)
+            return sh.stats.to_obj()
+
+    def _run_shadow(self, name: str, feed: Mapping[str, Any], result: InferResult) -> None:
+        with self._shadow_cv:
+            sh = self._shadows.get(name)
+            if sh is None:
+                return
+            st = sh.stats
+            st.seen += 1
+            if (st.seen - 1) % sh.every:
+                return
+            sh.busy += 1
+        ok, rows, ood_rows, compared, differ = False, 0, 0, 0, 0
+        try:
+            shadow = sh.candidate.infer(feed)
+            rows = int(next(iter(feed.values())).shape[0]) if feed else 0
+            ood_rows = shadow.ood_rows
+            compared, differ = _disagreements(result.outputs, shadow.outputs)
+            ok = True
+        except Exception as e:  # the candidate's trouble is a statistic, not the caller's
+            log.debug("shadow %s v%s failed: %s", name, sh.candidate.identity["version"], e)
+        finally:
+            with self._shadow_cv:
+                st.requests += 1
+                if ok:
+                    st.rows += rows
+                    st.ood_rows += ood_rows
+                    st.compared_rows += compared
+                    st.disagreements += differ
+                else:
+                    st.errors += 1
+                sh.busy -= 1
+                self._shadow_cv.notify_all()
 
     def run_checks(self) -> None:
         """Run the scheduled integrity checks that are due (called by the daemon)."""

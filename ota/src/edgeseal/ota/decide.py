@@ -3,9 +3,13 @@ resumes. Pure: values in, a decision out; the updater does the I/O.
 
 The update states, persisted in the model store's journal (``journal.channel``)::
 
-    idle -> downloading -> verifying -> staged -> testing -> committed
-                 |              |          |         |  \\-> fallen-back (health failed)
+    idle -> downloading -> verifying -> staged -> testing -> [trial] -> committed
+                 |              |          |         |  \\------+----> fallen-back
                  \\--------------+----------+---------+----> failed (refused, no space...)
+
+``trial`` only when the offer asks for one (:class:`~edgeseal.ota.messages.Trial`): the
+health-checked candidate runs beside the serving model on live traffic, then
+:func:`trial_verdict` decides. A trial interrupted by a crash is run again from the start.
 
 ``committed`` and ``fallen-back`` and ``failed`` are at rest: nothing to resume. After a
 crash, :func:`resume_step` says what to redo; every step is safe to run twice.
@@ -17,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeseal.ota.messages import ControlMessage
+from edgeseal.ota.messages import ControlMessage, Trial
 
 __all__ = [
     "AT_REST",
@@ -27,6 +31,7 @@ __all__ = [
     "SlotView",
     "judge",
     "resume_step",
+    "trial_verdict",
 ]
 
 STATES = (
@@ -35,6 +40,7 @@ STATES = (
     "verifying",
     "staged",
     "testing",
+    "trial",
     "committed",
     "fallen-back",
     "failed",
@@ -165,5 +171,28 @@ def resume_step(state: str, *, staged: bool, active_bundle: str | None, offer_bu
         return "download"
     if state == "verifying":
         return "verify"
-    # staged or testing: the staged slot is there to test again, or it is gone (it failed)
+    # staged, testing or trial: the staged slot is there to test again (a trial restarts
+    # from the beginning), or it is gone (it failed)
     return "test" if staged else "verify"
+
+
+def trial_verdict(trial: Trial, stats: Mapping[str, Any]) -> str:
+    """Why a finished trial fails ("" if it passes). ``stats`` as
+    :meth:`edgeseal.agent.service.ShadowStats.to_obj`. Too little traffic fails: a
+    candidate nobody exercised has shown nothing, and the serving model is known good."""
+    requests = int(stats.get("requests", 0))
+    if requests < trial.min_requests:
+        return f"trial: too little traffic ({requests} requests, {trial.min_requests} needed)"
+    error_rate = float(stats.get("error_rate", 0.0))
+    if error_rate > trial.max_error_rate:
+        return (
+            f"trial: error rate {error_rate:.4f} over {trial.max_error_rate} "
+            f"({stats.get('errors', 0)} of {requests} requests)"
+        )
+    ood_rate = float(stats.get("ood_rate", 0.0))
+    if ood_rate > trial.max_ood_rate:
+        return (
+            f"trial: OOD rate {ood_rate:.4f} over {trial.max_ood_rate} "
+            f"({stats.get('ood_rows', 0)} of {stats.get('rows', 0)} rows)"
+        )
+    return ""

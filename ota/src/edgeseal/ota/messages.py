@@ -59,6 +59,7 @@ __all__ = [
     "ChunkFrame",
     "ControlMessage",
     "OtaMessageError",
+    "Trial",
     "chunk_digests",
     "decode_chunk",
     "encode_chunk",
@@ -85,6 +86,52 @@ class OtaMessageError(EdgesealError):
     hint = "the fleet's controller or signer may be misconfigured, or someone sent this"
 
 
+#: Bounds of an offer's trial window.
+MAX_TRIAL_SECONDS = 7 * 24 * 3600
+MAX_TRIAL_REQUESTS = 10**9
+
+
+@dataclass(frozen=True)
+class Trial:
+    """An offer's trial window: after the health check passes, run the candidate beside
+    the serving model on live traffic for ``seconds``; commit only if it saw at least
+    ``min_requests`` and its error and OOD rates stayed within the maxima."""
+
+    seconds: float
+    max_error_rate: float
+    max_ood_rate: float
+    min_requests: int
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "max_error_rate": self.max_error_rate,
+            "max_ood_rate": self.max_ood_rate,
+            "min_requests": self.min_requests,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Trial:
+        """Parse and bound-check the signed ``trial`` field (OtaMessageError if wrong)."""
+        names = ("seconds", "max_error_rate", "max_ood_rate", "min_requests")
+        if not isinstance(obj, dict) or set(obj) != set(names):
+            raise OtaMessageError(f"offer trial must be an object with exactly {list(names)}")
+
+        def number(name: str, lo: float, hi: float) -> float:
+            v = obj[name]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise OtaMessageError(f"offer trial {name} must be a number in [{lo}, {hi}]")
+            return float(v)
+
+        n = obj["min_requests"]
+        if type(n) is not int or not 0 <= n <= MAX_TRIAL_REQUESTS:
+            raise OtaMessageError(f"offer trial min_requests must be 0..{MAX_TRIAL_REQUESTS}")
+        seconds = number("seconds", 0, MAX_TRIAL_SECONDS)
+        if seconds <= 0:
+            raise OtaMessageError("offer trial seconds must be above 0")
+        return cls(seconds, number("max_error_rate", 0, 1), number("max_ood_rate", 0, 1), n)
+
+
 @dataclass(frozen=True)
 class ControlMessage:
     """A verified control message."""
@@ -108,6 +155,9 @@ class ControlMessage:
     chunks: tuple[bytes, ...] = ()
     url: str = ""
     breaking: bool = False
+    #: Offers: the trial window on live traffic before commit (None: commit after the
+    #: health check).
+    trial: Trial | None = None
     reason: str = ""
     revocations: RevocationList | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -162,7 +212,7 @@ def make_message(
 ) -> bytes:
     """Sign a control message. For ``install``, ``offer`` carries ``size``, ``sha256``,
     ``chunk_bytes`` and ``chunks`` (digests), and optionally ``url``, ``breaking``,
-    ``rollout``; orders may carry ``reason`` and ``rollout``."""
+    ``trial`` (see :class:`Trial`), ``rollout``; orders may carry ``reason`` and ``rollout``."""
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {sorted(ACTIONS)}")
     payload: dict[str, Any] = {
@@ -312,6 +362,7 @@ def _offer_fields(payload: Mapping[str, Any], max_bundle_bytes: int) -> dict[str
         "chunks": tuple(raw[i : i + 32] for i in range(0, len(raw), 32)),
         "url": url,
         "breaking": bool(payload.get("breaking", False)),
+        "trial": Trial.from_obj(payload["trial"]) if payload.get("trial") is not None else None,
     }
 
 

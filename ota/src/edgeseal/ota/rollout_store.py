@@ -210,7 +210,7 @@ class RolloutStore:
         with self._lock, self._tx() as cur:
             row = self._exec(
                 cur,
-                f"SELECT {self._COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608 - constant
+                f"SELECT {self._COLUMNS} FROM rollouts WHERE id = ?",  # noqa: S608  # nosec B608: constant column list
                 (rollout_id,),
             ).fetchone()
         return self._rollout(row) if row else None
@@ -221,7 +221,7 @@ class RolloutStore:
         with self._lock, self._tx() as cur:
             rows = self._exec(
                 cur,
-                f"SELECT {self._COLUMNS} FROM rollouts {where}"  # noqa: S608 - constants
+                f"SELECT {self._COLUMNS} FROM rollouts {where}"  # noqa: S608  # nosec B608: constant columns and clause
                 " ORDER BY created DESC LIMIT ?",
                 (*args, limit),
             ).fetchall()
@@ -249,7 +249,7 @@ class RolloutStore:
         with self._lock, self._tx() as cur:
             self._exec(
                 cur,
-                f"UPDATE rollouts SET {', '.join(sets)} WHERE id = ?",  # noqa: S608 - fixed names
+                f"UPDATE rollouts SET {', '.join(sets)} WHERE id = ?",  # noqa: S608  # nosec B608: fixed column names
                 (*args, rollout_id),
             )
 

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from edgeseal.core.reader import BundleFile, VerifyPolicy
 from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.messages import (
     OtaMessageError,
+    Trial,
     chunk_digests,
     encode_chunk,
     make_message,
@@ -82,11 +84,16 @@ def sign_offer(
     rollout: str = "",
     url: str = "",
     breaking: bool = False,
+    trial: Mapping[str, Any] | None = None,
     revocations: dict[str, Any] | None = None,
 ) -> bytes:
+    """An offer of ``bundle``; ``trial`` (optional): ``{"seconds", "max_error_rate",
+    "max_ood_rate", "min_requests"}``, a trial window on live traffic before commit."""
     extra: dict[str, Any] = {"rollout": rollout, "breaking": breaking}
     if url:
         extra["url"] = url
+    if trial is not None:
+        extra["trial"] = Trial.from_obj(dict(trial)).to_obj()  # refuse a bad one here too
     return make_message(
         signer,
         certificate,

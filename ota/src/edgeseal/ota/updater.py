@@ -42,7 +42,15 @@ from edgeseal.core.encoding import b64d, b64e, canonical_json, format_time, utcn
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.reader import BundleFile
-from edgeseal.ota.decide import AT_REST, Decision, SeqBook, SlotView, judge, resume_step
+from edgeseal.ota.decide import (
+    AT_REST,
+    Decision,
+    SeqBook,
+    SlotView,
+    judge,
+    resume_step,
+    trial_verdict,
+)
 from edgeseal.ota.messages import (
     ControlMessage,
     OtaMessageError,
@@ -123,6 +131,15 @@ class _Download:
 
 
 @dataclass
+class _Trial:
+    """A trial window in progress: the checked candidate, shadowing the serving model."""
+
+    msg: ControlMessage
+    checked: ServingModel
+    started: float
+
+
+@dataclass
 class Counters:
     bytes_received: int = 0
     chunks_received: int = 0
@@ -157,6 +174,8 @@ class Updater:
         self.counters = Counters()
         self.download: _Download | None = None
         self.last_refusal = ""
+        #: Trials in progress, by model (in memory only: a restart runs a trial again).
+        self.trials: dict[str, _Trial] = {}
 
     # -- persisted state ---------------------------------------------------------------
 
@@ -233,6 +252,7 @@ class Updater:
                 "floor": self.agent.store.floors.get(name),
                 "quarantined": sm.quarantined if sm else None,
                 "ood_rate": round(sm.counters.ood_rows / rows, 4) if sm and rows else 0.0,
+                "trial": self._trial_status(name, j.channel.get("trial")),
             }
         d = self.download
         return {
@@ -255,6 +275,15 @@ class Updater:
             "counters": dict(vars(self.counters)),
             "last_refusal": self.last_refusal,
         }
+
+    def _trial_status(self, name: str, stored: Any) -> dict[str, Any] | None:
+        """The trial in progress (its window and live figures) or the last one's result
+        (window, figures, passed), or None."""
+        if not isinstance(stored, dict):
+            return None
+        if name in self.trials:
+            return {**stored, "stats": self.agent.shadow_stats(name), "passed": None}
+        return dict(stored)
 
     def _audit_head(self) -> str | None:
         configured = self.agent.config.agent.audit_log
@@ -349,6 +378,7 @@ class Updater:
     def _start(self, msg: ControlMessage, wire: bytes) -> None:
         if self.download is not None:
             self._abandon(f"superseded by v{msg.version}")
+        self._abort_trial(msg.model, f"superseded by v{msg.version}")
         self._set_state(
             msg.model,
             "downloading",
@@ -358,6 +388,7 @@ class Updater:
             rollout=msg.rollout,
             reason="",
             final=False,
+            trial=None,
         )
         self._open_download(msg, wire)
 
@@ -549,16 +580,79 @@ class Updater:
             self.agent.discard_staged(msg.model, str(e))
             self._fell_back(msg, f"health: {e}")
             return
+        if msg.trial is not None:
+            if msg.model in self.agent.serving:
+                self._start_trial(msg, checked)
+                return
+            # No live traffic can reach a model that is not serving yet: nothing to trial
+            # against and nothing to protect, so the first install commits after health.
+            log.info("%s v%s: nothing serving, so no trial", msg.model, msg.version)
         self.agent.commit_staged(msg.model, checked)
         self._committed(msg)
 
-    def _fell_back(self, msg: ControlMessage, reason: str) -> None:
+    def _fell_back(self, msg: ControlMessage, reason: str, **details: Any) -> None:
         (self.dir / "incoming" / f"{msg.bundle_id}.part").unlink(missing_ok=True)
-        self._set_state(msg.model, "fallen-back", reason=reason)
+        self._set_state(msg.model, "fallen-back", reason=reason, **details)
 
-    def _committed(self, msg: ControlMessage) -> None:
+    def _committed(self, msg: ControlMessage, **details: Any) -> None:
         (self.dir / "incoming" / f"{msg.bundle_id}.part").unlink(missing_ok=True)
-        self._set_state(msg.model, "committed", reason="", committed_at=time.time(), final=False)
+        self._set_state(
+            msg.model, "committed", reason="", committed_at=time.time(), final=False, **details
+        )
+
+    # -- trial window (shadow inference on live traffic) ---------------------------------
+
+    def _start_trial(self, msg: ControlMessage, checked: ServingModel) -> None:
+        assert msg.trial is not None
+        self._set_state(msg.model, "trial", reason="", trial={"window": msg.trial.to_obj()})
+        self.trials[msg.model] = _Trial(msg, checked, self.clock())
+        self.agent.start_shadow(msg.model, checked)
+
+    def _abort_trial(self, model: str, reason: str) -> None:
+        """Drop a trial without a verdict (superseded, or the agent fell back): the
+        candidate is closed and the staged slot discarded."""
+        t = self.trials.pop(model, None)
+        if t is None:
+            return
+        self.agent.stop_shadow(model)
+        t.checked.close()
+        with contextlib.suppress(EdgesealError):
+            self.agent.discard_staged(model, f"trial abandoned: {reason}")
+        log.info("%s: trial of v%s abandoned: %s", model, t.msg.version, reason)
+
+    def _check_trials(self) -> None:
+        for model, t in list(self.trials.items()):
+            assert t.msg.trial is not None
+            if self._state(model).get("state") != "trial":
+                self._abort_trial(model, "the update is no longer on trial")
+            elif self.clock() - t.started >= t.msg.trial.seconds:
+                self._finish_trial(model, t)
+
+    def _finish_trial(self, model: str, t: _Trial) -> None:
+        assert t.msg.trial is not None
+        del self.trials[model]
+        stats = self.agent.stop_shadow(model)
+        why = trial_verdict(t.msg.trial, stats)
+        result = {"window": t.msg.trial.to_obj(), "stats": stats, "passed": not why}
+        self.link.publish_event(
+            {
+                "event": "trial",
+                "model": model,
+                "version": t.msg.version,
+                "rollout": t.msg.rollout,
+                "passed": not why,
+                "reason": why,
+                "stats": stats,
+                "time": format_time(utcnow()),
+            }
+        )
+        if why:
+            t.checked.close()
+            self.agent.discard_staged(model, why)
+            self._fell_back(t.msg, why, trial=result)
+            return
+        self.agent.commit_staged(model, t.checked)
+        self._committed(t.msg, trial=result)
 
     def _health(self, msg: ControlMessage, checked: ServingModel) -> None:
         if self.faults.fail_health:
@@ -632,9 +726,10 @@ class Updater:
         self.report()
 
     def tick(self) -> None:
-        """Periodic work: ask again for overdue chunks; end probation windows."""
+        """Periodic work: ask again for overdue chunks; end trial and probation windows."""
         with contextlib.suppress(ConnectionAbortedError):
             self._pump()
+        self._check_trials()
         if self.config.probation_seconds <= 0:
             return
         for name in self.agent.store.models():
@@ -652,11 +747,17 @@ class Updater:
     def on_agent_event(self, event: str, model: str, details: Mapping[str, Any]) -> None:
         """The agent quarantined or fell back by itself: say so."""
         if event == "fell_back":
+            self._abort_trial(model, "the agent fell back")
             self._set_state(model, "fallen-back", reason=str(details.get("reason", "")))
         elif event == "quarantined":
             self.report()
 
     def close(self) -> None:
+        # A trial cut short by a stop is run again on the next start (the state stays).
+        for model, t in list(self.trials.items()):
+            self.agent.stop_shadow(model)
+            t.checked.close()
+        self.trials.clear()
         d, self.download = self.download, None
         if d is not None:
             os.fsync(d.fd)
