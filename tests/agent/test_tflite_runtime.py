@@ -25,11 +25,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import Fleet
 from edgeseal.agent.runtimes import TfliteSession, find_tflite_interpreter
 from edgeseal.core.config import RuntimeConfig
 from edgeseal.core.errors import MissingExtraError
@@ -151,7 +151,7 @@ DEVICE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_tflite_runtime_fallback_serves_a_bundle(
-    fleet: Fleet, tflite_model: Path, tmp_path: Path
+    fleet: Any, tflite_model: Path, tmp_path: Path
 ) -> None:
     """A device without LiteRT opens a bundle packed here on tflite-runtime 2.14."""
     venv = fallback_venv()

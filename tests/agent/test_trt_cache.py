@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from conftest import Fleet
 from edgeseal.agent import runtimes, trtcache
 from edgeseal.agent.opener import open_bundle
 from edgeseal.agent.runtimes import (
@@ -413,7 +412,7 @@ def test_tensorrt_that_does_not_start_leaves_no_directory(
 
 
 def test_open_bundle_binds_the_cache_to_the_bundle_id(
-    simulated_trt: SimulatedTrtOrt, fleet: Fleet, onnx_model: Path, tmp_path: Path
+    simulated_trt: SimulatedTrtOrt, fleet: Any, onnx_model: Path, tmp_path: Path
 ) -> None:
     _ram_base()
     bundle, _ = fleet.pack(onnx_model, target=get_target("jetson"))
