@@ -205,6 +205,7 @@ class MqttChannel:
         )
         link = _MqttLink(self.conn, self.topics, device_id)
         self.updater = Updater(agent, ota, device_id, link, faults=self.faults, kill=self.kill)
+        self.updater.kick = lambda: self._post("tick", None)
         agent.listeners.append(lambda e, m, d: self._post("agent", (e, m, d)))
         if self.pool is not None:
             self.pool.attach(self)

@@ -174,6 +174,8 @@ class Updater:
         self.counters = Counters()
         self.download: _Download | None = None
         self.last_refusal = ""
+        #: Asks the channel to run :meth:`tick` again soon (an HTTP download continues).
+        self.kick: Callable[[], None] = lambda: None
         #: Trials in progress, by model (in memory only: a restart runs a trial again).
         self.trials: dict[str, _Trial] = {}
 
@@ -503,33 +505,36 @@ class Updater:
         return True
 
     def _http_fetch(self, d: _Download, missing: list[int]) -> None:
-        """Fetch missing chunks with HTTP Range requests, contiguous runs at a time."""
-        runs: list[tuple[int, int]] = []
-        for i in missing:
-            if runs and runs[-1][1] == i - 1 and i - runs[-1][0] < 64:
-                runs[-1] = (runs[-1][0], i)
-            else:
-                runs.append((i, i))
-        for first, last in runs:
-            start = first * d.msg.chunk_bytes
-            end = last * d.msg.chunk_bytes + d.msg.chunk_length(last) - 1
-            headers = {"Range": f"bytes={start}-{end}"}
-            req = urllib.request.Request(d.msg.url, headers=headers)  # noqa: S310 - http(s) only (verify_message)
-            try:
-                with urllib.request.urlopen(req, timeout=self.config.chunk_timeout) as resp:  # noqa: S310
-                    if resp.status != 206:
-                        raise OSError(f"server answered {resp.status}, not 206 Partial Content")
-                    for i in range(first, last + 1):
-                        piece = resp.read(d.msg.chunk_length(i))
-                        if not self._accept_chunk(d, i, piece):
-                            break
-            except (OSError, urllib.error.URLError) as e:
-                log.warning("HTTP download of %s: %s (will retry)", d.msg.url, e)
-                return
-            if self.download is not d:
-                return
+        """Fetch the first run of missing chunks (at most ``window``) with one HTTP Range
+        request, then return to the channel's loop (``kick`` brings it back at once), so
+        control messages never wait behind a download. Each chunk must arrive whole within
+        ``chunk_timeout`` of its first byte being asked for: a server that drips bytes is
+        cut off and asked again later, like a lost chunk over MQTT."""
+        first = last = missing[0]
+        while last + 1 in missing[: self.config.window] and last - first + 1 < self.config.window:
+            last += 1
+        start = first * d.msg.chunk_bytes
+        end = last * d.msg.chunk_bytes + d.msg.chunk_length(last) - 1
+        headers = {"Range": f"bytes={start}-{end}"}
+        req = urllib.request.Request(d.msg.url, headers=headers)  # noqa: S310 - http(s) only (verify_message)
+        timeout = self.config.chunk_timeout
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+                if resp.status != 206:
+                    raise OSError(f"server answered {resp.status}, not 206 Partial Content")
+                for i in range(first, last + 1):
+                    piece = _read_within(resp, d.msg.chunk_length(i), time.monotonic() + timeout)
+                    if not self._accept_chunk(d, i, piece) or self.download is not d:
+                        break
+        except (OSError, urllib.error.URLError) as e:
+            log.warning("HTTP download of %s: %s (will retry)", d.msg.url, e)
+            return
+        if self.download is not d:
+            return
         if not d.missing():
             self._finish_download()
+        else:
+            self.kick()
 
     def _finish_download(self) -> None:
         d = self.download
@@ -767,6 +772,22 @@ class Updater:
 def _kill_process(why: str) -> None:
     log.warning("%s", why)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_within(resp: Any, n: int, deadline: float) -> bytes:
+    """``n`` bytes of an HTTP body, or TimeoutError once ``deadline`` passes (one socket read
+    at a time, so a server sending a byte now and then cannot stretch it)."""
+    parts: list[bytes] = []
+    have = 0
+    while have < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"chunk not received within the chunk timeout ({have}/{n} bytes)")
+        piece = resp.read1(n - have)
+        if not piece:
+            break
+        parts.append(piece)
+        have += len(piece)
+    return b"".join(parts)
 
 
 def _golden_time(sm: ServingModel, runs: int = 5) -> float:
