@@ -204,10 +204,13 @@ def decode_arrays(
             obj = json.loads(bytes(body))
             out = {}
             for name, t in obj["inputs"].items():
-                dtype = np.dtype(t["dtype"])
-                # Numbers only: "U400000000" would make 60 bytes of JSON allocate 1.6 GB.
-                if dtype.kind not in _NUMERIC_KINDS:
-                    raise ValueError(f"dtype {dtype} is not a numeric tensor type")
+                # Named numeric types only, looked up rather than parsed: np.dtype() on
+                # untrusted text runs numpy's own parser ("U400000000" allocates 1.6 GB
+                # from 60 bytes of JSON; ",int8" raises SyntaxError).
+                dtype_name = t["dtype"]
+                if not isinstance(dtype_name, str) or dtype_name not in _LE:
+                    raise ValueError(f"dtype {str(dtype_name)[:40]!r} is not one of {sorted(_LE)}")
+                dtype = _LE[dtype_name]
                 out[name] = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
             return out
         return _decode_npz(body)
