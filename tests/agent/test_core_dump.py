@@ -19,10 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_plaintext import MARKER_BYTES, _marker_model
-
-from edgeseal.core.keys import write_private_key
-from helpers import NOW
+from test_plaintext import MARKER_BYTES, _marker_model, child_setup
 
 pytestmark = pytest.mark.slow
 
@@ -84,21 +81,7 @@ def test_a_core_dump_of_the_agent_holds_no_plaintext_weights(fleet, tmp_path, me
     unseen = data[quarter : quarter + MARKER_BYTES]  # a run of the weights the child never held
     assert data.count(unseen) == 1 and unseen != model.marker
     bundle, _ = fleet.pack(model.path, name="marker-onnx")
-    key = tmp_path / "dev-a.key"
-    write_private_key(key, fleet.devices["dev-a"].private_key, passphrase=None)
-    half = MARKER_BYTES // 2
-    args = {
-        "bundle": str(bundle),
-        "key": str(key),
-        "keyring": str(fleet.ring.path),
-        "now": NOW.isoformat(),
-        "x": model.x.tolist(),
-        "head": model.marker[:half].hex(),
-        "tail": model.marker[half:].hex(),
-    }
-    env = {k: v for k, v in os.environ.items() if k != "EDGESEAL_NO_MEMFD_SECRET"}
-    if memory == "anonymous":
-        env["EDGESEAL_NO_MEMFD_SECRET"] = "1"
+    args, env = child_setup(fleet, bundle, model, memfd_secret=memory == "memfd_secret")
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(args)],
         env=env,

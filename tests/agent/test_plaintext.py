@@ -198,7 +198,12 @@ print(json.dumps(report))
 '''
 
 
-def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool) -> Any:
+def child_setup(
+    fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The JSON arguments and environment of a child that opens ``bundle`` as dev-a: the
+    device key written to a file, the marker in two halves (so the child's arguments do
+    not hold it whole), memfd_secret on or off."""
     key = fleet.tmp / "dev-a.key"
     if not key.exists():
         write_private_key(key, fleet.devices["dev-a"].private_key, passphrase=None)
@@ -215,6 +220,11 @@ def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secre
     env = {k: v for k, v in os.environ.items() if k != "EDGESEAL_NO_MEMFD_SECRET"}
     if not memfd_secret:
         env["EDGESEAL_NO_MEMFD_SECRET"] = "1"
+    return args, env
+
+
+def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool) -> Any:
+    args, env = child_setup(fleet, bundle, model, memfd_secret=memfd_secret)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(args)],
         env=env,

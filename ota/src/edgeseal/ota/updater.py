@@ -42,6 +42,7 @@ from edgeseal.core.encoding import b64d, b64e, canonical_json, format_time, utcn
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.reader import BundleFile
+from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.decide import (
     AT_REST,
     Decision,
@@ -316,17 +317,22 @@ class Updater:
 
     # -- control messages ----------------------------------------------------------------
 
-    def handle_control(self, unverified_wire: bytes) -> Decision:
+    def _verified_message(self, unverified_wire: bytes) -> tuple[ControlMessage, TrustAnchor]:
+        """A control message checked against this device's trust and time now."""
         anchor = self.agent.home.anchor()
+        msg = verify_message(
+            unverified_wire,
+            anchor=anchor,
+            known_revocations=self.agent.home.known_revocations(anchor),
+            now=self.agent.home.trusted_now(),
+            clock_skew=timedelta(seconds=self.agent.config.device.clock_skew),
+            max_bundle_bytes=self.config.max_bundle_bytes,
+        )
+        return msg, anchor
+
+    def handle_control(self, unverified_wire: bytes) -> Decision:
         try:
-            msg = verify_message(
-                unverified_wire,
-                anchor=anchor,
-                known_revocations=self.agent.home.known_revocations(anchor),
-                now=self.agent.home.trusted_now(),
-                clock_skew=timedelta(seconds=self.agent.config.device.clock_skew),
-                max_bundle_bytes=self.config.max_bundle_bytes,
-            )
+            msg, anchor = self._verified_message(unverified_wire)
         except EdgesealError as e:
             self._refuse(f"{type(e).__name__}: {e}")
             return Decision("refuse", str(e))
@@ -697,15 +703,8 @@ class Updater:
             if state in AT_REST or "offer" not in ch:
                 continue
             wire = b64d(ch["offer"], "stored offer")
-            anchor = self.agent.home.anchor()
             try:
-                msg = verify_message(
-                    wire,
-                    anchor=anchor,
-                    known_revocations=self.agent.home.known_revocations(anchor),
-                    now=self.agent.home.trusted_now(),
-                    max_bundle_bytes=self.config.max_bundle_bytes,
-                )
+                msg, _ = self._verified_message(wire)
             except EdgesealError as e:
                 self._set_state(name, "failed", reason=f"resume: the offer no longer holds: {e}")
                 continue
