@@ -453,6 +453,32 @@ def test_a_broker_restart_mid_rollout_does_not_lose_the_rollout(
     assert all(_active(f, d) == 2 for d in world.ids)
 
 
+@pytest.mark.mqtt
+def test_an_offer_is_recorded_only_once_the_broker_has_acknowledged_it(
+    world, fleet, controller, fresh_broker
+):
+    """The broker is frozen (SIGSTOP: the connection stays up, nothing is acknowledged)
+    while wave 1's offers are queued: nobody is recorded as offered, so a controller
+    killed now would offer them again on resume. Thawed, the rollout completes."""
+    f = fleet(on=fresh_broker)
+    ctl = controller(on=fresh_broker)
+    r = _deploy(ctl, world, "v2", Policy(parse_waves("50%,100%"), wave_timeout=120))
+    pid = fresh_broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            ctl.step(r.id)
+            time.sleep(0.1)
+        assert ctl.messages_out > 0  # the offers were queued
+        assert all(p.offered_at is None for p in ctl.store.phases(r.id).values())
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    done = ctl.run(r.id, poll=0.1)
+    assert done.state == "done", done.reason
+    assert all(_active(f, d) == 2 for d in world.ids)
+
+
 def _cli(world, ota_pki, broker, store, *args):
     env = {
         **os.environ,

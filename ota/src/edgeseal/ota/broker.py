@@ -390,6 +390,10 @@ class Mosquitto:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def _choose_ports(self) -> None:
         s = self._settings
         if not s.port:

@@ -111,6 +111,10 @@ class Controller:
         self.messages_in = 0
         self.messages_out = 0
         self._bundles: dict[str, BundleOffer] = {}
+        # rollout -> offers queued but not yet acknowledged by the broker: (devices, when,
+        # paho's message info). A device is marked offered in the store only once its
+        # offer is acknowledged, so a controller killed in between offers it again.
+        self._unacked: dict[str, list[tuple[tuple[str, ...], float, Any]]] = {}
 
         def shared(**kw: Any) -> MqttConnection:
             if share:
@@ -225,29 +229,59 @@ class Controller:
     def _seq(self) -> int:
         return self.store.next_seq(self.signing.signer.key_id, floor=int(self.clock() * 1000))
 
-    def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.conn.publish(topic, payload, retain=retain)
+    def _publish(self, topic: str, payload: bytes, *, retain: bool) -> Any:
         self.messages_out += 1
+        return self.conn.publish(topic, payload, retain=retain)
 
     # -- offers and orders ------------------------------------------------------------------
     def _send_offers(self, r: RolloutRecord, devices: Sequence[str]) -> None:
+        """Queue signed offers; :meth:`_settle` records them once the broker has them.
+        Nothing is queued while the broker is unreachable (the next step offers)."""
+        if not devices or not self.conn.connected.is_set():
+            return
         offer = self._offer(r)
         now = self.clock()
         s = self.signing
+        unacked = self._unacked.setdefault(r.id, [])
         if r.group_offer:
             wire = sign_offer(
                 s.signer, s.certificate, offer, seq=self._seq(), to=("group", r.target),
                 now=_now_utc(now), rollout=r.id, revocations=s.revocations,
             )  # fmt: skip
-            self._publish(self.topics.group(r.target), wire, retain=True)
+            info = self._publish(self.topics.group(r.target), wire, retain=True)
+            unacked.append((tuple(devices), now, info))
         else:
             for d in devices:
                 wire = sign_offer(
                     s.signer, s.certificate, offer, seq=self._seq(), to=("device", d),
                     now=_now_utc(now), rollout=r.id, revocations=s.revocations,
                 )  # fmt: skip
-                self._publish(self.topics.device(d, "control"), wire, retain=True)
-        self.store.mark_offered(r.id, devices, now)
+                info = self._publish(self.topics.device(d, "control"), wire, retain=True)
+                unacked.append(((d,), now, info))
+
+    def _settle(self, rollout_id: str) -> None:
+        """Mark offered the devices whose offers the broker has acknowledged (paho sends
+        unacknowledged ones again after a reconnect, so a broker restart only delays)."""
+        pending = self._unacked.get(rollout_id)
+        if not pending:
+            return
+        acked: dict[float, list[str]] = {}
+        left = []
+        for devices, at, info in pending:
+            try:
+                published = info.is_published()
+            except (RuntimeError, ValueError):  # not queued (the connection fell): offer again
+                continue
+            if published:
+                acked.setdefault(at, []).extend(devices)
+            else:
+                left.append((devices, at, info))
+        self._unacked[rollout_id] = left
+        for at, ds in acked.items():
+            self.store.mark_offered(rollout_id, ds, at)
+
+    def _in_flight(self, rollout_id: str) -> set[str]:
+        return {d for devices, _, _ in self._unacked.get(rollout_id, ()) for d in devices}
 
     def order(self, r: RolloutRecord, action: str, devices: Sequence[str], reason: str = "") -> int:
         """Send a signed order (fall-back, finalize, quarantine) about this rollout's
@@ -305,9 +339,11 @@ class Controller:
         if r.state != "running":
             return r
         self._offer(r)  # serve its chunks (again, after a restart)
+        self._settle(r.id)
         waves = self.store.waves(r.id)
         wave = waves[r.wave]
-        if wave.opened_at is None or not self._all_offered(r, wave.devices):
+        rows = self.store.phases(r.id)
+        if wave.opened_at is None or any(rows[d].offered_at is None for d in wave.devices):
             self.store.open_wave(r.id, r.wave, self.clock())
             self._send_offers(r, self._not_offered(r, wave.devices))
             return self.store.rollout(r.id) or r
@@ -325,12 +361,11 @@ class Controller:
         )
         return self._apply(r, verdict, phases)
 
-    def _all_offered(self, r: RolloutRecord, devices: Sequence[str]) -> bool:
-        return not self._not_offered(r, devices)
-
     def _not_offered(self, r: RolloutRecord, devices: Sequence[str]) -> list[str]:
+        """Devices with no acknowledged offer, less those whose offer is on its way."""
         rows = self.store.phases(r.id)
-        return [d for d in devices if rows[d].offered_at is None]
+        flying = self._in_flight(r.id)
+        return [d for d in devices if rows[d].offered_at is None and d not in flying]
 
     def _apply(
         self, r: RolloutRecord, verdict: Verdict, phases: Mapping[str, str]
@@ -364,6 +399,7 @@ class Controller:
             raise RolloutError(f"no rollout {rollout_id!r}")
         now = self.clock()
         self.store.update_rollout(r.id, now=now, state="halted", reason=reason)
+        self._unacked.pop(r.id, None)
         rows = self.store.phases(r.id)
         untouched = [d for d, row in rows.items() if row.phase in ("", "offered")]
         self._clear_offers(r, untouched)

@@ -187,11 +187,16 @@ class MqttConnection:
             return False
         return not self.subscriptions or self.subscribed.wait(timeout)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> paho.MQTTMessageInfo:
+        """Queue a message; paho sends it (again after a reconnect, for QoS 1) and the
+        returned info says when the broker has acknowledged it."""
         self.bytes_out += len(payload)
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if self.loop is not None:
             self.loop.want_write(self)
+        return info
 
     def drop(self) -> None:
         """Break the connection as a network fault would (paho reconnects by itself)."""
