@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -199,6 +200,59 @@ def test_the_socket_api_serves_with_identity_and_ood_and_keeps_serving_after_bad
     audit.flush()
     report = verify_log(audit.path, FileFloors(audit.path.parent / "audit-counter.json"))
     assert report.ok and report.records >= 4
+
+
+def _fd_of(path: Path) -> int:
+    """The descriptor this process holds open on ``path``."""
+    for entry in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.readlink() == path:
+                return int(entry.name)
+    raise AssertionError(f"{path} is not open")
+
+
+def test_a_batched_audit_is_written_after_the_answer_and_a_failed_write_stops_answers(
+    fleet, trained, device, tmp_path
+):
+    """With a batched log the record is written once the answer is out; when that write
+    fails (the disk fills under the log), health says so and the next calls are audited
+    before their answer, so none is answered unaudited (503) until the log takes writes."""
+    agent = _agent(device)
+    agent.install(_bundle(fleet, trained, 1))
+    audit = AuditLog(
+        tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"), flush_every=10
+    )
+    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
+    api = ApiServer(agent, sock, audit=audit)
+    api.start()
+    fd = _fd_of(audit.path)
+    saved = os.dup(fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with Client(str(sock)) as c:
+            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+            deadline = time.monotonic() + 10  # its record follows the answer
+            while audit.path.read_bytes().count(b"\n") < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.dup2(full, fd)  # every write to the log now fails with ENOSPC
+            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+            health = c.health()
+            assert health["ok"] is False and "No space left" in health["audit"]
+            with pytest.raises(AgentError) as e:
+                c.infer("clf", {"input": _x(trained)})
+            assert e.value.status == 503 and e.value.kind == "AuditError"
+            os.dup2(saved, fd)  # space again
+            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+            assert c.health()["ok"] is True
+    finally:
+        os.dup2(saved, fd)
+        os.close(full)
+        os.close(saved)
+        api.stop()
+        agent.close()
+        audit.close()
+    report = verify_log(audit.path, FileFloors(tmp_path / "audit-counter.json"))
+    assert report.ok and report.records == 2  # the two calls whose record could be written
 
 
 def test_callers_are_identified_by_peer_credentials_limited_and_hardened(served, trained):

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeseal.agent.acl import AccessControl, AccessDeniedError, BudgetExceededError, Caller, harden
+from edgeseal.agent.audit import AuditError, AuditLog
 from edgeseal.agent.guard import IntegrityError, QuarantinedError, ServingModel
 from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.core.errors import EdgesealError
@@ -257,6 +258,7 @@ _STATUS = {
     BudgetExceededError: 429,
     QuarantinedError: 503,
     IntegrityError: 503,
+    AuditError: 503,
 }
 _REASONS = {
     100: "Continue",
@@ -521,10 +523,13 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 class ApiServer:
-    def __init__(self, agent: Agent, socket_path: Path, *, audit: Any = None) -> None:
+    def __init__(self, agent: Agent, socket_path: Path, *, audit: AuditLog | None = None) -> None:
         self.agent = agent
         self.socket_path = socket_path
         self.audit = audit
+        #: Why the last audit write made after its answer failed; until a write succeeds
+        #: again, records are written before the answer (and a failure refuses it).
+        self.audit_failure: str | None = None
         self.acl = AccessControl(
             rules=agent.config.access,
             agent_uid=os.getuid(),
@@ -612,7 +617,11 @@ class ApiServer:
             sm = self.agent.serving.get(name)
             if sm is None or sm.quarantined:
                 bad[name] = sm.quarantined if sm else "not serving"
-        h._json(503 if bad else 200, {"ok": not bad, "models": len(installed), "failing": bad})
+        answer: dict[str, Any] = {"ok": not bad, "models": len(installed), "failing": bad}
+        if self.audit_failure is not None:
+            answer["ok"] = False
+            answer["audit"] = self.audit_failure
+        h._json(200 if answer["ok"] else 503, answer)
 
     def infer(self, h: _Handler, caller: Caller, model: str) -> None:
         rule = self.acl.check(caller, model)
@@ -630,7 +639,12 @@ class ApiServer:
             self._audit(caller, sm.identity, type(e).__name__, None)
             raise
         outputs = harden(result.outputs, rule)
-        self._audit(caller, result.model, "ok", result.ood)
+        # A batched log is not durable per record anyway, so its record is written after
+        # the answer is sent (off the caller's latency); a log fsync'd on every record
+        # writes it first, and no answer goes out without it.
+        after = self.audit is not None and self.audit.batched and self.audit_failure is None
+        if not after:
+            self._audit(caller, result.model, "ok", result.ood)
         headers = {
             "X-Edgeseal-Model": str(result.model["model"]),
             "X-Edgeseal-Version": str(result.model["version"]),
@@ -656,6 +670,12 @@ class ApiServer:
             )
         else:
             h._send(200, encode_arrays(outputs), NPZ, headers)
+        if after:
+            try:
+                self._audit(caller, result.model, "ok", result.ood)
+            except Exception as e:  # the answer is out: never send a second one
+                self.audit_failure = f"{type(e).__name__}: {e}"
+                log.error("an answered call could not be audited: %s", e)
 
     def _audit(
         self, caller: Caller, model: Mapping[str, Any], result: str, ood: list[float] | None
@@ -671,6 +691,7 @@ class ApiServer:
                 "ood_max": max(ood) if ood else None,
             }
         )
+        self.audit_failure = None
 
     def metrics(self) -> str:
         serving = sorted(self.agent.serving.items())

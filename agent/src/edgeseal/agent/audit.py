@@ -461,6 +461,11 @@ class AuditLog:
             self._release()
             raise
 
+    @property
+    def batched(self) -> bool:
+        """Records are fsync'd in batches (``flush_every`` > 1), not one by one."""
+        return self._flush_every > 1
+
     # -- opening
 
     def _take_writer_lock(self) -> int:
