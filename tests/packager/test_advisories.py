@@ -14,6 +14,9 @@ from typing import ClassVar
 import pytest
 
 from edgeseal.packager.advisories import (
+    PROJECT_SOURCE,
+    RELEASE_SOURCE,
+    AdvisoryError,
     OsvFile,
     PypiService,
     VulnerableRuntimeError,
@@ -65,6 +68,76 @@ def test_a_vulnerable_floor_is_raised_through_each_fix(tmp_path):
     assert audit.tested_advisories == ()
 
 
+def test_withdrawn_osv_records_are_skipped(tmp_path):
+    _osv(tmp_path, "onnxruntime", [{"introduced": "0"}, {"fixed": "1.12.0"}], id="LIVE")
+    gone = json.loads(_osv(tmp_path, "onnxruntime", [{"introduced": "0"}], id="GONE").read_text())
+    (tmp_path / "GONE.json").write_text(json.dumps({**gone, "withdrawn": "2024-05-01T00:00:00Z"}))
+    src = OsvFile(tmp_path)
+    assert [a.id for a in src.affecting("onnxruntime", "1.11.0")] == ["LIVE"]
+    assert src.affecting("onnxruntime", "1.13.0") == []
+
+
+def test_a_version_that_is_not_pep_440_skips_only_what_it_bounds(tmp_path):
+    # PYSEC-2021-371 as the PyPA advisory database has it: its ECOSYSTEM fix is
+    # "0.2.0-n653", which is not a PEP 440 version, so that range cannot be evaluated.
+    pysec = {
+        "id": "PYSEC-2021-371",
+        "aliases": ["CVE-2021-39159", "GHSA-9jjr-qqfp-ppwx"],
+        "details": "BinderHub remote code execution",
+        "affected": [
+            {
+                "package": {"name": "binderhub", "ecosystem": "PyPI"},
+                "ranges": [
+                    {
+                        "type": "GIT",
+                        "repo": "https://github.com/jupyterhub/binderhub",
+                        "events": [{"introduced": "0"}, {"fixed": "195caac1.patch"}],
+                    },
+                    {"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "0.2.0-n653"}]},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "all.json").write_text(json.dumps([pysec]))
+    _osv(
+        tmp_path,
+        "onnxruntime",
+        [{"introduced": "bogus-1"}, {"fixed": "1.0"}, {"introduced": "1.5"}, {"fixed": "1.6"}],
+        [{"introduced": "0"}, {"last_affected": "not a version"}],
+        versions=["1.9.x", "1.8.0"],
+        id="MIXED",
+    )
+    src = OsvFile(tmp_path)  # loads: the bad bounds are skipped, not fatal
+    assert src.affecting("binderhub", "0.1.0") == []
+    assert src.affecting("onnxruntime", "0.5") == []
+    assert [a.fixed_in for a in src.affecting("onnxruntime", "1.5.2")] == [("1.6",)]
+    assert [a.id for a in src.affecting("onnxruntime", "1.8.0")] == ["MIXED"]
+    audit = check_runtime(src, "onnxruntime", "1.5.0", None)
+    assert audit.checked and audit.safe_floor == "1.6"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("affected", {"package": {}}, "'affected' is not a list"),
+        ("affected", ["onnxruntime"], "'affected' entry is not an object"),
+        ("ranges", ["ECOSYSTEM"], "a range is not an object"),
+        ("ranges", [{"type": "ECOSYSTEM", "events": ["0"]}], "an event is not an object"),
+        ("ranges", [{"type": "ECOSYSTEM", "events": {"introduced": "0"}}], "'events' is not"),
+        ("versions", "1.0", "'versions' is not a list"),
+    ],
+)
+def test_a_malformed_osv_record_is_still_an_error(tmp_path, field, value, message):
+    rec = json.loads(_osv(tmp_path, "onnxruntime", [{"introduced": "0"}]).read_text())
+    if field == "affected":
+        rec["affected"] = value
+    else:
+        rec["affected"][0][field] = value
+    (tmp_path / "TEST-1.json").write_text(json.dumps(rec))
+    with pytest.raises(AdvisoryError, match=message):
+        OsvFile(tmp_path)
+
+
 def test_an_advisory_without_a_fix_leaves_no_safe_floor(tmp_path):
     _osv(tmp_path, "onnxruntime", [{"introduced": "1.0.0"}])
     audit = check_runtime(OsvFile(tmp_path), "onnxruntime", "1.13.0", None)
@@ -72,26 +145,44 @@ def test_an_advisory_without_a_fix_leaves_no_safe_floor(tmp_path):
 
 
 class _FakePypi(BaseHTTPRequestHandler):
-    """PyPI's JSON API shape: /pypi/<name>/<version>/json with a vulnerabilities list."""
+    """PyPI's JSON API shape: /pypi/<name>/json (the latest release's vulnerabilities)
+    and, unless ``release_json`` is off as on the build network, /pypi/<name>/<version>/json."""
 
+    latest: ClassVar[dict[str, str]] = {"onnxruntime": "1.20.0", "tflite-runtime": "2.14.0"}
     known: ClassVar[dict[tuple[str, str], list[dict[str, object]]]] = {
-        ("onnxruntime", "1.13.0"): [{"id": "PYSEC-X", "fixed_in": ["1.14.0"]}]
+        ("onnxruntime", "1.13.0"): [{"id": "PYSEC-X", "fixed_in": ["1.14.0"]}],
+        ("tflite-runtime", "2.14.0"): [
+            {"id": "PYSEC-T", "fixed_in": []},
+            {"id": "GHSA-GONE", "fixed_in": ["2.15.0"], "withdrawn": "2025-01-01T00:00:00Z"},
+        ],
     }
+    release_json: ClassVar[bool] = True
+    hits: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
+        self.hits.append(self.path)
         parts = self.path.strip("/").split("/")
-        if len(parts) != 4 or parts[0] != "pypi" or parts[3] != "json":
+        if len(parts) not in (3, 4) or parts[0] != "pypi" or parts[-1] != "json":
             self.send_error(404)
             return
-        if parts[2] == "9.9.9":
+        name = parts[1]
+        if name not in self.latest:
             self.send_error(404)
             return
+        if len(parts) == 3:
+            version = self.latest[name]
+        elif parts[2] == "9.9.9" or not self.release_json:
+            self.send_error(404)
+            return
+        else:
+            version = parts[2]
         body = {
-            "info": {"name": parts[1], "version": parts[2]},
+            "info": {"name": name, "version": version},
             "vulnerabilities": [
                 {"aliases": [], "summary": "s", "withdrawn": None, **v}
-                for v in self.known.get((parts[1], parts[2]), [])
+                for v in self.known.get((name, version), [])
             ],
+            "releases": {version: [{"yanked": False}]},
         }
         data = json.dumps(body).encode()
         self.send_response(200)
@@ -104,7 +195,9 @@ class _FakePypi(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def pypi() -> Iterator[str]:
+def pypi(monkeypatch) -> Iterator[str]:
+    monkeypatch.setattr(_FakePypi, "release_json", True)
+    monkeypatch.setattr(_FakePypi, "hits", [])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakePypi)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -117,11 +210,37 @@ def test_pypi_json_api_answers_are_read_like_pip_audit(pypi):
     audit = check_runtime(PypiService(pypi), "onnxruntime", "1.13.0", "1.14.0")
     assert audit.checked and audit.safe_floor == "1.14.0"
     assert [a.id for a in audit.floor_advisories] == ["PYSEC-X"]
+    assert PypiService(pypi).lookup("onnxruntime", "1.13.0").source == RELEASE_SOURCE
+
+
+def test_the_project_json_answers_for_the_latest_release_without_release_json(pypi, monkeypatch):
+    monkeypatch.setattr(_FakePypi, "release_json", False)
+    service = PypiService(pypi)
+    found = service.lookup("TFLite_Runtime", "2.14")
+    assert found.source == PROJECT_SOURCE and found.error is None
+    assert [a.id for a in found.advisories] == ["PYSEC-T"]  # the withdrawn one is dropped
+    audit = check_runtime(service, "tflite-runtime", "2.14.0", "2.14.0")
+    assert audit.checked and audit.safe_floor is None  # PYSEC-T names no fix
+    assert [a.id for a in audit.tested_advisories] == ["PYSEC-T"]
+    clean = check_runtime(service, "onnxruntime", "1.20.0", "1.20.0")
+    assert clean.checked and clean.safe_floor == "1.20.0" and clean.floor_advisories == ()
+    # One project JSON per package, however many versions were asked; no release JSON.
+    assert sorted(_FakePypi.hits) == ["/pypi/onnxruntime/json", "/pypi/tflite-runtime/json"]
+
+
+def test_an_older_release_without_release_json_is_not_checked(pypi, monkeypatch):
+    monkeypatch.setattr(_FakePypi, "release_json", False)
+    audit = check_runtime(PypiService(pypi), "onnxruntime", "1.13.0", "1.20.0")
+    assert not audit.checked and audit.tested_advisories == ()
+    assert "not the latest release (1.20.0)" in (audit.error or "")
+    assert "release JSON" in (audit.error or "") and "HTTP 404" in (audit.error or "")
 
 
 def test_an_unreachable_or_unknown_source_is_reported_not_fatal(pypi):
     audit = check_runtime(PypiService(pypi), "onnxruntime", "9.9.9", None)
     assert not audit.checked and "HTTP 404" in (audit.error or "")
+    unknown = check_runtime(PypiService(pypi), "no-such-runtime", "1.0", None)
+    assert not unknown.checked and "HTTP 404" in (unknown.error or "")
     down = check_runtime(PypiService("http://127.0.0.1:9", timeout=2), "onnxruntime", "1.0.0", None)
     assert not down.checked
 
