@@ -6,7 +6,11 @@
 Only the agent writes it (``agent install`` and the update channels go through it). Every
 change is a new journal written atomically (temp file, fsync, rename, fsync dir), so a
 power cut leaves the old journal or the new one, never a mix; a staged bundle is written
-the same way beside the active one, which it never touches.
+the same way beside the active one, which it never touches. The journal that records a
+staged copy is written after the copy is whole and before it replaces the slot's old
+file, so no journal ever names a slot for content it no longer holds (the fallback that
+staging gives up), and a full disk, for the copy or for that journal, leaves the store
+as it was.
 
 Floors: committing raises the model's version floor to the lowest version still kept
 (the fallback's), so the device can fall back one step but never further. Staging
@@ -19,8 +23,10 @@ model's floor out of reach).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -151,19 +157,34 @@ class ModelStore:
         return self.slot_path(model, j.active) if j.active else None
 
     def stage(self, model: str, bundle: Path, *, version: int, bundle_id: str) -> Path:
-        """Copy ``bundle`` into the free slot (atomically) and record it as staged."""
+        """Copy ``bundle`` into the free slot (atomically) and record it as staged.
+
+        Order: the copy to a temporary file, whole and synced; then the journal; then the
+        rename over the slot's file. A failure before the rename (a full disk, for the
+        copy or for the journal) removes the copy and raises :class:`StoreError`: the
+        store is as it was. A crash between journal and rename leaves the journal naming
+        the slot as staged (never as the fallback whose file is still there); a staged
+        slot is only tested after the update channel has recorded the staging, and is
+        otherwise staged again."""
         with self._locked():
             j = self.journal(model)
             self._refuse_backwards(j, version, bundle_id)
             slot = j.free_slot()
             dest = self.slot_path(model, slot)
-            with bundle.open("rb") as src, atomic_writer(dest, mode=0o600) as out:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-            if j.fallback == slot:
-                j.fallback = None
-            j.slots[slot] = SlotInfo(version, bundle_id, format_time(utcnow()), "staged")
-            j.staged = slot
-            self._write(j)
+            try:
+                with bundle.open("rb") as src, atomic_writer(dest, mode=0o600) as out:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    if j.fallback == slot:
+                        j.fallback = None
+                    j.slots[slot] = SlotInfo(version, bundle_id, format_time(utcnow()), "staged")
+                    j.staged = slot
+                    self._write(j)
+            except OSError as e:
+                full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+                why = "no space left on the device" if full else (e.strerror or str(e))
+                raise StoreError(f"cannot stage {model} v{version} in slot {slot}: {why}") from e
             return dest
 
     def _refuse_backwards(self, j: Journal, version: int, bundle_id: str) -> None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -179,6 +180,11 @@ class Updater:
         self.kick: Callable[[], None] = lambda: None
         #: Trials in progress, by model (in memory only: a restart runs a trial again).
         self.trials: dict[str, _Trial] = {}
+        #: When each committed model's probation began, on ``clock`` (monotonic): at the
+        #: commit, or at the first tick after a start. A wall-clock jump can neither end
+        #: it early (the floor would rise, for good on a TPM counter) nor hold it off; a
+        #: restart starts the window again, as it does a trial.
+        self.probation: dict[str, float] = {}
 
     # -- persisted state ---------------------------------------------------------------
 
@@ -548,7 +554,18 @@ class Updater:
         os.fsync(d.fd)
         os.close(d.fd)
         self.download = None
-        self._set_state(d.msg.model, "verifying")
+        try:
+            self._set_state(d.msg.model, "verifying")
+        except OSError as e:
+            # The journal cannot take the state (the bundle's preallocation took the last
+            # of the disk): give that space back, so the failure can be recorded.
+            d.path.unlink(missing_ok=True)
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            why = "no space left on the device" if full else (e.strerror or str(e))
+            self._set_state(
+                d.msg.model, "failed", reason=f"verify: the journal cannot be written: {why}"
+            )
+            return
         self._verify(d.msg, d.path)
 
     # -- verify, stage, test, commit ---------------------------------------------------
@@ -607,6 +624,7 @@ class Updater:
 
     def _committed(self, msg: ControlMessage, **details: Any) -> None:
         (self.dir / "incoming" / f"{msg.bundle_id}.part").unlink(missing_ok=True)
+        self.probation[msg.model] = self.clock()
         self._set_state(
             msg.model, "committed", reason="", committed_at=time.time(), final=False, **details
         )
@@ -706,6 +724,9 @@ class Updater:
             try:
                 msg, _ = self._verified_message(wire)
             except EdgesealError as e:
+                bundle_id = str(ch.get("bundle_id", ""))
+                if re.fullmatch(r"[0-9a-f]{32}", bundle_id):  # no partial download stays
+                    (self.dir / "incoming" / f"{bundle_id}.part").unlink(missing_ok=True)
                 self._set_state(name, "failed", reason=f"resume: the offer no longer holds: {e}")
                 continue
             j = self.agent.store.journal(name)
@@ -736,15 +757,14 @@ class Updater:
         self._check_trials()
         if self.config.probation_seconds <= 0:
             return
+        now = self.clock()
         for name in self.agent.store.models():
             ch = self._state(name)
-            at = ch.get("committed_at")
-            if (
-                ch.get("state") == "committed"
-                and not ch.get("final")
-                and at is not None
-                and (time.time() - float(at) >= self.config.probation_seconds)
-            ):
+            if ch.get("state") != "committed" or ch.get("final") or ch.get("committed_at") is None:
+                self.probation.pop(name, None)
+                continue
+            if now - self.probation.setdefault(name, now) >= self.config.probation_seconds:
+                del self.probation[name]
                 self.agent.store.finalize(name)
                 self._set_state(name, "committed", reason="probation passed", final=True)
 
