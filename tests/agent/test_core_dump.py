@@ -1,11 +1,22 @@
-"""No plaintext weights in a core dump of the agent (issue 9, "Memory promises").
+"""What a core dump of the agent holds of a model's weights (issue 9, "Memory promises").
 
-A child process opens a bundle of the marker model (tests/agent/test_plaintext.py) and
-runs it once, holding a control: the same 64-byte marker in an ordinary bytes object.
-``gcore`` (gdb's, which honours ``MADV_DONTDUMP`` and cannot read ``memfd_secret``
-pages) dumps it while the model is open. The dump must hold the control exactly once
-(so the scan works, and any copy of the weights would make it two) and none of a second
-run of the weights that the child was never given.
+A child process opens a bundle of the marker model (tests/agent/test_plaintext.py, ONNX
+or TFLite) and runs it once, holding a control: the same 64-byte marker in an ordinary
+bytes object. With the model open, the test
+
+1. finds, in the child's readable memory (``/proc/PID/maps``, ``/proc/PID/mem``, and
+   ``smaps`` for the ``dd`` flag ``MADV_DONTDUMP`` sets; ``memfd_secret`` pages cannot
+   be read), two runs of the weights the child was never given: 64 bytes of a row as
+   the model file stores them, and :func:`~test_plaintext.column_run`, which only a
+   copy packed for the CPU (LiteRT's XNNPACK delegate) holds;
+2. dumps it with ``gcore`` (gdb's, which honours ``MADV_DONTDUMP``).
+
+The dump must hold the control exactly once (so the scan works), each run exactly as
+often as it lies in readable memory outside ``MADV_DONTDUMP`` mappings (so the dump
+and the live scan agree), no run in the file's layout (every readable copy of those,
+the anonymous locked buffer and LiteRT's model bytes, is ``MADV_DONTDUMP``), and exactly
+the packed copies the runtime's status admits (``RUNTIME_COPIES``): none for ONNX
+Runtime, XNNPACK's one for LiteRT, which is in the ordinary heap and so in the dump.
 """
 
 from __future__ import annotations
@@ -13,13 +24,21 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_plaintext import MARKER_BYTES, _marker_model, child_setup
+from test_plaintext import (
+    MARKER_BYTES,
+    RUNTIME_COPIES,
+    WEIGHTS_SECTION,
+    _marker_model,
+    child_setup,
+    column_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +66,14 @@ policy = VerifyPolicy(
 model = open_bundle(Path(args["bundle"]), key_store=key, policy=policy, config=Config())
 (output,) = model.run({"input": np.asarray(args["x"], np.float32)}).values()
 print(json.dumps({"status": model.status(), "output": output.tolist()}), flush=True)
-sys.stdin.read()  # dumped here, with the model open
+sys.stdin.read()  # scanned and dumped here, with the model open
 model.close()
 print(len(control))
 """
+
+_REGION = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+)(?: \S+){3}\s*(.*)$")
+_UNREADABLE = {"[vvar]", "[vvar_vclock]", "[vsyscall]"}
+_CHUNK = 16 << 20
 
 
 def _gcore() -> str:
@@ -72,15 +95,74 @@ def _count(path: Path, needle: bytes) -> int:
         return found
 
 
+def _find_in_process(pid: int, needles: dict[str, bytes]) -> dict[str, list[dict[str, object]]]:
+    """Where each needle lies in ``pid``'s readable memory: address, mapping, and whether
+    that mapping is excluded from core dumps (``dd`` in smaps' VmFlags)."""
+    dontdump: set[str] = set()
+    region = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        m = _REGION.match(line)
+        if m:
+            region = f"{m[1]}-{m[2]}"
+        elif line.startswith("VmFlags:") and "dd" in line.split()[1:]:
+            dontdump.add(region)
+    span = max(map(len, needles.values())) - 1
+    hits: dict[str, list[dict[str, object]]] = {name: [] for name in needles}
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            m = _REGION.match(line)
+            assert m, line
+            lo, hi, perms, name = int(m[1], 16), int(m[2], 16), m[3], m[4]
+            if "r" not in perms or name in _UNREADABLE or name.startswith("/secretmem"):
+                continue
+            pos = lo
+            while pos < hi:
+                try:
+                    chunk = os.pread(fd, min(_CHUNK + span, hi - pos), pos)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                for needle_name, needle in needles.items():
+                    i = chunk.find(needle)
+                    while 0 <= i < _CHUNK:  # a start past _CHUNK is the next chunk's
+                        hits[needle_name].append(
+                            {
+                                "address": hex(pos + i),
+                                "mapping": f"{m[1]}-{m[2]} {name}",
+                                "dontdump": f"{m[1]}-{m[2]}" in dontdump,
+                            }
+                        )
+                        i = chunk.find(needle, i + 1)
+                pos += _CHUNK
+    finally:
+        os.close(fd)
+    return hits
+
+
 @pytest.mark.parametrize("memory", ["memfd_secret", "anonymous"])
-def test_a_core_dump_of_the_agent_holds_no_plaintext_weights(fleet, tmp_path, memory):
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_a_core_dump_of_the_agent_holds_only_the_weight_copies_its_runtime_admits(
+    fleet, tmp_path, fmt, memory
+):
+    """ONNX Runtime: no run of the weights in the dump. LiteRT: none in the model file's
+    layout (its model bytes are in locked MADV_DONTDUMP pages), and the one copy its
+    XNNPACK delegate packs. Both checked against where the runs lie in the process."""
     gcore = _gcore()
-    model = _marker_model(tmp_path / "model", "onnx")
+    model = _marker_model(tmp_path / "model", fmt)
     data = model.path.read_bytes()
     quarter = len(data) // 4
-    unseen = data[quarter : quarter + MARKER_BYTES]  # a run of the weights the child never held
-    assert data.count(unseen) == 1 and unseen != model.marker
-    bundle, _ = fleet.pack(model.path, name="marker-onnx")
+    # Runs of the weights the child never held: one as the file stores them, one only a
+    # packed copy holds.
+    needles = {
+        "control": model.marker,
+        "row": data[quarter : quarter + MARKER_BYTES],
+        "column": column_run(model),
+    }
+    assert needles["row"] in model.weights.tobytes() and needles["row"] != model.marker
+    assert data.count(needles["row"]) == 1
+    bundle, _ = fleet.pack(model.path, name=f"marker-{fmt}")
     args, env = child_setup(fleet, bundle, model, memfd_secret=memory == "memfd_secret")
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(args)],
@@ -94,9 +176,11 @@ def test_a_core_dump_of_the_agent_holds_no_plaintext_weights(fleet, tmp_path, me
         line = child.stdout.readline()
         assert line, f"the child died (rc {child.wait(10)})"
         report = json.loads(line)
-        kind = report["status"]["memory"]["weights"]["kind"]
+        status = report["status"]
+        kind = status["memory"][WEIGHTS_SECTION[fmt]]["kind"]
         if memory == "anonymous":
             assert kind == "anonymous"
+        live = _find_in_process(child.pid, needles)
         prefix = tmp_path / "core"
         dump = subprocess.run(
             [gcore, "-o", str(prefix), str(child.pid)],
@@ -110,13 +194,25 @@ def test_a_core_dump_of_the_agent_holds_no_plaintext_weights(fleet, tmp_path, me
         child.stdin.write("\n")
         child.stdin.close()
         assert child.wait(30) == 0
-        controls, leaked = _count(core, model.marker), _count(core, unseen)
+        dumped = {name: _count(core, needle) for name, needle in needles.items()}
         print(
-            f"\n[weights buffer is {kind}] core of {core.stat().st_size >> 20} MiB: marker"
-            f" found {controls}x (the control), an unseen run of the weights {leaked}x"
+            f"\n[{fmt}, weights buffer is {kind}] core of {core.stat().st_size >> 20} MiB"
+            f" holds: the control {dumped['control']}x, a run of a row of the weights"
+            f" {dumped['row']}x, a run down a column {dumped['column']}x; in the live"
+            f" process: {json.dumps(live)}"
         )
-        assert controls == 1, "the control is missing (scan broken) or the weights leaked"
-        assert leaked == 0, "plaintext weights are in the core dump"
+        assert dumped["control"] == 1, "the control is missing (scan broken) or the weights leaked"
+        for name in needles:
+            outside = [w for w in live[name] if not w["dontdump"]]
+            assert dumped[name] == len(outside), f"{name}: the dump and the live scan disagree"
+        claim = status["weights_handed_over"]
+        assert claim in RUNTIME_COPIES, f"status changed ({claim!r}): recount the copies"
+        file_layout, packed = RUNTIME_COPIES[claim]
+        buffer_copies = 0 if kind == "memfd_secret" else 1
+        assert len(live["row"]) == buffer_copies + file_layout
+        assert all(w["dontdump"] for w in live["row"]), "a copy in the file's layout is dumped"
+        assert dumped["row"] == 0
+        assert len(live["column"]) == dumped["column"] == packed
     finally:
         child.kill()
         child.wait(10)

@@ -1,11 +1,14 @@
 """Where a model's plaintext lives once the agent opens it: counted in memory, never on disk.
 
-Both tests use a marker model: 1 MiB of seeded random float32 weights. Its marker is the
-64-byte run in the middle of the model file; it occurs once in the model, so each copy
-found elsewhere is a copy of the weights.
+The memory and disk tests use a marker model: 1 MiB of seeded random float32 weights.
+Its marker is the 64-byte run in the middle of the model file; it occurs once in the
+model, so each copy found elsewhere is a copy of the weights. A copy packed for the CPU
+does not keep the file's layout: it is found by :func:`column_run`, 8 floats down a
+column of the weight matrix, a run the model file does not hold.
 
 * Memory: a child process opens the bundle, runs one inference, then reads its own
-  memory through ``/proc/self/maps`` and ``/proc/self/mem`` and counts the marker.
+  memory through ``/proc/self/maps`` and ``/proc/self/mem`` and counts the marker and
+  the column run.
   ``memfd_secret`` pages and ``[vvar]`` cannot be read that way (for the secret pages,
   that is the point), so the count is the number of plaintext copies that ordinary
   memory access (a debugger, a core dump, a same-uid reader) would find. The test
@@ -53,17 +56,25 @@ WIDTH = 512  # 512 x 512 float32 weights: 1 MiB
 MARKER_BYTES = 64
 SEED = 7
 
-#: Plaintext copies each runtime makes, keyed by the claim its status makes. A change to
-#: either side (a new copy, or a new claim) must show up here.
+#: Readable plaintext copies besides the locked buffer while the model is open, keyed by
+#: the claim the runtime's status makes: (copies in the model file's layout, copies
+#: packed for the CPU). A change to either side (a new copy, or a new claim) must show
+#: up here.
 RUNTIME_COPIES = {
-    "OrtValue views of the locked buffer (no copy)": 0,
-    "as immutable bytes: LiteRT's Python API copies the model and the copy cannot be wiped": 1,
+    "OrtValue views of the locked buffer (no copy)": (0, 0),
+    "as bytes in locked MADV_DONTDUMP pages, wiped on close; XNNPACK packs its own copy "
+    "of the weights into the ordinary heap": (1, 1),
 }
 # Measured on x86_64 Linux (glibc 2.36, ONNX Runtime 1.32, LiteRT 2.3): ONNX Runtime makes
-# no copy, and none is readable after close; LiteRT's one copy is still readable after
-# close: the bytes object died with the interpreter but malloc kept its block, unwiped,
-# in the heap. Whether freed memory stays readable is malloc's choice, so after close
-# the test allows up to the runtime's own copies, never more.
+# no copy. LiteRT keeps the model as bytes, which the agent puts in locked MADV_DONTDUMP
+# pages (edgeseal.agent.memory.LockedBytes) and wipes on close; its XNNPACK delegate packs
+# the weights into blocks of output channels in memory of its own, which the agent cannot
+# reach: freed on close, not wiped. Whether freed memory stays readable is malloc's
+# choice, so after close the test allows up to the packed copies, and no copy in the
+# file's layout.
+
+#: Floats in :func:`column_run`.
+COLUMN_FLOATS = 8
 
 #: The section whose locked buffer holds the weights.
 WEIGHTS_SECTION = {"onnx": "weights", "tflite": "graph"}
@@ -75,6 +86,9 @@ class MarkerModel:
     marker: bytes
     x: np.ndarray
     expected: np.ndarray
+    #: The weight matrix as the model file stores it: ONNX ``[in, out]``, TFLite
+    #: ``[out, in]``.
+    weights: np.ndarray
 
 
 def _marker_model(directory: Path, fmt: str) -> MarkerModel:
@@ -97,13 +111,24 @@ def _marker_model(directory: Path, fmt: str) -> MarkerModel:
         )
         expected = reference_tflite_dense(x, seed=SEED, n_in=WIDTH, n_out=WIDTH)
     assert weights.nbytes == WIDTH * WIDTH * 4
+    weights = np.frombuffer(weights.tobytes(), np.float32).reshape(WIDTH, WIDTH)
     middle = len(data) // 2
     marker = data[middle : middle + MARKER_BYTES]
     assert data.count(marker) == 1 and marker in weights.tobytes()
     assert len(set(marker)) > MARKER_BYTES // 2, "the marker must look random"
     path = directory / f"marker.{fmt}"
     path.write_bytes(data)
-    return MarkerModel(path, marker, x, expected)
+    return MarkerModel(path, marker, x, expected, weights)
+
+
+def column_run(model: MarkerModel) -> bytes:
+    """8 floats down a column of the weight matrix: not a run in the model file, but one
+    in XNNPACK's packing of a fully connected layer (blocks of 8 or 16 output channels,
+    one input at a time; measured on x86_64). A packing without such runs would show up
+    as a count below the expected one, failing the tests, never passing them."""
+    run = model.weights[:COLUMN_FLOATS, WIDTH // 3].tobytes()
+    assert run not in model.path.read_bytes()
+    return run
 
 
 # --- memory: a child process counts the marker in its own readable memory -----------
@@ -123,9 +148,12 @@ from edgeseal.core.keystore import InMemoryKey
 from edgeseal.core.reader import VerifyPolicy
 
 args = json.loads(sys.argv[1])
-# The marker is held as two halves, never as one run, so the scanner's needle is no copy.
-HEAD, TAIL = bytes.fromhex(args["head"]), bytes.fromhex(args["tail"])
-SPAN = len(HEAD) + len(TAIL)
+# Each run is held as two halves, never as one, so the scanner's needle is no copy.
+NEEDLES = {
+    "copies": (bytes.fromhex(args["head"]), bytes.fromhex(args["tail"])),
+    "packed": (bytes.fromhex(args["column_head"]), bytes.fromhex(args["column_tail"])),
+}
+SPAN = max(len(head) + len(tail) for head, tail in NEEDLES.values())
 UNREADABLE = {"[vvar]", "[vvar_vclock]", "[vsyscall]"}
 WINDOW = 4 << 20
 # /proc/self/mem is read into this one mapping, which the scan skips: reading never makes
@@ -136,30 +164,34 @@ window_lo = int(np.frombuffer(window, np.uint8).ctypes.data)
 window_hi = window_lo + WINDOW
 
 
-def count_range(fd, lo, hi):
-    found, pos = 0, lo
+def count_range(fd, lo, hi, found):
+    pos = lo
     while pos < hi:
         try:
             got = os.preadv(fd, [window_view[: min(WINDOW, hi - pos)]], pos)
         except OSError:
-            return found, hi - pos
+            return hi - pos
         if got <= 0:
-            return found, hi - pos
+            return hi - pos
         last = pos + got >= hi
         limit = got if last else max(got - SPAN + 1, 1)  # later starts: next window
-        i = window.find(HEAD, 0, got)
-        while 0 <= i < limit:
-            found += window.find(TAIL, i + len(HEAD), i + SPAN) == i + len(HEAD)
-            i = window.find(HEAD, i + 1, got)
+        for name, (head, tail) in NEEDLES.items():
+            end = len(head) + len(tail)
+            i = window.find(head, 0, got)
+            while 0 <= i < limit:
+                found[name] += window.find(tail, i + len(head), i + end) == i + len(head)
+                i = window.find(head, i + 1, got)
         pos += limit
-    return found, 0
+    return 0
 
 
 def scan():
-    """Copies of the marker in readable memory; bytes of memory that could not be read."""
+    """Copies of the marker and of the column run in readable memory; bytes of memory
+    that could not be read."""
     with open("/proc/self/maps") as f:
         regions = f.read().splitlines()
-    copies, secret, unreadable = 0, 0, 0
+    found = dict.fromkeys(NEEDLES, 0)
+    secret, unreadable = 0, 0
     fd = os.open("/proc/self/mem", os.O_RDONLY)
     try:
         for line in regions:
@@ -174,12 +206,10 @@ def scan():
                 continue
             for a, b in ((lo, min(hi, window_lo)), (max(lo, window_hi), hi)):
                 if a < b:
-                    n, missed = count_range(fd, a, b)
-                    copies += n
-                    unreadable += missed
+                    unreadable += count_range(fd, a, b, found)
     finally:
         os.close(fd)
-    return {"copies": copies, "secret_bytes": secret, "unreadable_bytes": unreadable}
+    return {**found, "secret_bytes": secret, "unreadable_bytes": unreadable}
 
 
 key = InMemoryKey(load_private_key(Path(args["key"]), passphrase=None))
@@ -225,6 +255,9 @@ def child_setup(
 
 def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool) -> Any:
     args, env = child_setup(fleet, bundle, model, memfd_secret=memfd_secret)
+    column = column_run(model)
+    args["column_head"] = column[: len(column) // 2].hex()
+    args["column_tail"] = column[len(column) // 2 :].hex()
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(args)],
         env=env,
@@ -242,8 +275,9 @@ def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secre
 def test_plaintext_copies_in_process_memory_are_counted(fleet, tmp_path, fmt, memory):
     """Timeline, in a child process that never saw the model: 0 copies before opening;
     open the bundle and run once: the locked buffer (readable only when it is an
-    anonymous mapping, not memfd_secret) plus exactly the copies the runtime's status
-    admits; close: none left."""
+    anonymous mapping, not memfd_secret) plus exactly the copies, in the file's layout
+    and packed, that the runtime's status admits; close: none in the file's layout, at
+    most the packed ones (freed by the runtime, unwiped)."""
     model = _marker_model(tmp_path / "model", fmt)
     bundle, _ = fleet.pack(model.path, name=f"marker-{fmt}")
     report = _count_in_child(fleet, bundle, model, memfd_secret=memory == "memfd_secret")
@@ -252,23 +286,112 @@ def test_plaintext_copies_in_process_memory_are_counted(fleet, tmp_path, fmt, me
     print(
         f"\n[{fmt}, {memory} requested, weights buffer is {kind}] readable plaintext copies:"
         f" before open {report['before']['copies']}, open {report['open']['copies']},"
-        f" closed {report['closed']['copies']}; memfd_secret bytes while open"
+        f" closed {report['closed']['copies']}; packed copies: open"
+        f" {report['open']['packed']}, closed {report['closed']['packed']};"
+        f" memfd_secret bytes while open"
         f" {report['open']['secret_bytes']}; weights handed over"
         f" {status['weights_handed_over']!r}"
     )
     np.testing.assert_allclose(np.asarray(report["output"]), model.expected, rtol=1e-4, atol=1e-4)
-    assert report["before"]["copies"] == 0, "the child held the model before opening it"
+    assert report["before"]["copies"] == report["before"]["packed"] == 0, "held before open"
     if memory == "anonymous":
         assert kind == "anonymous"
     if kind == "memfd_secret":
         assert report["open"]["secret_bytes"] >= WIDTH * WIDTH * 4
     assert status["weights_handed_over"] in RUNTIME_COPIES, "status changed: recount copies"
     buffer_copies = 0 if kind == "memfd_secret" else 1
-    expected = buffer_copies + RUNTIME_COPIES[status["weights_handed_over"]]
-    assert report["open"]["copies"] == expected
-    # Nothing wipes a runtime's own copy: after close it may linger in freed memory.
-    assert report["closed"]["copies"] <= RUNTIME_COPIES[status["weights_handed_over"]]
+    file_layout, packed = RUNTIME_COPIES[status["weights_handed_over"]]
+    assert report["open"]["copies"] == buffer_copies + file_layout
+    assert report["open"]["packed"] == packed
+    # The agent wipes what it holds; nothing wipes a runtime's own packed copy: after
+    # close it may linger in freed memory.
+    assert report["closed"]["copies"] == 0
+    assert report["closed"]["packed"] <= packed
     assert report["closed"]["secret_bytes"] == 0, "a memfd_secret buffer outlived close()"
+
+
+_LOCKED_BYTES_CHILD = r"""
+import json, mmap, sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeseal.agent.memory import LockedBytes
+
+
+def vm_flags(page):
+    address, inside = page * mmap.PAGESIZE, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if not first.endswith(":"):
+            lo, hi = (int(a, 16) for a in first.split("-"))
+            inside = lo <= address < hi
+        elif first == "VmFlags:" and inside:
+            return set(line.split()[1:])
+    raise AssertionError(f"{address:#x} is not mapped")
+
+
+def pages(data):
+    start = int(np.frombuffer(data, np.uint8).ctypes.data)
+    return set(range(start // mmap.PAGESIZE, -(-(start + len(data)) // mmap.PAGESIZE)))
+
+
+def protected(page):
+    return {"lo", "dd"} <= vm_flags(page)
+
+
+rng = np.random.default_rng(int(sys.argv[1]))
+sources = [rng.bytes(3000 + 700 * i) for i in range(8)]  # small: heap neighbours
+held = [LockedBytes(memoryview(bytearray(s))) for s in sources]
+statuses = [b.status().to_obj() for b in held]
+same = [b.data for b in held] == sources
+unprotected_while_open = sum(not protected(p) for b in held for p in pages(b.data))
+closing, staying = held[::2], held[1::2]
+contents = [b.data for b in closing]
+open_pages = set().union(*(pages(b.data) for b in staying))
+closed_pages = set().union(*(pages(d) for d in contents))
+for b in closing:
+    b.close()
+print(json.dumps({
+    "statuses": statuses,
+    "same": same,
+    "unprotected_while_open": unprotected_while_open,
+    "wiped": all(d == bytes(len(d)) for d in contents),
+    "shared_pages": len(open_pages & closed_pages),
+    "shared_pages_unprotected": sum(not protected(p) for p in open_pages & closed_pages),
+    "released_pages": len(closed_pages - open_pages),
+    "released_pages_still_locked_or_dontdump": sum(
+        bool({"lo", "dd"} & vm_flags(p)) for p in closed_pages - open_pages
+    ),
+}))
+"""
+
+
+def test_locked_bytes_are_locked_out_of_core_dumps_and_wiped_on_close():
+    """LockedBytes (the model bytes LiteRT keeps), in a fresh process whose heap puts
+    small ones side by side: every page locked (``lo``) and MADV_DONTDUMP (``dd``) while
+    open; close wipes it in place and gives back its pages, except those an open
+    neighbour shares."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOCKED_BYTES_CHILD, str(SEED)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    print(f"\n{report}")
+    assert (
+        report["statuses"]
+        == [{"kind": "heap", "locked": True, "excluded_from_core_dumps": True, "note": ""}] * 8
+    )
+    assert report["same"] and report["wiped"]
+    assert report["unprotected_while_open"] == 0
+    assert report["shared_pages"] > 0, "no shared page: the test proves nothing"
+    assert report["shared_pages_unprotected"] == 0
+    assert report["released_pages"] > 0
+    assert report["released_pages_still_locked_or_dontdump"] == 0
 
 
 # --- disk: nothing this process writes, nothing under the watched trees, holds it -----

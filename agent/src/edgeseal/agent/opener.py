@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseal.agent.memory import SecretBuffer
+from edgeseal.agent.memory import LockedBytes, SecretBuffer
 from edgeseal.agent.preflight import Preflight, default_preflight
 from edgeseal.agent.runtimes import InferenceSession, OnnxSession, TfliteSession
 from edgeseal.agent.trtcache import EngineCache
@@ -181,10 +181,26 @@ def _session(
     preflight: Preflight,
     engine_cache: EngineCache | None = None,
 ) -> InferenceSession:
-    graph = bytes(buffers["graph"].view)
-    weights = buffers.get("weights")
     fmt = vb.manifest.model_format
-    entries = parse_weights_index(weights.view) if weights is not None and fmt == "onnx" else []
+    if fmt == "tflite":
+        # The graph section is the whole model, weights included, and LiteRT takes it only
+        # as bytes, which it keeps: one copy, in locked pages left out of core dumps.
+        model = LockedBytes(buffers["graph"].view)
+        try:
+            preflight.check(
+                model_format=fmt,
+                graph=model.data,
+                weights=[],
+                limits=config.limits,
+                runtime=config.runtime,
+            )
+            return TfliteSession(model, config.runtime)
+        except BaseException:
+            model.close()
+            raise
+    graph = bytes(buffers["graph"].view)  # ONNX: the graph without its weights
+    weights = buffers.get("weights")
+    entries = parse_weights_index(weights.view) if weights is not None else []
     preflight.check(
         model_format=fmt,
         graph=graph,
@@ -192,8 +208,6 @@ def _session(
         limits=config.limits,
         runtime=config.runtime,
     )
-    if fmt == "tflite":
-        return TfliteSession(graph, config.runtime)
     return OnnxSession(
         graph,
         weights.view if weights else None,

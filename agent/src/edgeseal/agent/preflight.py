@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeseal.agent.memory import SecretBuffer
 from edgeseal.core.config import Limits, RuntimeConfig
 from edgeseal.core.errors import RuntimeBackendError
 from edgeseal.core.weights import PLACEHOLDER_LOCATION, TensorEntry
@@ -327,10 +328,16 @@ class Preflight:
                 },
             }
         ).encode()
+        header = struct.pack(">I", len(request)) + request
+        # The message holds the graph (for TFLite, the whole model): assembled in a locked
+        # buffer and wiped, never as a heap copy left behind, unwiped, once freed.
+        message = SecretBuffer(len(header) + len(graph))
         try:
+            message.view[: len(header)] = header
+            message.view[len(header) :] = graph
             proc = subprocess.run(  # noqa: S603 - our own interpreter and module
                 list(self.command),
-                input=struct.pack(">I", len(request)) + request + graph,
+                input=message.view,
                 stdout=subprocess.PIPE,
                 timeout=self.timeout,
                 check=False,
@@ -341,6 +348,8 @@ class Preflight:
             ) from e
         except OSError as e:
             raise RuntimeBackendError(f"cannot start the pre-flight check: {e}") from e
+        finally:
+            message.close()
         if proc.returncode < 0:
             raise RuntimeCrashError(
                 f"loading the model crashed the runtime ({_signal_name(proc.returncode)}); "

@@ -6,8 +6,11 @@ the weights exist once in the process. The buffer, the numpy views, the OrtValue
 the session are owned together by :class:`OnnxSession` and released together: ORT's
 Python binding does not keep an OrtValue alive, and a freed one crashes session creation.
 
-LiteRT's Python API only takes an immutable ``bytes`` model, which cannot be wiped:
-:class:`TfliteSession` says so in its status.
+LiteRT's Python API only takes the model as an immutable ``bytes`` object, which it keeps
+as the model's storage: the agent hands it a :class:`~edgeseal.agent.memory.LockedBytes`,
+whose pages are locked and left out of core dumps, and wipes it on close. LiteRT's
+default CPU delegate, XNNPACK, packs its own copy of the weights into the ordinary heap,
+out of the agent's reach: :class:`TfliteSession` says so in its status.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeseal.agent.memory import LockedBytes
 from edgeseal.agent.trtcache import EngineCache
 from edgeseal.core.config import RuntimeConfig
 from edgeseal.core.errors import EdgesealError, MissingExtraError, RuntimeBackendError
@@ -260,12 +264,18 @@ TFLITE_RUNTIMES = (
     ("ai_edge_litert.interpreter", "ai-edge-litert", "litert"),
     ("tflite_runtime.interpreter", "tflite-runtime", "tflite-runtime"),
 )
+#: What status says the runtime was handed, for a model in LockedBytes (the agent) and in
+#: plain bytes (a caller's own). Counted by tests/agent/test_plaintext.py and
+#: tests/agent/test_core_dump.py where LiteRT is installed; tflite-runtime's is not.
 _TFLITE_HANDOVER = {
-    "litert": "as immutable bytes: LiteRT's Python API copies the model and the copy "
-    "cannot be wiped",
-    # Not counted by tests/agent/test_plaintext.py (it runs where LiteRT is installed).
-    "tflite-runtime": "as immutable bytes: tflite-runtime's Python API holds the model "
-    "as bytes that cannot be wiped (copies not counted)",
+    ("litert", True): "as bytes in locked MADV_DONTDUMP pages, wiped on close; XNNPACK "
+    "packs its own copy of the weights into the ordinary heap",
+    ("litert", False): "as the caller's bytes, kept by LiteRT, never wiped; XNNPACK packs "
+    "its own copy of the weights into the ordinary heap",
+    ("tflite-runtime", True): "as bytes in locked MADV_DONTDUMP pages, wiped on close; "
+    "the runtime's own copies not counted",
+    ("tflite-runtime", False): "as the caller's bytes, kept by tflite-runtime, never "
+    "wiped; the runtime's own copies not counted",
 }
 
 
@@ -309,20 +319,27 @@ def find_tflite_interpreter() -> TfliteInterpreter:
 
 class TfliteSession:
     """A TFLite model on LiteRT, or on tflite-runtime where LiteRT is not installed;
-    :attr:`runtime` (and status) say which."""
+    :attr:`runtime` (and status) say which.
+
+    The interpreter keeps ``model`` as its storage. Given a :class:`LockedBytes` (as the
+    agent does), the session owns it: :meth:`close` drops the interpreter, then wipes it.
+    """
 
     runtime = "litert"
 
-    def __init__(self, model: bytes, config: RuntimeConfig) -> None:
+    def __init__(self, model: bytes | LockedBytes, config: RuntimeConfig) -> None:
         found = find_tflite_interpreter()
         self.runtime = found.runtime
         self.interpreter = found
+        self._model = model if isinstance(model, LockedBytes) else None
+        content = model.data if isinstance(model, LockedBytes) else model
         try:
             self._interp: Any = found.cls(
-                model_content=model, num_threads=config.intra_op_threads or None
+                model_content=content, num_threads=config.intra_op_threads or None
             )
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
+            self.close()
             raise RuntimeBackendError(f"{found.distribution} refused the model: {e}") from e
         self._inputs = {d["name"]: d for d in self._interp.get_input_details()}
         self._outputs = self._interp.get_output_details()
@@ -342,15 +359,19 @@ class TfliteSession:
             raise RuntimeBackendError(f"inference failed: {e}") from e
 
     def close(self) -> None:
-        self._interp = None
+        self._interp = None  # the interpreter goes first: it reads the model in place
+        if self._model is not None:
+            self._model.close()
 
     def status(self) -> dict[str, Any]:
         found = self.interpreter
-        status = {
+        status: dict[str, Any] = {
             "runtime": self.runtime,
             "tflite_runtime": f"{found.distribution} {found.version}",
-            "weights_handed_over": _TFLITE_HANDOVER[found.runtime],
+            "weights_handed_over": _TFLITE_HANDOVER[found.runtime, self._model is not None],
         }
+        if self._model is not None:
+            status["model_bytes"] = self._model.status().to_obj()
         if found.fallback_reason:
             status["tflite_fallback"] = found.fallback_reason
         return status
