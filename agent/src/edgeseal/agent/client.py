@@ -45,6 +45,20 @@ class InferResponse:
     outputs: dict[str, npt.NDArray[Any]]
     model: dict[str, Any]
     ood: list[float] | None
+    #: How long the agent's guarded inference took (its ``Server-Timing``), if it said.
+    infer_ms: float | None = None
+
+
+def _infer_ms(server_timing: str | None) -> float | None:
+    """``infer;dur=0.912`` (a ``Server-Timing`` header) -> 0.912."""
+    for metric in (server_timing or "").split(","):
+        name, _, params = metric.strip().partition(";")
+        if name == "infer" and params.startswith("dur="):
+            try:
+                return float(params[4:])
+            except ValueError:
+                return None
+    return None
 
 
 class _Response:
@@ -105,7 +119,7 @@ class Client:
         return self._sock
 
     def _fill(self, sock: socket.socket, fresh: bool) -> None:
-        chunk = sock.recv(65536)
+        chunk = sock.recv(16384)  # a head and a small answer; larger bodies: recv_into
         if not chunk:
             if fresh:
                 raise _StaleConnectionError("the agent closed the connection")
@@ -234,6 +248,7 @@ class Client:
                 "bundle_id": resp.getheader("X-Edgeseal-Bundle"),
             },
             ood=[float(x) for x in ood.split(",")] if ood else None,
+            infer_ms=_infer_ms(resp.getheader("Server-Timing")),
         )
 
     def close(self) -> None:
