@@ -24,7 +24,7 @@ import pytest
 from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import load_config
-from edgeseal.ota.controller import Controller, rollout_report
+from edgeseal.ota.controller import Controller, RolloutError, rollout_report
 from edgeseal.ota.mqtt import MqttConnection
 from edgeseal.ota.registry import GroupRegistry
 from edgeseal.ota.rollout import (
@@ -352,6 +352,22 @@ def test_waves_go_out_one_after_another_and_the_rollout_completes(world, fleet, 
     assert all(_active(f, d) == 1 for d in world.ids)
     report = rollout_report(ctl.store, r.id)
     assert report["committed"] == DEVICES and report["failed"] == 0
+
+
+@pytest.mark.mqtt
+def test_a_group_with_devices_that_cannot_decrypt_the_bundle_is_refused(world, controller):
+    """A bundle sealed to two of the group's devices: the rest could never decrypt it,
+    so the rollout is refused before anything is stored or offered, naming them."""
+    ctl = controller()
+    few = world.pack("v2-few", 2, "m2", to=world.ids[:2])
+    with pytest.raises(RolloutError) as e:
+        ctl.create(
+            few, group="sim", members=world.ids, policy=Policy(parse_waves("100%")),
+            signer_name="deployer",
+        )  # fmt: skip
+    assert f"{len(world.ids) - 2} of group 'sim' cannot decrypt" in str(e.value)
+    assert all(d in str(e.value) for d in world.ids[2:])
+    assert ctl.store.rollouts() == [] and ctl.messages_out == 0
 
 
 @pytest.mark.mqtt

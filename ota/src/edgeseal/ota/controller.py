@@ -188,6 +188,14 @@ class Controller:
         if self.anchor is None:
             raise RuntimeError("the controller needs the trust anchor to describe a bundle")
         offer = describe_bundle(Path(bundle).absolute(), chunk_bytes, self.anchor)
+        outsiders = sorted(set(members) - offer.recipients)
+        if outsiders:
+            named = ", ".join(outsiders[:10]) + (" ..." if len(outsiders) > 10 else "")
+            raise RolloutError(
+                f"{len(outsiders)} of group {group!r} cannot decrypt {offer.model} "
+                f"v{offer.version} (not among its recipients): {named}; pack it --to them, "
+                "or deploy to a group of its recipients"
+            )
         for r in self.store.rollouts(state="running"):
             if r.target == group and r.model == offer.model:
                 raise RolloutError(

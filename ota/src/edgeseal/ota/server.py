@@ -60,6 +60,8 @@ class BundleOffer:
     sha256: str
     chunk_bytes: int
     chunks: tuple[bytes, ...]
+    #: The devices the bundle is sealed to (only they can decrypt it).
+    recipients: frozenset[str] = frozenset()
 
 
 def describe_bundle(path: Path, chunk_bytes: int, anchor: TrustAnchor) -> BundleOffer:
@@ -68,9 +70,12 @@ def describe_bundle(path: Path, chunk_bytes: int, anchor: TrustAnchor) -> Bundle
     with BundleFile.open(path) as bf:
         m = bf.verify(VerifyPolicy(anchor=anchor, now=None)).manifest
         model, version, bundle_id = m.model_name, m.version, m.bundle_id
+        recipients = frozenset(r.device for r in m.recipients)
     with path.open("rb") as f:
         digests, size, sha = chunk_digests(f, chunk_bytes)
-    return BundleOffer(path, model, version, bundle_id, size, sha, chunk_bytes, tuple(digests))
+    return BundleOffer(
+        path, model, version, bundle_id, size, sha, chunk_bytes, tuple(digests), recipients
+    )
 
 
 def sign_offer(
