@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeseal.agent.api import ApiServer
+from edgeseal.agent.api import TENSORS, ApiServer, encode_tensors
 from edgeseal.agent.audit import AuditLog, verify_log
 from edgeseal.agent.client import AgentError, Client
 from edgeseal.agent.device import DeviceHome
@@ -28,6 +29,7 @@ from edgeseal.packager import pack as pack_module
 from edgeseal.packager.pack import PackOptions
 from edgeseal.packager.samples import make_trained_classifier
 from helpers import run
+from ota_world import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,56 @@ def test_a_model_corrupted_in_memory_is_quarantined_and_falls_back(fleet, traine
         agent.close()
 
 
+def _weights_offset(tflite: bytes) -> int:
+    """Where the largest buffer of a TFLite flatbuffer (the dense layer's weights) starts."""
+    import ai_edge_litert.schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(tflite, 0)
+    buffers = (model.Buffers(i).DataAsNumpy() for i in range(model.BuffersLength()))
+    weights = max((b for b in buffers if isinstance(b, np.ndarray)), key=np.size)
+    offset = tflite.find(weights.tobytes())
+    assert offset > 0 and tflite.count(weights.tobytes()) == 1
+    return offset
+
+
+@pytest.mark.parametrize("xnnpack", [True, False], ids=["xnnpack", "no-xnnpack"])
+def test_a_tflite_model_corrupted_in_the_bytes_litert_reads_is_quarantined_and_falls_back(
+    fleet, tflite_model, device, xnnpack
+):
+    """LiteRT reads its own LockedBytes copy of the graph section, not the locked buffer it
+    was copied from: a byte flipped in that copy fails the digest check (golden vectors
+    not run), which names the section and quarantines; the store falls back to v1.
+    Without XNNPACK the flip changes the answer (LiteRT computes from these bytes); with
+    it the answer is unchanged (XNNPACK computes from its packed copy, which only the
+    golden vectors cover), so the digest check is what finds it."""
+    agent = _agent(device, f"[runtime]\ntflite_xnnpack = {str(xnnpack).lower()}\n")
+    x = np.random.default_rng(7).normal(size=(1, 4)).astype(np.float32)
+    try:
+        for version in (1, 2):
+            bundle, _ = fleet.pack(tflite_model, name="dense", version=version, to=("dev-home",))
+            agent.install(bundle)
+        sm = agent.model("dense")
+        assert sm.status()["xnnpack"] is xnnpack
+        before = sm.opened.run({"input": x})["output"]
+        litert_reads = sm.opened.session.own_sections()["graph"]
+        address = np.frombuffer(litert_reads, np.uint8).ctypes.data
+        offset = _weights_offset(tflite_model.read_bytes()) + 3  # a float's exponent byte
+        ctypes.c_ubyte.from_address(address + offset).value ^= 0x40
+        after = sm.opened.run({"input": x})["output"]
+        assert np.array_equal(before, after) is xnnpack
+        problems = sm.self_check(golden=False, digest=True)
+        assert problems == ["section graph in memory no longer matches its digest"]
+        assert sm.quarantined is not None
+        deadline = time.monotonic() + 10
+        while agent.model("dense").identity["version"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.infer("dense", {"input": x}).model["version"] == 1
+        assert agent.store.journal("dense").slots["b"].state.startswith("failed")
+        assert [e["event"] for e in agent.events][-2:] == ["quarantined", "fell_back"]
+    finally:
+        agent.close()
+
+
 @pytest.fixture
 def served(fleet, trained, device, tmp_path):
     cfg = """
@@ -231,9 +283,7 @@ def test_a_batched_audit_is_written_after_the_answer_and_a_failed_write_stops_an
     try:
         with Client(str(sock)) as c:
             assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
-            deadline = time.monotonic() + 10  # its record follows the answer
-            while audit.path.read_bytes().count(b"\n") < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: _records(audit) == 1, what="the record after the answer")
             os.dup2(full, fd)  # every write to the log now fails with ENOSPC
             assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
             health = c.health()
@@ -253,6 +303,76 @@ def test_a_batched_audit_is_written_after_the_answer_and_a_failed_write_stops_an
         audit.close()
     report = verify_log(audit.path, FileFloors(tmp_path / "audit-counter.json"))
     assert report.ok and report.records == 2  # the two calls whose record could be written
+
+
+def _records(audit: AuditLog) -> int:
+    return audit.path.read_bytes().count(b"\n")
+
+
+def test_a_call_whose_caller_hangs_up_before_the_answer_is_still_audited(
+    fleet, trained, device, tmp_path
+):
+    """The inference ran and the budget was spent: with a batched log (record after the
+    answer) the record is written even when the answer cannot be delivered."""
+    agent = _agent(device)
+    agent.install(_bundle(fleet, trained, 1))
+    audit = AuditLog(
+        tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"), flush_every=10
+    )
+    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
+    api = ApiServer(agent, sock, audit=audit)
+    api.start()
+    try:
+        body = encode_tensors({"input": _x(trained)})
+        length = sum(memoryview(p).nbytes for p in body)
+        head = (
+            "POST /v1/models/clf/infer HTTP/1.1\r\nContent-Type: "
+            f"{TENSORS}\r\nAccept: {TENSORS}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode()
+        for _ in range(3):
+            raw = socket.socket(socket.AF_UNIX)
+            raw.connect(str(sock))
+            raw.sendall(b"".join([head, *(bytes(p) for p in body)]))
+            raw.close()  # gone before the answer
+        wait_for(lambda: _records(audit) == 3, what="three records")
+    finally:
+        api.stop()
+        agent.close()
+        audit.close()
+
+
+def test_a_log_synced_per_record_that_cannot_be_written_refuses_answers_and_says_so(
+    fleet, trained, device, tmp_path
+):
+    """The default log (fsync on every record) writes before answering: a full disk is
+    a 503 AuditError for the call and a 503 from health naming the audit."""
+    agent = _agent(device)
+    agent.install(_bundle(fleet, trained, 1))
+    audit = AuditLog(tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"))
+    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
+    api = ApiServer(agent, sock, audit=audit)
+    api.start()
+    fd = _fd_of(audit.path)
+    saved = os.dup(fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with Client(str(sock)) as c:
+            os.dup2(full, fd)
+            with pytest.raises(AgentError) as e:
+                c.infer("clf", {"input": _x(trained)})
+            assert e.value.status == 503 and e.value.kind == "AuditError"
+            health = c.health()
+            assert health["ok"] is False and "No space left" in health["audit"]
+            os.dup2(saved, fd)
+            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+            assert c.health()["ok"] is True
+    finally:
+        os.dup2(saved, fd)
+        os.close(full)
+        os.close(saved)
+        api.stop()
+        agent.close()
+        audit.close()
 
 
 def test_callers_are_identified_by_peer_credentials_limited_and_hardened(served, trained):

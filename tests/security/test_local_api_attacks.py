@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -193,6 +194,17 @@ MALFORMED = {
         _post(
             b'{"inputs": {"input": {"dtype": "object", "shape": [1], "data": [1]}}}',
             ctype="application/json",
+        ),
+        {400},
+    ),
+    "json nested 50,000 deep": (  # RecursionError, once answered 500
+        _post(b'{"inputs": ' + b"[" * 50_000, ctype="application/json"),
+        {400},
+    ),
+    "tensor index nested 50,000 deep": (
+        _post(
+            b"EST1" + struct.pack("<I", 50_000) + b"[" * 50_000,
+            ctype="application/x-edgeseal-tensors",
         ),
         {400},
     ),

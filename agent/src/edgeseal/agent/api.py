@@ -2,16 +2,20 @@
 
     GET  /v1/models                 models this caller may call, with identity
     GET  /v1/models/<name>          schema: inputs, outputs, profile ranges
-    POST /v1/models/<name>/infer    body: .npz (application/x-npz) or JSON; answer alike
-    GET  /v1/health                 200 when every installed model serves, else 503
+    POST /v1/models/<name>/infer    body: tensors (application/x-edgeseal-tensors), .npz
+                                    (application/x-npz) or JSON; answered in the Accepted one
+    GET  /v1/health                 200 when every installed model serves and the audit log
+                                    takes writes, else 503 saying which
     GET  /v1/status                 the agent's status (root and the agent's uid only)
     GET  /metrics                   Prometheus text format
 
 Every answer to infer names the bundle that answered (headers ``X-Edgeseal-Model``,
-``-Version``, ``-Bundle``, and ``-Ood`` with each row's OOD score). Errors are JSON
-``{"error": type, "message": text}`` with 400 (malformed or wrong inputs), 403 (caller
-not allowed), 404, 405, 411/413 (body length), 429 (rate limit or budget), 503
-(quarantined) or 500; the daemon keeps serving after any of them.
+``-Version``, ``-Bundle``, and ``-Ood`` with each row's OOD score) and carries
+``Server-Timing: infer;dur=<ms>``. Errors are JSON ``{"error": type, "message": text}``
+with 400 (malformed or wrong inputs), 403 (caller not allowed), 404, 405, 411/413 (body
+length), 429 (rate limit or budget), 503 (quarantined, or the audit log cannot be
+written) or 500; the daemon keeps serving after any of them. An error after an answer has
+begun is not answered: the connection is closed instead.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy.typing as npt
 
 from edgeseal.agent.acl import AccessControl, AccessDeniedError, BudgetExceededError, Caller, harden
 from edgeseal.agent.audit import AuditError, AuditLog
-from edgeseal.agent.guard import IntegrityError, QuarantinedError, ServingModel
+from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError, ServingModel
 from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.profile import InputError
@@ -243,6 +247,7 @@ def decode_arrays(
             return out
         return _decode_npz(body)
     # OverflowError: a JSON number out of its dtype's range (657 as int8).
+    # RecursionError: JSON nested thousands deep ("[" * 50000).
     except (
         ValueError,
         KeyError,
@@ -250,6 +255,7 @@ def decode_arrays(
         OSError,
         AttributeError,
         OverflowError,
+        RecursionError,
         struct.error,
     ) as e:
         raise BadRequestError(
@@ -334,6 +340,7 @@ class _Handler:
         self._buf = bytearray()
         self._caller_cache: Caller | None = None
         self._body_read = False
+        self._answering = False
         self._deadline: float | None = None
 
     # -- reading -----------------------------------------------------------------------
@@ -467,6 +474,7 @@ class _Handler:
         headers: Mapping[str, str] = {},
     ) -> None:
         length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        self._answering = True  # from here on, a failure cannot be answered on this stream
         head = [
             f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}",
             f"Content-Type: {ctype}",
@@ -516,17 +524,23 @@ class _Handler:
         return body
 
     def _dispatch(self, method: str) -> None:
+        self._answering = False
         try:
             parts = [p for p in self.path.split("?")[0].split("/") if p]
             self.api.route(self, method, parts)
-        except EdgesealError as e:
-            code = next((c for t, c in _STATUS.items() if isinstance(e, t)), 400)
-            self._error(code, type(e).__name__, str(e))
         except (ConnectionError, TimeoutError):
             raise
-        except Exception as e:  # one request's bug never takes the daemon down
-            log.exception("internal error on %s %s", method, self.path)
-            self._error(500, "InternalError", f"{type(e).__name__}: {e}")
+        except Exception as e:  # one request's failure never takes the daemon down
+            if self._answering:
+                # An answer was (partly) sent: a second would put the stream out of step.
+                log.error("%s %s failed while answering: %s", method, self.path, e)
+                self.close_connection = True
+            elif isinstance(e, EdgesealError):
+                code = next((c for t, c in _STATUS.items() if isinstance(e, t)), 400)
+                self._error(code, type(e).__name__, str(e))
+            else:
+                log.exception("internal error on %s %s", method, self.path)
+                self._error(500, "InternalError", f"{type(e).__name__}: {e}")
 
 
 def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
@@ -556,9 +570,6 @@ class ApiServer:
         self.agent = agent
         self.socket_path = socket_path
         self.audit = audit
-        #: Why the last audit write made after its answer failed; until a write succeeds
-        #: again, records are written before the answer (and a failure refuses it).
-        self.audit_failure: str | None = None
         self.acl = AccessControl(
             rules=agent.config.access,
             agent_uid=os.getuid(),
@@ -647,9 +658,9 @@ class ApiServer:
             if sm is None or sm.quarantined:
                 bad[name] = sm.quarantined if sm else "not serving"
         answer: dict[str, Any] = {"ok": not bad, "models": len(installed), "failing": bad}
-        if self.audit_failure is not None:
+        if self.audit is not None and self.audit.last_error is not None:
             answer["ok"] = False
-            answer["audit"] = self.audit_failure
+            answer["audit"] = self.audit.last_error
         h._json(200 if answer["ok"] else 503, answer)
 
     def infer(self, h: _Handler, caller: Caller, model: str) -> None:
@@ -670,9 +681,9 @@ class ApiServer:
             raise
         outputs = harden(result.outputs, rule)
         # A batched log is not durable per record anyway, so its record is written after
-        # the answer is sent (off the caller's latency); a log fsync'd on every record
-        # writes it first, and no answer goes out without it.
-        after = self.audit is not None and self.audit.batched and self.audit_failure is None
+        # the answer is sent (off the caller's latency); a log fsync'd on every record, or
+        # one whose last write failed, writes it first, and no answer goes out without it.
+        after = self.audit is not None and self.audit.batched and self.audit.last_error is None
         if not after:
             self._audit(caller, result.model, "ok", result.ood)
         headers = {
@@ -684,6 +695,23 @@ class ApiServer:
         }
         if result.ood is not None:
             headers["X-Edgeseal-Ood"] = ",".join(f"{s:g}" for s in result.ood)
+        try:
+            self._answer(h, result, outputs, headers)
+        finally:
+            # Also when the answer could not be sent (the caller hung up): it was computed.
+            if after:
+                try:
+                    self._audit(caller, result.model, "ok", result.ood)
+                except Exception as e:  # the answer is out: never send a second one
+                    log.error("an answered call could not be audited: %s", e)
+
+    def _answer(
+        self,
+        h: _Handler,
+        result: InferResult,
+        outputs: Mapping[str, npt.NDArray[Any]],
+        headers: Mapping[str, str],
+    ) -> None:
         accept = h.headers.get("Accept", NPZ)
         if TENSORS in accept:
             h._send_parts(200, encode_tensors(outputs), TENSORS, headers)
@@ -702,12 +730,6 @@ class ApiServer:
             )
         else:
             h._send(200, encode_arrays(outputs), NPZ, headers)
-        if after:
-            try:
-                self._audit(caller, result.model, "ok", result.ood)
-            except Exception as e:  # the answer is out: never send a second one
-                self.audit_failure = f"{type(e).__name__}: {e}"
-                log.error("an answered call could not be audited: %s", e)
 
     def _audit(
         self, caller: Caller, model: Mapping[str, Any], result: str, ood: list[float] | None
@@ -723,7 +745,6 @@ class ApiServer:
                 "ood_max": max(ood) if ood else None,
             }
         )
-        self.audit_failure = None
 
     def metrics(self) -> str:
         serving = sorted(self.agent.serving.items())

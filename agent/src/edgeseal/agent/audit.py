@@ -443,6 +443,9 @@ class AuditLog:
         self.path = Path(path)
         self._floors = floors
         self._flush_every = flush_every
+        #: Why the last append or sync failed; None once one succeeds again.
+        self.last_error: str | None = None
+        self._closed = False
         self._max_bytes = max_bytes
         self._keep = keep
         self._lock = threading.Lock()
@@ -602,38 +605,58 @@ class AuditLog:
         if clash:
             raise ValueError(f"audit record fields {sorted(clash)} are set by the log")
         with self._lock:
-            if self._fd is None:
+            if self._closed:
                 raise RuntimeError("the audit log is closed")
-            if self._size > self._max_bytes:
-                self._rotate_locked()
-            out = {
-                **fields,
-                "seq": self._next_seq,
-                "time": self._now(),
-                "prev": self._head,
-            }
-            line = canonical_json(out)
-            if len(line) > MAX_RECORD_BYTES:
-                raise ValueError(f"audit record is longer than {MAX_RECORD_BYTES} bytes")
             try:
-                _write_all(self._fd, line + b"\n")
+                out = self._append_locked(fields)
+            except AuditError as e:
+                self.last_error = str(e)
+                raise
+            self.last_error = None
+        return out
+
+    def _append_locked(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if self._fd is None:  # a rotation failed after closing the old file: reopen
+            try:
+                self._fd = os.open(
+                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)  # no partial line left behind
-                raise AuditError(f"cannot write the audit log {self.path}: {e}") from e
-            self._next_seq += 1
-            self._head = _line_hash(line)
-            self._size += len(line) + 1
-            self._pending += 1
-            if self._pending >= self._flush_every:
-                self._sync_locked()
+                raise AuditError(f"cannot reopen the audit log {self.path}: {e}") from e
+        if self._size > self._max_bytes:
+            self._rotate_locked()
+        out = {
+            **fields,
+            "seq": self._next_seq,
+            "time": self._now(),
+            "prev": self._head,
+        }
+        line = canonical_json(out)
+        if len(line) > MAX_RECORD_BYTES:
+            raise ValueError(f"audit record is longer than {MAX_RECORD_BYTES} bytes")
+        try:
+            _write_all(self._fd, line + b"\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # no partial line left behind
+            raise AuditError(f"cannot write the audit log {self.path}: {e}") from e
+        self._next_seq += 1
+        self._head = _line_hash(line)
+        self._size += len(line) + 1
+        self._pending += 1
+        if self._pending >= self._flush_every:
+            self._sync_locked()
         return out
 
     def flush(self) -> None:
         """fsync the records written so far and update the anchor and the counter."""
         with self._lock:
             if self._fd is not None and self._pending:
-                self._sync_locked()
+                try:
+                    self._sync_locked()
+                except AuditError as e:
+                    self.last_error = str(e)
+                    raise
 
     def _sync_locked(self) -> None:
         assert self._fd is not None
@@ -689,6 +712,7 @@ class AuditLog:
     def close(self) -> None:
         """Sync what is pending and release the log. Calling it again does nothing."""
         with self._lock:
+            self._closed = True
             try:
                 if self._fd is not None and self._pending:
                     self._sync_locked()

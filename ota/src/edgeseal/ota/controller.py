@@ -78,6 +78,10 @@ class _Signing:
     revocations: dict[str, Any] | None
 
 
+#: An offer the broker has not acknowledged in this long is sent again.
+UNACKED_RESEND_SECONDS = 60.0
+
+
 class Controller:
     """One controller process. ``connect(**kw)`` makes an :class:`MqttConnection` as the
     controller identity (``subscriptions`` and ``on_message`` are passed in)."""
@@ -275,14 +279,17 @@ class Controller:
             return
         acked: dict[float, list[str]] = {}
         left = []
+        now = self.clock()
         for devices, at, info in pending:
             try:
                 published = info.is_published()
-            except (RuntimeError, ValueError):  # not queued (the connection fell): offer again
+            except (RuntimeError, ValueError):
+                # Published while the connection fell (paho may still deliver it, but this
+                # info never says so): offer again; a device takes a repeat as a duplicate.
                 continue
             if published:
                 acked.setdefault(at, []).extend(devices)
-            else:
+            elif now - at < UNACKED_RESEND_SECONDS:
                 left.append((devices, at, info))
         self._unacked[rollout_id] = left
         for at, ds in acked.items():
