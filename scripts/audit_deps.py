@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Audit every exact pin in constraints.txt against PyPI's vulnerability data.
 
-    scripts/audit_deps.py [--constraints constraints.txt] [--index-url URL] [--strict]
+    scripts/audit_deps.py [--constraints constraints.txt]
+                          [--held-back scripts/audit-held-back.toml] [--index-url URL] [--strict]
 
 PyPI answers vulnerabilities (the PyPA advisory database and GitHub's advisories, as
 osv.dev merges them) in two places, and this reads both:
@@ -13,9 +14,14 @@ osv.dev merges them) in two places, and this reads both:
   answers for any release, on a network where PyPI serves it.
 
 The lookup is ``PypiService.lookup`` (edgeseal.packager.advisories), the one the
-packager's ``--advisories pypi`` uses. A pin neither answers for is "not audited" and
-named with the reason; ``--strict`` makes that fail too. A known vulnerability always
-fails (exit 1). docs/supply-chain.md says why this is not pip-audit itself.
+packager's ``--advisories pypi`` uses. The run fails (exit 1) on a known vulnerability,
+on a pin neither answer covers ("not audited"), and on a stale held-back entry. The only
+pins that may go unaudited are those in the held-back file (``[[held-back]]`` tables of
+``name``, the exact pinned ``version`` and a ``reason``); each is printed as "held back,
+not audited" with its reason. An entry whose version is not the one pinned, or whose
+package is not pinned, is stale: a changed pin must be reviewed before it is excused
+again. ``--strict`` excuses nothing: every pin must be audited. Bad input exits 2.
+docs/supply-chain.md says why this is not pip-audit itself.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the CI Python is 3.11; tomli is pinned for older ones
+    import tomli as tomllib
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -45,6 +56,7 @@ __all__ = [
     "PROJECT_SOURCE",
     "RELEASE_SOURCE",
     "AdvisoryError",
+    "HeldBack",
     "Pin",
     "PinAudit",
     "advisories_from_project",
@@ -52,11 +64,14 @@ __all__ = [
     "audit_pin",
     "main",
     "parse_constraints",
+    "parse_held_back",
     "report",
+    "stale_held_back",
     "yanked_reason",
 ]
 
 PYPI = "https://pypi.org"
+HELD_BACK = Path(__file__).resolve().with_name("audit-held-back.toml")
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,68 @@ def parse_constraints(text: str) -> list[Pin]:
             raise ValueError(f"line {n}: {raw!r} is not an exact pin (name==version)")
         pins.append(Pin(canonicalize_name(req.name), specs[0].version, n))
     return pins
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """A pin that may go unaudited: the exact version pinned, and why it is held back."""
+
+    name: str  # canonical (PEP 503)
+    version: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        for key in ("name", "version", "reason"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"held-back entry: {key!r} must be a non-empty string")
+        if self.name != canonicalize_name(self.name):
+            raise ValueError(f"held-back entry: {self.name!r} is not a canonical name")
+
+
+def parse_held_back(text: str) -> dict[str, HeldBack]:
+    """The held-back file: ``[[held-back]]`` tables, each with exactly ``name``,
+    ``version`` and ``reason``; one entry per package. Anything else is refused."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"not TOML: {e}") from e
+    if set(data) - {"held-back"}:
+        raise ValueError(f"unknown keys {sorted(set(data) - {'held-back'})}")
+    entries = data.get("held-back", [])
+    if not isinstance(entries, list):
+        raise ValueError("'held-back' must be an array of tables ([[held-back]])")
+    held: dict[str, HeldBack] = {}
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or set(entry) != {"name", "version", "reason"}:
+            raise ValueError(f"held-back entry {n}: needs exactly name, version and reason")
+        name = entry["name"]
+        if not isinstance(name, str):
+            raise ValueError(f"held-back entry {n}: 'name' must be a string")
+        try:
+            item = HeldBack(canonicalize_name(name), entry["version"], entry["reason"])
+        except ValueError as e:
+            raise ValueError(f"{e} (entry {n}, {name})") from e
+        if item.name in held:
+            raise ValueError(f"held-back entry {n}: {item.name} is listed twice")
+        held[item.name] = item
+    return held
+
+
+def stale_held_back(pins: Sequence[Pin], held: Mapping[str, HeldBack]) -> list[str]:
+    """Why each held-back entry that does not match a pin exactly is stale."""
+    pinned: dict[str, list[str]] = {}
+    for p in pins:
+        pinned.setdefault(p.name, []).append(p.version)
+    stale: list[str] = []
+    for h in held.values():
+        versions = pinned.get(h.name)
+        if not versions:
+            stale.append(f"{h.name}=={h.version}: {h.name} is not pinned")
+        elif h.version not in versions:
+            now = ", ".join(f"{h.name}=={v}" for v in versions)
+            stale.append(f"{h.name}=={h.version}: the pin is now {now}; review the entry")
+    return stale
 
 
 def advisories_from_project(pin: Pin, project: Mapping[str, Any]) -> tuple[Advisory, ...] | None:
@@ -121,8 +198,11 @@ def audit(pins: Sequence[Pin], base_url: str = PYPI, workers: int = 8) -> list[P
         return list(pool.map(lambda p: audit_pin(p, pypi), pins))
 
 
-def report(audits: Sequence[PinAudit], strict: bool) -> tuple[list[str], list[str], int]:
-    """(stdout lines, stderr lines, exit code)."""
+def report(
+    audits: Sequence[PinAudit], held: Mapping[str, HeldBack], *, strict: bool = False
+) -> tuple[list[str], list[str], int]:
+    """(stdout lines, stderr lines, exit code). A pin not audited fails unless ``held``
+    has an entry for its exact version (and ``strict`` is off); a stale entry fails."""
     out: list[str] = []
     err: list[str] = []
     vulnerable = [a for a in audits if a.advisories]
@@ -136,31 +216,60 @@ def report(audits: Sequence[PinAudit], strict: bool) -> tuple[list[str], list[st
     for a in audits:
         if a.yanked:
             out.append(f"YANKED {a.pin.name}=={a.pin.version}: {a.yanked}")
-    skipped = [a for a in audits if not a.audited]
-    for a in skipped:
-        err.append(f"audit-deps: NOT AUDITED {a.pin.name}=={a.pin.version}: {a.error}")
+    excused: list[PinAudit] = []
+    skipped: list[PinAudit] = []
+    for a in audits:
+        if a.audited:
+            continue
+        entry = held.get(a.pin.name)
+        if entry is not None and entry.version == a.pin.version and not strict:
+            excused.append(a)
+            out.append(
+                f"audit-deps: held back, not audited: {a.pin.name}=={a.pin.version}: "
+                f"{entry.reason} ({a.error})"
+            )
+        else:
+            skipped.append(a)
+            err.append(f"audit-deps: NOT AUDITED {a.pin.name}=={a.pin.version}: {a.error}")
+    stale = stale_held_back([a.pin for a in audits], held)
+    err += [f"audit-deps: STALE held-back entry {s}" for s in stale]
+    audited = sum(a.audited for a in audits)
     by_project = sum(a.source == PROJECT_SOURCE for a in audits)
     out.append(
-        f"audit-deps: {len(audits) - len(skipped)} of {len(audits)} pinned packages audited "
-        f"({by_project} by {PROJECT_SOURCE}, {len(audits) - len(skipped) - by_project} by "
-        f"{RELEASE_SOURCE}), {len(vulnerable)} vulnerable, {len(skipped)} not audited"
+        f"audit-deps: {audited} of {len(audits)} pinned packages audited "
+        f"({by_project} by {PROJECT_SOURCE}, {audited - by_project} by {RELEASE_SOURCE}), "
+        f"{len(vulnerable)} vulnerable, {len(excused)} held back, {len(skipped)} not audited"
+        + (f", {len(stale)} stale held-back entries" if stale else "")
     )
-    rc = 1 if vulnerable or (strict and skipped) else 0
+    rc = 1 if vulnerable or skipped or stale else 0
     return out, err, rc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--constraints", type=Path, default=Path("constraints.txt"))
+    ap.add_argument(
+        "--held-back",
+        type=Path,
+        default=HELD_BACK,
+        help="the pins that may go unaudited, each with its version and reason",
+    )
     ap.add_argument("--index-url", default=os.environ.get("EDGESEAL_AUDIT_INDEX", PYPI))
-    ap.add_argument("--strict", action="store_true", help="a pin not audited fails too")
+    ap.add_argument(
+        "--strict", action="store_true", help="every pin must be audited; none is held back"
+    )
     args = ap.parse_args(argv)
     try:
         pins = parse_constraints(args.constraints.read_text())
     except (OSError, ValueError) as e:
         sys.stderr.write(f"audit-deps: {args.constraints}: {e}\n")
         return 2
-    out, err, rc = report(audit(pins, args.index_url), args.strict)
+    try:
+        held = parse_held_back(args.held_back.read_text())
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"audit-deps: {args.held_back}: {e}\n")
+        return 2
+    out, err, rc = report(audit(pins, args.index_url), held, strict=args.strict)
     sys.stdout.write("".join(f"{line}\n" for line in out))
     sys.stderr.write("".join(f"{line}\n" for line in err))
     return rc

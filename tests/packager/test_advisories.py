@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from packaging.version import Version
 
 from edgeseal.packager.advisories import (
     PROJECT_SOURCE,
@@ -77,9 +79,10 @@ def test_withdrawn_osv_records_are_skipped(tmp_path):
     assert src.affecting("onnxruntime", "1.13.0") == []
 
 
-def test_a_version_that_is_not_pep_440_skips_only_what_it_bounds(tmp_path):
+def test_pysec_2021_371s_bound_that_is_not_pep_440_leaves_every_version_affected(tmp_path, caplog):
     # PYSEC-2021-371 as the PyPA advisory database has it: its ECOSYSTEM fix is
-    # "0.2.0-n653", which is not a PEP 440 version, so that range cannot be evaluated.
+    # "0.2.0-n653", which is not a PEP 440 version. Nothing can be compared with it, so
+    # the range stays open: every binderhub release is reported, none is cleared.
     pysec = {
         "id": "PYSEC-2021-371",
         "aliases": ["CVE-2021-39159", "GHSA-9jjr-qqfp-ppwx"],
@@ -99,21 +102,67 @@ def test_a_version_that_is_not_pep_440_skips_only_what_it_bounds(tmp_path):
         ],
     }
     (tmp_path / "all.json").write_text(json.dumps([pysec]))
+    with caplog.at_level(logging.WARNING, logger="edgeseal.packager.advisories"):
+        src = OsvFile(tmp_path)  # loads: the bad bound is read conservatively, not fatal
+    assert [(r.levelno, "PYSEC-2021-371" in r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, True)
+    ]
+    assert "'0.2.0-n653'" in caplog.records[0].getMessage()
+    for v in ("0.1.0", "0.2.0", "1.0.0"):
+        assert [a.id for a in src.affecting("binderhub", v)] == ["PYSEC-2021-371"]
+    (adv,) = src.affecting("binderhub", "0.1.0")
+    assert adv.fixed_in == ()  # no comparable fix: no floor can be raised past it
+    audit = check_runtime(src, "binderhub", "0.1.0", None)
+    assert audit.checked and audit.safe_floor is None
+
+
+def test_bounds_that_are_not_pep_440_widen_a_range_never_narrow_it(tmp_path, caplog):
+    _osv(tmp_path, "onnxruntime", [{"introduced": "bogus-1"}, {"fixed": "1.0"}], id="INTRO")
+    _osv(tmp_path, "onnxruntime", [{"introduced": "1.5"}, {"fixed": "1.6-x"}], id="FIXED")
     _osv(
         tmp_path,
         "onnxruntime",
-        [{"introduced": "bogus-1"}, {"fixed": "1.0"}, {"introduced": "1.5"}, {"fixed": "1.6"}],
-        [{"introduced": "0"}, {"last_affected": "not a version"}],
-        versions=["1.9.x", "1.8.0"],
-        id="MIXED",
+        [{"introduced": "2.0"}, {"last_affected": "not a version"}],
+        id="LAST",
     )
-    src = OsvFile(tmp_path)  # loads: the bad bounds are skipped, not fatal
-    assert src.affecting("binderhub", "0.1.0") == []
-    assert src.affecting("onnxruntime", "0.5") == []
-    assert [a.fixed_in for a in src.affecting("onnxruntime", "1.5.2")] == [("1.6",)]
-    assert [a.id for a in src.affecting("onnxruntime", "1.8.0")] == ["MIXED"]
-    audit = check_runtime(src, "onnxruntime", "1.5.0", None)
-    assert audit.checked and audit.safe_floor == "1.6"
+    _osv(
+        tmp_path,
+        "onnxruntime",
+        [{"introduced": "0.1"}, {"fixed": "0.2"}, {"introduced": "0.3"}, {"fixed": "0.4"}],
+        id="KEPT",
+    )
+    with caplog.at_level(logging.WARNING, logger="edgeseal.packager.advisories"):
+        src = OsvFile(tmp_path)
+    warned = sorted(r.getMessage().split(": ")[1] for r in caplog.records)
+    assert warned == ["FIXED", "INTRO", "LAST"]
+
+    def ids(v: str) -> list[str]:
+        return sorted(a.id for a in src.affecting("onnxruntime", v))
+
+    assert ids("0.0.1") == ["INTRO"]  # an unreadable introduced counts as "0"
+    assert ids("0.3.5") == ["INTRO", "KEPT"]  # the good ranges of a record still count
+    assert ids("1.0") == []  # INTRO's fix still closes its range
+    assert ids("1.4") == []
+    assert ids("1.5") == ids("1.6") == ids("1.9") == ["FIXED"]  # no readable fix: open
+    assert ids("2.0") == ids("3.0") == ["FIXED", "LAST"]  # no readable last_affected: open
+    assert [a.fixed_in for a in src.affecting("onnxruntime", "0.5")] == [("1.0",)]
+
+
+def test_a_versions_entry_that_is_not_pep_440_is_kept_as_an_exact_string(tmp_path, caplog):
+    _osv(tmp_path, "onnxruntime", versions=["1.9.x", "1.8.0"], id="LIST")
+    with caplog.at_level(logging.WARNING, logger="edgeseal.packager.advisories"):
+        src = OsvFile(tmp_path)
+    assert len(caplog.records) == 1 and "LIST" in caplog.records[0].getMessage()
+    record = src._records["onnxruntime"][0]
+    assert record.raw_versions == {"1.9.x"}
+    assert record.affects(Version("1.9"), "1.9.x")  # the identical string matches
+    assert not record.affects(Version("1.9"), "1.9")
+    assert [a.id for a in src.affecting("onnxruntime", "1.8.0")] == ["LIST"]
+    assert src.affecting("onnxruntime", "1.9.0") == []
+    # A version string that is not PEP 440 is never asked about: it cannot be compared
+    # with the ranges, so the source refuses it and the check reports "not checked".
+    with pytest.raises(AdvisoryError, match="not a version"):
+        src.affecting("onnxruntime", "1.9.x")
 
 
 @pytest.mark.parametrize(

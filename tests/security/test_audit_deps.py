@@ -2,7 +2,7 @@
 
 PyPI's project JSON answers only for the latest release, its release JSON for any release;
 a fake index on loopback serves both shapes (or refuses the release JSON, as the build
-network does).
+network does). A pin not audited fails unless the held-back file excuses its exact version.
 """
 
 from __future__ import annotations
@@ -82,6 +82,57 @@ def test_the_repository_constraints_are_all_exact_pins():
         ln for ln in (REPO / "constraints.txt").read_text().splitlines() if ln and ln[0] != "#"
     ]
     assert len(pins) == len(lines) > 0
+
+
+def test_the_repository_held_back_file_matches_the_pins_exactly():
+    pins = ad.parse_constraints((REPO / "constraints.txt").read_text())
+    held = ad.parse_held_back((REPO / "scripts" / "audit-held-back.toml").read_text())
+    assert ad.stale_held_back(pins, held) == []
+    assert sorted(held) == ["atheris", "backports-strenum", "mpmath", "numpy"]
+    assert all(h.reason for h in held.values())
+
+
+_HELD = """
+[[held-back]]
+name = "Held"
+version = "2.0"
+reason = "3.0 needs a newer Python"
+"""
+
+
+def test_held_back_entries_are_parsed_with_canonical_names():
+    assert ad.parse_held_back(_HELD) == {
+        "held": ad.HeldBack("held", "2.0", "3.0 needs a newer Python")
+    }
+    assert ad.parse_held_back("# nothing held back\n") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[held-back]]\nname = "x"\nversion = "1"\n', "exactly name, version and reason"),
+        (_HELD.replace("reason", "why"), "exactly name, version and reason"),
+        (_HELD + 'extra = "no"\n', "exactly name, version and reason"),
+        (_HELD.replace('"3.0 needs a newer Python"', '" "'), "'reason' must be a non-empty"),
+        (_HELD.replace('"2.0"', "2.0"), "'version' must be a non-empty string"),
+        (_HELD + _HELD.replace('"Held"', '"held"'), "held is listed twice"),
+        ('[held-back]\nname = "x"\n', "array of tables"),
+        ('[other]\nname = "x"\n', "unknown keys"),
+        ("[[held-back]\n", "not TOML"),
+    ],
+)
+def test_a_malformed_held_back_file_is_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        ad.parse_held_back(text)
+
+
+def test_a_held_back_entry_that_no_longer_matches_its_pin_is_stale():
+    held = ad.parse_held_back(_HELD)
+    assert ad.stale_held_back(_pins("held==2.0"), held) == []
+    assert ad.stale_held_back(_pins("held==2.1"), held) == [
+        "held==2.0: the pin is now held==2.1; review the entry"
+    ]
+    assert ad.stale_held_back(_pins("fresh==2.0"), held) == ["held==2.0: held is not pinned"]
 
 
 def test_the_latest_release_is_answered_by_the_project_json_with_its_fixes():
@@ -177,11 +228,11 @@ def test_a_vulnerable_latest_pin_fails_and_a_clean_one_passes(index):
         ("bad", ad.PROJECT_SOURCE, ["PYSEC-BAD"]),
         ("fresh", ad.PROJECT_SOURCE, []),
     ]
-    out, err, rc = ad.report(audits, strict=True)
+    out, err, rc = ad.report(audits, {})
     assert rc == 1 and err == []
     assert "VULNERABLE bad==1.5: PYSEC-BAD (CVE-PYSEC-BAD); fixed in 1.6" in out
     assert out[-1].startswith("audit-deps: 2 of 2 pinned packages audited")
-    assert ad.report(audits[1:], strict=True)[2] == 0
+    assert ad.report(audits[1:], {})[2] == 0
 
 
 def test_an_older_pin_is_answered_by_the_release_json_when_pypi_serves_it(index):
@@ -190,18 +241,50 @@ def test_an_older_pin_is_answered_by_the_release_json_when_pypi_serves_it(index)
     assert [v.id for v in held.advisories] == ["GHSA-OLD"]  # the withdrawn one is dropped
     (fixed,) = ad.audit(_pins("held==2.1"), index)
     assert fixed.audited and fixed.advisories == ()
+    # Held back or not, a pin that is audited and vulnerable fails.
+    assert ad.report([held], ad.parse_held_back(_HELD))[2] == 1
 
 
-def test_an_older_pin_without_release_json_is_named_not_passed(index, monkeypatch):
+def test_an_older_pin_without_release_json_fails_unless_held_back(index, monkeypatch):
+    """The finding this guards: once upstream ships a fix, the pin is no longer the latest
+    release, the project JSON stops answering for it, and (the release JSON being 404)
+    it would go unaudited exactly when a fix exists. That must fail, not pass."""
     monkeypatch.setattr(_FakeIndex, "release_json", False)
     audits = ad.audit(_pins("held==2.0", "fresh==2.0"), index)
     assert not audits[0].audited and audits[1].audited
     assert "not the latest release (3.0)" in (audits[0].error or "")
     assert "HTTP 404" in (audits[0].error or "")
-    out, err, rc = ad.report(audits, strict=False)
-    assert rc == 0 and len(err) == 1 and err[0].startswith("audit-deps: NOT AUDITED held==2.0")
-    assert out[-1].endswith("0 vulnerable, 1 not audited")
-    assert ad.report(audits, strict=True)[2] == 1
+
+    out, err, rc = ad.report(audits, {})
+    assert rc == 1 and len(err) == 1 and err[0].startswith("audit-deps: NOT AUDITED held==2.0")
+    assert out[-1].endswith("0 vulnerable, 0 held back, 1 not audited")
+
+    out, err, rc = ad.report(audits, ad.parse_held_back(_HELD))
+    assert rc == 0 and err == []
+    assert out[0].startswith(
+        "audit-deps: held back, not audited: held==2.0: 3.0 needs a newer Python"
+    )
+    assert "HTTP 404" in out[0]
+    assert out[-1].endswith("0 vulnerable, 1 held back, 0 not audited")
+
+    # --strict (EDGESEAL_AUDIT_STRICT=1) excuses nothing.
+    out, err, rc = ad.report(audits, ad.parse_held_back(_HELD), strict=True)
+    assert rc == 1 and err[0].startswith("audit-deps: NOT AUDITED held==2.0")
+
+
+def test_a_bumped_pin_is_not_excused_by_its_old_held_back_entry(index, monkeypatch):
+    monkeypatch.setattr(_FakeIndex, "release_json", False)
+    audits = ad.audit(_pins("held==2.1", "fresh==2.0"), index)
+    out, err, rc = ad.report(audits, ad.parse_held_back(_HELD))
+    assert rc == 1
+    assert err == [
+        f"audit-deps: NOT AUDITED held==2.1: {audits[0].error}",
+        "audit-deps: STALE held-back entry held==2.0: the pin is now held==2.1; review the entry",
+    ]
+    assert out[-1].endswith("1 not audited, 1 stale held-back entries")
+    # Stale even when every pin is audited: the entry no longer describes the pin.
+    (fresh,) = ad.audit(_pins("fresh==2.0"), index)
+    assert ad.report([fresh], ad.parse_held_back(_HELD))[2] == 1
 
 
 def test_an_unreachable_index_audits_nothing(tmp_path):
@@ -209,12 +292,28 @@ def test_an_unreachable_index_audits_nothing(tmp_path):
     assert not a.audited and "release JSON" in (a.error or "")
 
 
-def test_main_reads_the_constraints_and_sets_the_exit_code(index, tmp_path, capsys):
+def test_main_reads_the_constraints_and_sets_the_exit_code(index, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_FakeIndex, "release_json", False)
     c = tmp_path / "constraints.txt"
-    c.write_text("fresh==2.0\nheld==3.0\n")
-    assert ad.main(["--constraints", str(c), "--index-url", index]) == 0
+    h = tmp_path / "held-back.toml"
+    h.write_text(_HELD)
+    args = ["--constraints", str(c), "--held-back", str(h), "--index-url", index]
+    c.write_text("fresh==2.0\nheld==2.0\n")
+    assert ad.main(args) == 0
+    assert "held back, not audited: held==2.0" in capsys.readouterr().out
+    assert ad.main([*args, "--strict"]) == 1
+    assert "NOT AUDITED held==2.0" in capsys.readouterr().err
+    h.write_text("")
+    assert ad.main(args) == 1
+    h.write_text(_HELD)
     c.write_text("fresh==2.0\nbad==1.5\n")
-    assert ad.main(["--constraints", str(c), "--index-url", index]) == 1
-    assert "VULNERABLE bad==1.5" in capsys.readouterr().out
+    assert ad.main(args) == 1
+    captured = capsys.readouterr()
+    assert "VULNERABLE bad==1.5" in captured.out
+    assert "STALE held-back entry held==2.0: held is not pinned" in captured.err
     c.write_text("fresh>=2.0\n")
-    assert ad.main(["--constraints", str(c), "--index-url", index]) == 2
+    assert ad.main(args) == 2
+    c.write_text("fresh==2.0\n")
+    h.write_text("[[held-back]]\n")
+    assert ad.main(args) == 2
+    assert ad.main([*args[:2], "--held-back", str(tmp_path / "missing.toml")]) == 2

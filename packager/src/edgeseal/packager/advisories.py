@@ -5,8 +5,11 @@ Two sources, both the data pip-audit reads:
 * ``OsvFile``: OSV records (a JSON file holding one record, a list of them, or a
   directory of ``*.json``), as published by the PyPA advisory database and osv.dev.
   Ranges are evaluated, so any version can be asked about. This is how an air-gapped
-  workstation checks. Withdrawn records are skipped, and so is a version or range bound
-  that is not PEP 440 (a few real records have one); a malformed record is an error.
+  workstation checks. Withdrawn records are skipped; a malformed record is an error. A
+  bound that is not PEP 440 (a few real records have one) widens what the record affects,
+  never narrows it, and is logged at WARNING with the record's id: an ``introduced``
+  counts as "0", a ``fixed`` or ``last_affected`` leaves the range open, and an entry of
+  ``versions`` matches only the identical version string.
 * ``PypiService``: PyPI's JSON API in two places. The project JSON
   (``/pypi/<name>/json``) has the ``vulnerabilities`` of the latest release only, so it
   answers for exactly that version; any other version is asked of the release JSON
@@ -93,20 +96,21 @@ def _parse_version(v: str, what: str) -> Version:
         raise AdvisoryError(f"{what}: {v!r} is not a version") from e
 
 
-def _osv_version(v: object, where: str) -> Version | None:
-    """An OSV version, or None (logged) when it is not PEP 440, e.g. ``0.2.0-n653`` in
-    PYSEC-2021-371: that bound cannot be compared, so the caller skips what it bounds."""
+def _osv_version(v: object, where: str, instead: str) -> Version | None:
+    """An OSV version, or None when it is not PEP 440 (e.g. ``0.2.0-n653`` in
+    PYSEC-2021-371). The caller then reads the bound conservatively, as ``instead`` says,
+    and the record's id (in ``where``) is logged at WARNING."""
     try:
         return Version(str(v))
     except InvalidVersion:
-        log.debug("%s: %r is not a PEP 440 version; skipped", where, v)
+        log.warning("%s: %r is not a PEP 440 version; %s", where, v, instead)
         return None
 
 
 @dataclass(frozen=True)
 class _Range:
-    introduced: Version | None
-    fixed: Version | None
+    introduced: Version | None  # None: from the first release
+    fixed: Version | None  # None: no fix (open-ended, unless last_affected closes it)
     last_affected: Version | None
 
     def contains(self, v: Version) -> bool:
@@ -121,45 +125,56 @@ class _Range:
 class _OsvRecord:
     advisory: Advisory
     versions: set[Version] = field(default_factory=set)
+    raw_versions: set[str] = field(default_factory=set)  # entries that are not PEP 440
     ranges: list[_Range] = field(default_factory=list)
 
-    def affects(self, v: Version) -> bool:
-        return v in self.versions or any(r.contains(v) for r in self.ranges)
+    def affects(self, v: Version, raw: str) -> bool:
+        return (
+            v in self.versions
+            or raw in self.raw_versions
+            or any(r.contains(v) for r in self.ranges)
+        )
 
 
 def _ranges(events: object, where: str) -> tuple[list[_Range], list[str]]:
     """OSV ECOSYSTEM events in order: each ``introduced`` opens a range that the next
     ``fixed`` or ``last_affected`` closes. Returns the ranges and their fixed versions.
-    A range with a bound that is not PEP 440 is skipped; the others are kept."""
+    A bound that is not PEP 440 only ever widens a range: an ``introduced`` counts as
+    "0", a ``fixed`` or ``last_affected`` leaves the range open-ended (and that fix is
+    not listed, since no version can be compared with it)."""
     if not isinstance(events, list):
         raise AdvisoryError(f"{where}: 'events' is not a list")
     out: list[_Range] = []
     fixes: list[str] = []
     start: Version | None = None
     open_ = False
-    valid = True  # the open range's start is a version
     for ev in events:
         if not isinstance(ev, dict):
             raise AdvisoryError(f"{where}: an event is not an object")
         if "introduced" in ev:
             intro = str(ev["introduced"])
-            start = None if intro == "0" else _osv_version(intro, where)
-            valid = intro == "0" or start is not None
+            start = (
+                None
+                if intro == "0"
+                else _osv_version(intro, where, "introduced read as '0' (from the start)")
+            )
             open_ = True
         elif "fixed" in ev or "last_affected" in ev:
             if not open_:
                 continue
             open_ = False
-            fixed = _osv_version(ev["fixed"], where) if "fixed" in ev else None
-            last = _osv_version(ev["last_affected"], where) if "last_affected" in ev else None
-            if not valid or ("fixed" in ev and fixed is None):
-                continue
-            if "last_affected" in ev and last is None:
-                continue
+            fixed: Version | None = None
+            last: Version | None = None
+            if "fixed" in ev:
+                fixed = _osv_version(ev["fixed"], where, "fixed ignored (range left open)")
+            if "last_affected" in ev:
+                last = _osv_version(
+                    ev["last_affected"], where, "last_affected ignored (range left open)"
+                )
             out.append(_Range(start, fixed, last))
             if fixed is not None:
                 fixes.append(str(ev["fixed"]))
-    if open_ and valid:
+    if open_:
         out.append(_Range(start, None, None))
     return out, fixes
 
@@ -221,18 +236,23 @@ class OsvFile:
                 aliases=tuple(str(a) for a in _list(rec, "aliases", where)),
                 fixed_in=tuple(fixed),
             )
-            versions = {
-                v
-                for raw in _list(aff, "versions", where)
-                if (v := _osv_version(raw, where)) is not None
-            }
+            versions: set[Version] = set()
+            raw_versions: set[str] = set()
+            for raw in _list(aff, "versions", where):
+                v = _osv_version(raw, where, "matched as an exact string")
+                if v is None:
+                    raw_versions.add(str(raw))
+                else:
+                    versions.add(v)
             self._records.setdefault(advisory.package, []).append(
-                _OsvRecord(advisory, versions, ranges)
+                _OsvRecord(advisory, versions, raw_versions, ranges)
             )
 
     def affecting(self, package: str, version: str) -> list[Advisory]:
         v = _parse_version(version, package)
-        return [r.advisory for r in self._records.get(_canonical(package), []) if r.affects(v)]
+        return [
+            r.advisory for r in self._records.get(_canonical(package), []) if r.affects(v, version)
+        ]
 
 
 #: Which of PyPI's answers a lookup used.
