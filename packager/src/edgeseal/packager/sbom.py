@@ -11,6 +11,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from packaging.version import Version
+
 from edgeseal.core.encoding import format_time, utcnow
 from edgeseal.packager.advisories import RuntimeAudit
 
@@ -59,7 +61,7 @@ def _vulnerabilities(audit: RuntimeAudit) -> list[dict[str, Any]]:
                     "description": a.summary,
                     "references": [{"id": x, "source": {"name": "alias"}} for x in a.aliases],
                     "recommendation": (
-                        f"use {audit.package} >= {min(a.fixed_in)}"
+                        f"use {audit.package} >= {min(a.fixed_in, key=Version)}"
                         if a.fixed_in
                         else "no fixed version is known"
                     ),
