@@ -16,7 +16,8 @@ often as it lies in readable memory outside ``MADV_DONTDUMP`` mappings (so the d
 and the live scan agree), no run in the file's layout (every readable copy of those,
 the anonymous locked buffer and LiteRT's model bytes, is ``MADV_DONTDUMP``), and exactly
 the packed copies the runtime's status admits (``RUNTIME_COPIES``): none for ONNX
-Runtime, XNNPACK's one for LiteRT, which is in the ordinary heap and so in the dump.
+Runtime, XNNPACK's one for LiteRT, which is in the ordinary heap and so in the dump, and
+none for LiteRT with ``[runtime] tflite_xnnpack = false``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 from test_plaintext import (
     MARKER_BYTES,
+    RUNTIME_CASES,
     RUNTIME_COPIES,
     WEIGHTS_SECTION,
     _marker_model,
@@ -50,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseal.agent.opener import open_bundle
-from edgeseal.core.config import Config
+from edgeseal.core.config import Config, RuntimeConfig
 from edgeseal.core.keyring import Keyring
 from edgeseal.core.keys import load_private_key
 from edgeseal.core.keystore import InMemoryKey
@@ -63,7 +65,8 @@ key = InMemoryKey(load_private_key(Path(args["key"]), passphrase=None))
 policy = VerifyPolicy(
     anchor=Keyring(Path(args["keyring"])).anchor(), now=datetime.fromisoformat(args["now"])
 )
-model = open_bundle(Path(args["bundle"]), key_store=key, policy=policy, config=Config())
+config = Config(runtime=RuntimeConfig(tflite_xnnpack=args["xnnpack"]))
+model = open_bundle(Path(args["bundle"]), key_store=key, policy=policy, config=config)
 (output,) = model.run({"input": np.asarray(args["x"], np.float32)}).values()
 print(json.dumps({"status": model.status(), "output": output.tolist()}), flush=True)
 sys.stdin.read()  # scanned and dumped here, with the model open
@@ -141,14 +144,14 @@ def _find_in_process(pid: int, needles: dict[str, bytes]) -> dict[str, list[dict
     return hits
 
 
-@pytest.mark.parametrize("memory", ["memfd_secret", "anonymous"])
-@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+@pytest.mark.parametrize(("fmt", "xnnpack", "memory"), RUNTIME_CASES)
 def test_a_core_dump_of_the_agent_holds_only_the_weight_copies_its_runtime_admits(
-    fleet, tmp_path, fmt, memory
+    fleet, tmp_path, fmt, xnnpack, memory
 ):
     """ONNX Runtime: no run of the weights in the dump. LiteRT: none in the model file's
     layout (its model bytes are in locked MADV_DONTDUMP pages), and the one copy its
-    XNNPACK delegate packs. Both checked against where the runs lie in the process."""
+    XNNPACK delegate packs; with ``tflite_xnnpack = false``, none at all. Each checked
+    against where the runs lie in the process."""
     gcore = _gcore()
     model = _marker_model(tmp_path / "model", fmt)
     data = model.path.read_bytes()
@@ -163,7 +166,9 @@ def test_a_core_dump_of_the_agent_holds_only_the_weight_copies_its_runtime_admit
     assert needles["row"] in model.weights.tobytes() and needles["row"] != model.marker
     assert data.count(needles["row"]) == 1
     bundle, _ = fleet.pack(model.path, name=f"marker-{fmt}")
-    args, env = child_setup(fleet, bundle, model, memfd_secret=memory == "memfd_secret")
+    args, env = child_setup(
+        fleet, bundle, model, memfd_secret=memory == "memfd_secret", xnnpack=xnnpack
+    )
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(args)],
         env=env,
@@ -177,6 +182,8 @@ def test_a_core_dump_of_the_agent_holds_only_the_weight_copies_its_runtime_admit
         assert line, f"the child died (rc {child.wait(10)})"
         report = json.loads(line)
         status = report["status"]
+        if fmt == "tflite":
+            assert status["xnnpack"] is xnnpack
         kind = status["memory"][WEIGHTS_SECTION[fmt]]["kind"]
         if memory == "anonymous":
             assert kind == "anonymous"
@@ -196,10 +203,10 @@ def test_a_core_dump_of_the_agent_holds_only_the_weight_copies_its_runtime_admit
         assert child.wait(30) == 0
         dumped = {name: _count(core, needle) for name, needle in needles.items()}
         print(
-            f"\n[{fmt}, weights buffer is {kind}] core of {core.stat().st_size >> 20} MiB"
-            f" holds: the control {dumped['control']}x, a run of a row of the weights"
-            f" {dumped['row']}x, a run down a column {dumped['column']}x; in the live"
-            f" process: {json.dumps(live)}"
+            f"\n[{fmt}, xnnpack {xnnpack}, weights buffer is {kind}] core of"
+            f" {core.stat().st_size >> 20} MiB holds: the control {dumped['control']}x, a run"
+            f" of a row of the weights {dumped['row']}x, a run down a column"
+            f" {dumped['column']}x; in the live process: {json.dumps(live)}"
         )
         assert dumped["control"] == 1, "the control is missing (scan broken) or the weights leaked"
         for name in needles:

@@ -64,6 +64,8 @@ RUNTIME_COPIES = {
     "OrtValue views of the locked buffer (no copy)": (0, 0),
     "as bytes in locked MADV_DONTDUMP pages, wiped on close; XNNPACK packs its own copy "
     "of the weights into the ordinary heap": (1, 1),
+    "as bytes in locked MADV_DONTDUMP pages, wiped on close; XNNPACK off: no packed copy "
+    "of the weights": (1, 0),
 }
 # Measured on x86_64 Linux (glibc 2.36, ONNX Runtime 1.32, LiteRT 2.3): ONNX Runtime makes
 # no copy. LiteRT keeps the model as bytes, which the agent puts in locked MADV_DONTDUMP
@@ -71,7 +73,20 @@ RUNTIME_COPIES = {
 # the weights into blocks of output channels in memory of its own, which the agent cannot
 # reach: freed on close, not wiped. Whether freed memory stays readable is malloc's
 # choice, so after close the test allows up to the packed copies, and no copy in the
-# file's layout.
+# file's layout. With [runtime] tflite_xnnpack = false, LiteRT's builtin kernels read the
+# weights in place from the model bytes: no packed copy.
+
+#: The cases of the memory and core-dump tests: (format, XNNPACK on, weights buffer).
+#: Each format with both buffer kinds; LiteRT without XNNPACK once, with the buffer kind
+#: whose copy is readable (the kind does not change what XNNPACK does).
+RUNTIME_CASES = [
+    *(
+        pytest.param(fmt, True, memory, id=f"{fmt}-{memory}")
+        for fmt in ("onnx", "tflite")
+        for memory in ("memfd_secret", "anonymous")
+    ),
+    pytest.param("tflite", False, "anonymous", id="tflite-no_xnnpack-anonymous"),
+]
 
 #: Floats in :func:`column_run`.
 COLUMN_FLOATS = 8
@@ -141,7 +156,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseal.agent.opener import open_bundle
-from edgeseal.core.config import Config
+from edgeseal.core.config import Config, RuntimeConfig
 from edgeseal.core.keyring import Keyring
 from edgeseal.core.keys import load_private_key
 from edgeseal.core.keystore import InMemoryKey
@@ -217,7 +232,8 @@ policy = VerifyPolicy(
     anchor=Keyring(Path(args["keyring"])).anchor(), now=datetime.fromisoformat(args["now"])
 )
 report = {"before": scan()}
-model = open_bundle(Path(args["bundle"]), key_store=key, policy=policy, config=Config())
+config = Config(runtime=RuntimeConfig(tflite_xnnpack=args["xnnpack"]))
+model = open_bundle(Path(args["bundle"]), key_store=key, policy=policy, config=config)
 (output,) = model.run({"input": np.asarray(args["x"], np.float32)}).values()
 report["output"] = output.tolist()
 report["status"] = model.status()
@@ -229,11 +245,11 @@ print(json.dumps(report))
 
 
 def child_setup(
-    fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool
+    fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool, xnnpack: bool = True
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The JSON arguments and environment of a child that opens ``bundle`` as dev-a: the
     device key written to a file, the marker in two halves (so the child's arguments do
-    not hold it whole), memfd_secret on or off."""
+    not hold it whole), memfd_secret on or off, ``[runtime] tflite_xnnpack``."""
     key = fleet.tmp / "dev-a.key"
     if not key.exists():
         write_private_key(key, fleet.devices["dev-a"].private_key, passphrase=None)
@@ -246,6 +262,7 @@ def child_setup(
         "x": model.x.tolist(),
         "head": model.marker[:half].hex(),
         "tail": model.marker[half:].hex(),
+        "xnnpack": xnnpack,
     }
     env = {k: v for k, v in os.environ.items() if k != "EDGESEAL_NO_MEMFD_SECRET"}
     if not memfd_secret:
@@ -253,8 +270,10 @@ def child_setup(
     return args, env
 
 
-def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool) -> Any:
-    args, env = child_setup(fleet, bundle, model, memfd_secret=memfd_secret)
+def _count_in_child(
+    fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secret: bool, xnnpack: bool
+) -> Any:
+    args, env = child_setup(fleet, bundle, model, memfd_secret=memfd_secret, xnnpack=xnnpack)
     column = column_run(model)
     args["column_head"] = column[: len(column) // 2].hex()
     args["column_tail"] = column[len(column) // 2 :].hex()
@@ -270,18 +289,22 @@ def _count_in_child(fleet: Any, bundle: Path, model: MarkerModel, *, memfd_secre
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("memory", ["memfd_secret", "anonymous"])
-@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
-def test_plaintext_copies_in_process_memory_are_counted(fleet, tmp_path, fmt, memory):
+@pytest.mark.parametrize(("fmt", "xnnpack", "memory"), RUNTIME_CASES)
+def test_plaintext_copies_in_process_memory_are_counted(fleet, tmp_path, fmt, xnnpack, memory):
     """Timeline, in a child process that never saw the model: 0 copies before opening;
     open the bundle and run once: the locked buffer (readable only when it is an
     anonymous mapping, not memfd_secret) plus exactly the copies, in the file's layout
-    and packed, that the runtime's status admits; close: none in the file's layout, at
-    most the packed ones (freed by the runtime, unwiped)."""
+    and packed, that the runtime's status admits (LiteRT without XNNPACK: none packed);
+    close: none in the file's layout, at most the packed ones (freed by the runtime,
+    unwiped)."""
     model = _marker_model(tmp_path / "model", fmt)
     bundle, _ = fleet.pack(model.path, name=f"marker-{fmt}")
-    report = _count_in_child(fleet, bundle, model, memfd_secret=memory == "memfd_secret")
+    report = _count_in_child(
+        fleet, bundle, model, memfd_secret=memory == "memfd_secret", xnnpack=xnnpack
+    )
     status = report["status"]
+    if fmt == "tflite":
+        assert status["xnnpack"] is xnnpack
     kind = status["memory"][WEIGHTS_SECTION[fmt]]["kind"]
     print(
         f"\n[{fmt}, {memory} requested, weights buffer is {kind}] readable plaintext copies:"

@@ -3,9 +3,10 @@
 A :class:`ServingModel` refuses to exist unless the bundle's golden vectors reproduce
 within their tolerances. Each request is checked against the signed schema and input
 profile, its outputs must be finite, and each row gets an out-of-distribution score.
-While serving, the golden vectors are re-run and the decrypted sections re-hashed against
-the signed digests on a schedule; a failure quarantines the model: it stops answering
-with :class:`QuarantinedError` until the store falls back or a new bundle is installed.
+While serving, the golden vectors are re-run and the decrypted sections, as the runtime
+reads them (:meth:`OpenedModel.section_view`), re-hashed against the signed digests on a
+schedule; a failure quarantines the model: it stops answering with
+:class:`QuarantinedError` until the store falls back or a new bundle is installed.
 """
 
 from __future__ import annotations
@@ -138,10 +139,12 @@ class ServingModel:
         self.counters.digest_runs += 1
         problems = []
         for entry in self.opened.manifest.sections:
-            buf = self.opened.buffers.get(entry.name)
-            if buf is None:
+            # The bytes the runtime reads: for TFLite, LiteRT's own copy of the graph
+            # section, not the locked buffer it was copied from.
+            view = self.opened.section_view(entry.name)
+            if view is None:
                 continue
-            if hashlib.sha256(buf.view).hexdigest() != entry.sha256:
+            if hashlib.sha256(view).hexdigest() != entry.sha256:
                 problems.append(f"section {entry.name} in memory no longer matches its digest")
         return problems
 

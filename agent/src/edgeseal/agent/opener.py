@@ -59,6 +59,16 @@ class OpenedModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.session.run(inputs)
 
+    def section_view(self, name: str) -> memoryview | None:
+        """Section ``name``'s plaintext as serving reads it: the runtime's own copy where
+        it reads one (LiteRT's model bytes, for a TFLite ``graph``), else its locked
+        buffer; None for a section not held. What the digest re-check hashes."""
+        own = self.session.own_sections().get(name)
+        if own is not None:
+            return memoryview(own)
+        buf = self.buffers.get(name)
+        return buf.view if buf is not None else None
+
     def status(self) -> dict[str, Any]:
         m = self.manifest
         return {

@@ -11,6 +11,11 @@ as the model's storage: the agent hands it a :class:`~edgeseal.agent.memory.Lock
 whose pages are locked and left out of core dumps, and wipes it on close. LiteRT's
 default CPU delegate, XNNPACK, packs its own copy of the weights into the ordinary heap,
 out of the agent's reach: :class:`TfliteSession` says so in its status.
+``[runtime] tflite_xnnpack = false`` turns XNNPACK off (and that copy with it).
+
+A session names the sections it reads from a copy of its own (:meth:`own_sections`), so
+the agent's digest re-check hashes the bytes the runtime reads, not the locked buffer
+they were copied from.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class InferenceSession(Protocol):
     runtime: str
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def own_sections(self) -> Mapping[str, bytes]:
+        """The bundle sections this session reads from a copy it owns rather than from
+        their locked buffer, by section name: what the digest re-check must hash."""
+        ...
 
     def close(self) -> None: ...
 
@@ -233,6 +243,11 @@ class OnnxSession:
             raise RuntimeBackendError(f"inference failed: {e}") from e
         return dict(zip(self.output_names, results, strict=False))
 
+    def own_sections(self) -> Mapping[str, bytes]:
+        """None: ONNX Runtime reads the weights in place from the locked buffer (the graph
+        it parsed once, at build time)."""
+        return {}
+
     def close(self) -> None:
         self._session = None
         self._values.clear()
@@ -264,18 +279,22 @@ TFLITE_RUNTIMES = (
     ("ai_edge_litert.interpreter", "ai-edge-litert", "litert"),
     ("tflite_runtime.interpreter", "tflite-runtime", "tflite-runtime"),
 )
-#: What status says the runtime was handed, for a model in LockedBytes (the agent) and in
-#: plain bytes (a caller's own). Counted by tests/agent/test_plaintext.py and
-#: tests/agent/test_core_dump.py where LiteRT is installed; tflite-runtime's is not.
-_TFLITE_HANDOVER = {
-    ("litert", True): "as bytes in locked MADV_DONTDUMP pages, wiped on close; XNNPACK "
-    "packs its own copy of the weights into the ordinary heap",
-    ("litert", False): "as the caller's bytes, kept by LiteRT, never wiped; XNNPACK packs "
-    "its own copy of the weights into the ordinary heap",
-    ("tflite-runtime", True): "as bytes in locked MADV_DONTDUMP pages, wiped on close; "
-    "the runtime's own copies not counted",
-    ("tflite-runtime", False): "as the caller's bytes, kept by tflite-runtime, never "
-    "wiped; the runtime's own copies not counted",
+#: What status says the runtime was handed (``weights_handed_over``): how the model bytes
+#: are held, by runtime and whether they are the agent's LockedBytes or a caller's own
+#: bytes; then the runtime's own copies, by runtime and whether XNNPACK is on. Counted by
+#: tests/agent/test_plaintext.py and tests/agent/test_core_dump.py where LiteRT is
+#: installed; tflite-runtime's are not.
+_TFLITE_HELD = {
+    ("litert", True): "as bytes in locked MADV_DONTDUMP pages, wiped on close",
+    ("litert", False): "as the caller's bytes, kept by LiteRT, never wiped",
+    ("tflite-runtime", True): "as bytes in locked MADV_DONTDUMP pages, wiped on close",
+    ("tflite-runtime", False): "as the caller's bytes, kept by tflite-runtime, never wiped",
+}
+_TFLITE_COPIES = {
+    ("litert", True): "XNNPACK packs its own copy of the weights into the ordinary heap",
+    ("litert", False): "XNNPACK off: no packed copy of the weights",
+    ("tflite-runtime", True): "the runtime's own copies not counted",
+    ("tflite-runtime", False): "XNNPACK off; the runtime's own copies not counted",
 }
 
 
@@ -289,6 +308,9 @@ class TfliteInterpreter:
     version: str
     #: Why a preferred runtime was passed over ("" when the first one was used).
     fallback_reason: str = ""
+    #: The module's ``OpResolverType`` (None in a release without it): its
+    #: ``BUILTIN_WITHOUT_DEFAULT_DELEGATES`` turns XNNPACK off.
+    op_resolver_type: Any = None
 
 
 def find_tflite_interpreter() -> TfliteInterpreter:
@@ -310,7 +332,14 @@ def find_tflite_interpreter() -> TfliteInterpreter:
         reason = "; ".join(reasons)
         if reason:
             log.info("TFLite models run on %s %s: %s", dist, version, reason)
-        return TfliteInterpreter(module.Interpreter, runtime, dist, version, reason)
+        return TfliteInterpreter(
+            module.Interpreter,
+            runtime,
+            dist,
+            version,
+            reason,
+            op_resolver_type=getattr(module, "OpResolverType", None),
+        )
     raise MissingExtraError(
         "running TFLite models needs LiteRT: pip install ai-edge-litert "
         "(or, where LiteRT has no wheel, tflite-runtime with numpy<2)"
@@ -323,6 +352,8 @@ class TfliteSession:
 
     The interpreter keeps ``model`` as its storage. Given a :class:`LockedBytes` (as the
     agent does), the session owns it: :meth:`close` drops the interpreter, then wipes it.
+    ``config.tflite_xnnpack`` false builds the interpreter without its default delegates
+    (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), so XNNPACK packs no copy of the weights.
     """
 
     runtime = "litert"
@@ -331,11 +362,24 @@ class TfliteSession:
         found = find_tflite_interpreter()
         self.runtime = found.runtime
         self.interpreter = found
+        self.xnnpack = config.tflite_xnnpack
         self._model = model if isinstance(model, LockedBytes) else None
+        self._interp: Any = None
         content = model.data if isinstance(model, LockedBytes) else model
+        options: dict[str, Any] = {}
+        if not self.xnnpack:
+            if found.op_resolver_type is None:
+                self.close()
+                raise RuntimeBackendError(
+                    f"{found.distribution} {found.version} cannot turn XNNPACK off (it has "
+                    "no OpResolverType): upgrade it or set [runtime] tflite_xnnpack = true"
+                )
+            options["experimental_op_resolver_type"] = (
+                found.op_resolver_type.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            )
         try:
-            self._interp: Any = found.cls(
-                model_content=content, num_threads=config.intra_op_threads or None
+            self._interp = found.cls(
+                model_content=content, num_threads=config.intra_op_threads or None, **options
             )
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
@@ -358,6 +402,11 @@ class TfliteSession:
         except (ValueError, RuntimeError, KeyError) as e:
             raise RuntimeBackendError(f"inference failed: {e}") from e
 
+    def own_sections(self) -> Mapping[str, bytes]:
+        """The ``graph`` section (for TFLite, the whole model) as the interpreter reads it:
+        the :class:`LockedBytes` it keeps as its storage. None for a caller's own bytes."""
+        return {"graph": self._model.data} if self._model is not None else {}
+
     def close(self) -> None:
         self._interp = None  # the interpreter goes first: it reads the model in place
         if self._model is not None:
@@ -368,7 +417,9 @@ class TfliteSession:
         status: dict[str, Any] = {
             "runtime": self.runtime,
             "tflite_runtime": f"{found.distribution} {found.version}",
-            "weights_handed_over": _TFLITE_HANDOVER[found.runtime, self._model is not None],
+            "weights_handed_over": f"{_TFLITE_HELD[found.runtime, self._model is not None]}; "
+            f"{_TFLITE_COPIES[found.runtime, self.xnnpack]}",
+            "xnnpack": self.xnnpack,
         }
         if self._model is not None:
             status["model_bytes"] = self._model.status().to_obj()

@@ -116,6 +116,10 @@ class RuntimeConfig:
     trt_engine_cache_ram_dir: str = ""
     #: Largest engine cache (all engine files of one model) sealed or opened, in bytes.
     trt_engine_cache_max_bytes: int = 4096 * MiB
+    #: TFLite: LiteRT's default CPU delegate, XNNPACK (faster), packs a plaintext copy of
+    #: the weights into the ordinary heap: not locked, in core dumps, not wiped. False
+    #: builds the interpreter without default delegates, and without that copy.
+    tflite_xnnpack: bool = True
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in {"disable", "basic", "extended", "all"}:
