@@ -191,6 +191,35 @@ def test_a_tflite_model_corrupted_in_the_bytes_litert_reads_is_quarantined_and_f
         agent.close()
 
 
+def test_a_model_replaced_under_a_call_in_flight_is_wiped_only_when_the_call_is_done(
+    fleet, trained, device
+):
+    """v2 replaces v1 while a call still runs v1: v1's memory stays whole until that call
+    is done, then is wiped; a check failing on the retired v1 does not roll back v2."""
+    agent = _agent(device)
+    try:
+        agent.install(_bundle(fleet, trained, 1))
+        old = agent.model("clf")
+        assert old.acquire()  # a call in flight
+        agent.install(_bundle(fleet, trained, 2))
+        assert agent.model("clf").identity["version"] == 2
+        assert old.retired and old.opened.buffers  # not wiped under the call
+        assert old.infer({"input": _x(trained)}).model["version"] == 1
+        old.opened.buffers["weights"].view[4096] ^= 0xFF
+        assert old.self_check(golden=False, digest=True)  # found, and quarantined
+        time.sleep(0.3)  # a fall-back, were one started, runs on its own thread
+        assert agent.model("clf").identity["version"] == 2
+        journal = agent.store.journal("clf")
+        assert journal.slots[journal.active].state == "good"
+        assert journal.slots[journal.active].version == 2
+        assert "fell_back" not in [e["event"] for e in agent.events]
+        old.release()
+        assert not old.opened.buffers  # wiped once the call is done
+        assert not old.acquire()
+    finally:
+        agent.close()
+
+
 @pytest.fixture
 def served(fleet, trained, device, tmp_path):
     cfg = """

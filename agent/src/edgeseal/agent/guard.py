@@ -76,6 +76,11 @@ class ServingModel:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _checks: CompiledProfile | None = None
     _identity: dict[str, Any] | None = None
+    # Calls in flight, and whether a replacement took over: the memory is wiped only once
+    # the last call using it is done (retire), never under a running session.
+    _users: int = 0
+    _retired: bool = False
+    _use_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def start(
@@ -257,4 +262,35 @@ class ServingModel:
         }
 
     def close(self) -> None:
+        """Close now (the caller knows no call is using the model)."""
         self.opened.close()
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    def acquire(self) -> bool:
+        """Count a call in; False once the model is retired (its replacement serves)."""
+        with self._use_lock:
+            if self._retired:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        """Count a call out; the last one out of a retired model closes it."""
+        with self._use_lock:
+            self._users -= 1
+            last = self._retired and self._users == 0
+        if last:
+            self.opened.close()
+
+    def retire(self) -> None:
+        """No new calls; close once the calls in flight are done (at once if none is)."""
+        with self._use_lock:
+            if self._retired:
+                return
+            self._retired = True
+            idle = self._users == 0
+        if idle:
+            self.opened.close()

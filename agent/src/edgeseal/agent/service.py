@@ -228,7 +228,7 @@ class Agent:
             old = self.serving.get(name)
             self.serving[name] = checked
         if old is not None:
-            old.close()
+            old.retire()
         self._emit("installed", name, version=checked.identity["version"])
         return {**checked.identity, "slot": journal.active, "fallback": journal.fallback}
 
@@ -271,7 +271,7 @@ class Agent:
             old = self.serving.pop(name, None)
             self.serving[name] = sm
         if old is not None:
-            old.close()
+            old.retire()
         return f"serving v{sm.identity['version']}"
 
     def reload(self) -> dict[str, str]:
@@ -286,7 +286,7 @@ class Agent:
                 if n not in installed or results.get(n, "").startswith("not serving")
             ]
         for sm in stale:
-            sm.close()
+            sm.retire()
         return results
 
     # -- serving -----------------------------------------------------------------------
@@ -299,10 +299,15 @@ class Agent:
 
     def infer(self, name: str, feed: Mapping[str, Any]) -> InferResult:
         sm = self.model(name)
-        result = sm.infer(feed)
-        golden_due, digest_due = sm.due_checks()
-        if golden_due or digest_due:
-            sm.self_check(golden=golden_due, digest=digest_due)
+        while not sm.acquire():  # replaced since the lookup: the replacement serves
+            sm = self.model(name)
+        try:
+            result = sm.infer(feed)
+            golden_due, digest_due = sm.due_checks()
+            if golden_due or digest_due:
+                sm.self_check(golden=golden_due, digest=digest_due)
+        finally:
+            sm.release()
         if self._shadows:
             self._run_shadow(name, feed, result)
         return result
@@ -371,15 +376,20 @@ class Agent:
     def run_checks(self) -> None:
         """Run the scheduled integrity checks that are due (called by the daemon)."""
         for sm in list(self.serving.values()):
-            if sm.quarantined:
+            if sm.quarantined or not sm.acquire():
                 continue
-            golden_due, digest_due = sm.due_checks()
-            if golden_due or digest_due:
-                sm.self_check(golden=golden_due, digest=digest_due)
+            try:
+                golden_due, digest_due = sm.due_checks()
+                if golden_due or digest_due:
+                    sm.self_check(golden=golden_due, digest=digest_due)
+            finally:
+                sm.release()
 
     def _quarantined(self, sm: ServingModel, reason: str) -> None:
         name = sm.identity["model"]
         log.error("quarantined %s v%s: %s", name, sm.identity["version"], reason)
+        if self.serving.get(name) is not sm:  # replaced already: what serves is not at fault
+            return
         self._emit("quarantined", name, version=sm.identity["version"], reason=reason)
         threading.Thread(target=self._fall_back_after, args=(name, reason), daemon=True).start()
 
