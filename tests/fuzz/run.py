@@ -157,7 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("target")
     ap.add_argument(
-        "--seconds", type=float, default=float(os.environ.get("EDGESEAL_FUZZ_SECONDS", "20"))
+        "--seconds", type=float, default=float(os.environ.get("EDGESEAL_FUZZ_SECONDS", "30"))
     )
     ap.add_argument("--engine", choices=("atheris", "random", "auto"), default="auto")
     ap.add_argument("--work", type=Path, default=None)

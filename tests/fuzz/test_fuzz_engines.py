@@ -1,5 +1,5 @@
-"""Each fuzz target runs for a bounded time (EDGESEAL_FUZZ_SECONDS, default 20 s each;
-the lane takes about 2.5 minutes). atheris drives them where it is installed (x86_64);
+"""Each fuzz target runs for a bounded time (EDGESEAL_FUZZ_SECONDS, default 30 s each;
+the lane takes about 4 minutes). atheris drives them where it is installed (x86_64);
 elsewhere the pure-Python mutational engine in run.py does. A finding fails the test and
 names the input to keep under tests/fuzz/regressions/<target>/."""
 
@@ -16,7 +16,7 @@ import pytest
 from fuzz.targets import TARGETS
 
 RUN = Path(__file__).with_name("run.py")
-SECONDS = float(os.environ.get("EDGESEAL_FUZZ_SECONDS", "20"))
+SECONDS = float(os.environ.get("EDGESEAL_FUZZ_SECONDS", "30"))
 
 
 @pytest.mark.slow
