@@ -20,6 +20,10 @@ more (``Device.assert_serving_unchanged``).
 A full disk is a tmpfs of the test's own holding the whole device home, as
 tests/ota/test_hostile_downloads.py fakes one for the download; a filler file beside the
 home leaves exactly the pages a case needs.
+
+The last section needs no update channel: ``agent install`` on a device of its own
+(``fresh`` of tests/security/conftest.py) meets a failed rename of the staged copy, or
+finds the temporary files of copies cut short, and must leave the home byte for byte.
 """
 
 # The OTA world's fixtures, imported from tests/ota/conftest.py, are parameters by the same
@@ -29,6 +33,7 @@ home leaves exactly the pages a case needs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -47,9 +52,11 @@ import pytest
 
 from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.service import Agent
+from edgeseal.agent.store import ModelStore, StoreError
 from edgeseal.core import encoding
 from edgeseal.core.config import load_config
 from edgeseal.core.encoding import b64d, parse_time
+from edgeseal.core.files import temp_path_for
 from edgeseal.core.reader import BundleFile, VerifyPolicy
 from edgeseal.ota import updater as updater_module
 from edgeseal.ota.channel import MqttChannel
@@ -750,3 +757,70 @@ def test_probation_runs_on_the_devices_own_time_whatever_the_wall_clock_does(
     j = dev.agent.store.journal(MODEL)
     assert (dev.agent.store.floors.get(MODEL), j.fallback) == (3, None)
     assert j.channel["reason"] == "probation passed"
+
+
+# --- 4. a failed rename, and what a write cut short leaves ------------------------------
+
+
+def test_a_failed_rename_of_the_staged_copy_leaves_the_device_as_it_was(fresh, monkeypatch):
+    """Timeline: the device serves v2 (slot b), v1 its fallback (slot a). ``agent install``
+    of v3 copies it whole, writes the journal naming slot a staged, and the rename over
+    slot-a.esb fails (EIO). The previous journal is put back: the install fails with a
+    StoreError saying the store is as it was, and the device home is, byte for byte; v1
+    is still the fallback and v2 serves on."""
+    bundle = fresh.bundle(3, seed=3)
+    before = fresh.snapshot()
+    slot_a = fresh.agent.store.slot_path(MODEL, "a")
+    real_replace = os.replace
+    onto: list[str] = []
+
+    def replace(src, dst, **kw):
+        onto.append(Path(dst).name)
+        if Path(dst) == slot_a:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(StoreError, match="Input/output error; the store is as it was"):
+        fresh.agent.install(bundle)
+    assert onto == ["journal.json", "slot-a.esb", "journal.json"]
+    monkeypatch.undo()
+    fresh.assert_unchanged(before)
+    assert fresh.agent.store.journal(MODEL).fallback == "a"
+
+
+def test_what_staging_cut_short_leaves_is_removed_at_open_and_before_the_next_staging(fresh):
+    """Timeline: the device serves v2 (slot b), v1 its fallback (slot a). Copies of v3
+    into slot a were cut short (a kill mid-copy, a power cut between journal and rename),
+    leaving whole-bundle temporary files named as the store names them, and one of the
+    journal's. The agent starts again: opening the store removes them, and the slots, the
+    journal and every other file are as they were. Another copy cut short later is
+    removed when v3 is staged next, and v3 commits."""
+    store = fresh.agent.store
+    folder = store.root / MODEL
+    bundle = fresh.bundle(3, seed=3)
+    (folder / "notes.tmp").write_bytes(b"not the store's")  # another name: kept
+    before = fresh.snapshot()
+    leftovers = [
+        temp_path_for(store.slot_path(MODEL, "a")),
+        temp_path_for(store.slot_path(MODEL, "a")),
+        temp_path_for(folder / "journal.json"),
+    ]
+    for p in leftovers:
+        shutil.copyfile(bundle, p)
+    ModelStore(store.root, store.floors)
+    assert [p.name for p in leftovers if p.exists()] == []
+    fresh.assert_unchanged(before)
+
+    late = temp_path_for(store.slot_path(MODEL, "a"))
+    shutil.copyfile(bundle, late)
+    fresh.agent.install(bundle)
+    assert not late.exists()
+    j = store.journal(MODEL)
+    assert (j.active, j.slots[j.active].version, j.slots[j.fallback].version) == ("a", 3, 2)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "journal.json",
+        "notes.tmp",
+        "slot-a.esb",
+        "slot-b.esb",
+    ]

@@ -9,8 +9,11 @@ power cut leaves the old journal or the new one, never a mix; a staged bundle is
 the same way beside the active one, which it never touches. The journal that records a
 staged copy is written after the copy is whole and before it replaces the slot's old
 file, so no journal ever names a slot for content it no longer holds (the fallback that
-staging gives up), and a full disk, for the copy or for that journal, leaves the store
-as it was.
+staging gives up). A failure before that replacement (a full disk, for the copy or for
+that journal; a failed rename) leaves the store as it was: the previous journal is put
+back if the new one was written. A write cut short by a kill or a power cut leaves its
+temporary file (``.slot-a.esb.<pid>.<hex>.tmp``, a whole bundle's worth); the store
+removes those of its own files when it is opened and before each staging, under its lock.
 
 Floors: committing raises the model's version floor to the lowest version still kept
 (the fallback's), so the device can fall back one step but never further. Staging
@@ -23,9 +26,9 @@ model's floor out of reach).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import threading
@@ -36,13 +39,22 @@ from typing import Any
 
 from edgeseal.core.encoding import canonical_json, format_time, utcnow
 from edgeseal.core.errors import EdgesealError, RollbackError
-from edgeseal.core.files import atomic_write, atomic_writer
+from edgeseal.core.files import (
+    atomic_write,
+    describe_os_error,
+    fsync_dir,
+    leftover_temps,
+    temp_path_for,
+)
 from edgeseal.core.manifest import validate_name
 from edgeseal.hardware.floors import MAX_STEP, VersionFloors
 
 __all__ = ["AlreadyInstalledError", "Journal", "ModelStore", "SlotInfo", "StoreError"]
 
+log = logging.getLogger(__name__)
+
 SLOTS = ("a", "b")
+JOURNAL = "journal.json"
 #: The furthest a new version may lie above the floor: the TPM counters' own cap, so a
 #: fast-forward is refused at staging, on every kind of floor, not half-way through a commit.
 MAX_VERSION_STEP = MAX_STEP
@@ -120,6 +132,10 @@ class ModelStore:
         self.floors = floors
         self._lock = threading.RLock()
         root.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            for d in sorted(root.iterdir()):
+                if d.is_dir() and _is_model_name(d.name):
+                    self._remove_leftovers(d)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -138,19 +154,58 @@ class ModelStore:
         return self._dir(model) / f"slot-{slot}.esb"
 
     def models(self) -> list[str]:
-        return sorted(p.parent.name for p in self.root.glob("*/journal.json"))
+        return sorted(p.parent.name for p in self.root.glob(f"*/{JOURNAL}"))
 
     def journal(self, model: str) -> Journal:
-        path = self._dir(model) / "journal.json"
+        return self._read(model)[0]
+
+    def _read(self, model: str) -> tuple[Journal, bytes | None]:
+        """The journal, and the bytes it was read from (None: there is no journal yet)."""
+        path = self._dir(model) / JOURNAL
         try:
-            return Journal.from_obj(json.loads(path.read_bytes()))
+            raw = path.read_bytes()
         except FileNotFoundError:
-            return Journal(model)
+            return Journal(model), None
+        try:
+            return Journal.from_obj(json.loads(raw)), raw
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path} is damaged: {e}") from e
 
     def _write(self, j: Journal) -> None:
-        atomic_write(self._dir(j.model) / "journal.json", canonical_json(j.to_obj()), mode=0o600)
+        atomic_write(self._dir(j.model) / JOURNAL, canonical_json(j.to_obj()), mode=0o600)
+
+    def _put_back(self, model: str, previous: bytes | None) -> str | None:
+        """Make the journal ``previous`` again (None: no journal) unless it still is. None
+        when it is; otherwise why it could not be put back."""
+        path = self._dir(model) / JOURNAL
+        try:
+            unchanged = (path.read_bytes() if path.exists() else None) == previous
+        except OSError:
+            unchanged = False  # unreadable: write it again to be sure
+        if unchanged:
+            return None
+        try:
+            if previous is None:
+                path.unlink(missing_ok=True)
+                fsync_dir(path.parent)
+            else:
+                atomic_write(path, previous, mode=0o600)
+        except OSError as e:
+            return describe_os_error(e)
+        return None
+
+    def _remove_leftovers(self, model_dir: Path) -> None:
+        """Delete the temporary files that writes of this model's slots and journal left
+        when they were cut short. Only under the store's lock: every write here holds it,
+        so no temporary file of these names belongs to a write in progress."""
+        for name in (*(f"slot-{s}.esb" for s in SLOTS), JOURNAL):
+            for tmp in leftover_temps(model_dir / name):
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("cannot remove the leftover %s: %s", tmp, describe_os_error(e))
+                else:
+                    log.info("removed %s, left by an interrupted write", tmp)
 
     def active_path(self, model: str) -> Path | None:
         j = self.journal(model)
@@ -160,32 +215,81 @@ class ModelStore:
         """Copy ``bundle`` into the free slot (atomically) and record it as staged.
 
         Order: the copy to a temporary file, whole and synced; then the journal; then the
-        rename over the slot's file. A failure before the rename (a full disk, for the
-        copy or for the journal) removes the copy and raises :class:`StoreError`: the
-        store is as it was. A crash between journal and rename leaves the journal naming
-        the slot as staged (never as the fallback whose file is still there); a staged
-        slot is only tested after the update channel has recorded the staging, and is
-        otherwise staged again."""
+        rename over the slot's file; then the directory's sync. A failure up to the
+        rename (a full disk, for the copy or for the journal; a failed rename) removes the
+        copy, puts the previous journal back if the new one was written, and raises
+        :class:`StoreError`: the store is as it was (the error says so when the journal
+        could not be put back). A failed sync after the rename raises :class:`StoreError`
+        saying the bundle *is* staged: the slot's old content is gone, but a power cut
+        before the next sync may still lose the new. A crash between journal and rename
+        leaves the journal naming the slot as staged (never as the fallback whose file is
+        still there); a staged slot is only tested after the update channel has recorded
+        the staging, and is otherwise staged again."""
         with self._locked():
-            j = self.journal(model)
+            self._remove_leftovers(self._dir(model))
+            j, previous = self._read(model)
             self._refuse_backwards(j, version, bundle_id)
             slot = j.free_slot()
             dest = self.slot_path(model, slot)
+            failed = f"cannot stage {model} v{version} in slot {slot}"
+            tmp = self._copy_in(bundle, dest, failed)
+            was_fallback = j.fallback == slot
+            if was_fallback:
+                j.fallback = None
+            j.slots[slot] = SlotInfo(version, bundle_id, format_time(utcnow()), "staged")
+            j.staged = slot
             try:
-                with bundle.open("rb") as src, atomic_writer(dest, mode=0o600) as out:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    if j.fallback == slot:
-                        j.fallback = None
-                    j.slots[slot] = SlotInfo(version, bundle_id, format_time(utcnow()), "staged")
-                    j.staged = slot
-                    self._write(j)
+                self._write(j)
+                tmp.replace(dest)
+            except BaseException as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                not_restored = self._put_back(model, previous)
+                if not isinstance(e, OSError):
+                    raise
+                why = describe_os_error(e)
+                if not_restored is None:
+                    raise StoreError(f"{failed}: {why}; the store is as it was") from e
+                lost = ", no longer as the fallback" if was_fallback else ""
+                raise StoreError(
+                    f"{failed}: {why}; the previous journal cannot be put back "
+                    f"({not_restored}): it names slot {slot} as staged{lost}, though the slot "
+                    "holds what it held before"
+                ) from e
+            try:
+                fsync_dir(dest.parent)
             except OSError as e:
-                full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-                why = "no space left on the device" if full else (e.strerror or str(e))
-                raise StoreError(f"cannot stage {model} v{version} in slot {slot}: {why}") from e
+                raise StoreError(
+                    f"{model} v{version} is staged in slot {slot}, but the store's directory "
+                    f"cannot be synced ({describe_os_error(e)}): what the slot held before is "
+                    "gone, and a power cut may yet lose the staged copy"
+                ) from e
             return dest
+
+    @staticmethod
+    def _copy_in(bundle: Path, dest: Path, failed: str) -> Path:
+        """``bundle`` copied to a new temporary file beside ``dest``, synced, mode 0600.
+        On failure nothing is left and :class:`StoreError` (prefixed ``failed``) says why."""
+        tmp = temp_path_for(dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise StoreError(f"{failed}: {describe_os_error(e)}; the store is as it was") from e
+        try:
+            with os.fdopen(fd, "wb") as out, bundle.open("rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+                out.flush()
+                os.fchmod(out.fileno(), 0o600)
+                os.fsync(out.fileno())
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                why = describe_os_error(e)
+                raise StoreError(f"{failed}: {why}; the store is as it was") from e
+            raise
+        return tmp
 
     def _refuse_backwards(self, j: Journal, version: int, bundle_id: str) -> None:
         floor = self.floors.get(j.model)
@@ -276,3 +380,11 @@ class ModelStore:
             j = self.journal(m)
             out[m] = {**j.to_obj(), "floor": self.floors.get(m)}
         return out
+
+
+def _is_model_name(name: str) -> bool:
+    try:
+        validate_name(name, "model name")
+    except ValueError:
+        return False
+    return True

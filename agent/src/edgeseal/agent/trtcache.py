@@ -53,6 +53,7 @@ from edgeseal.core.errors import DecryptError, RuntimeBackendError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keys import key_id
 from edgeseal.core.keystore import KeyStore
+from edgeseal.core.manifest import is_bundle_id
 
 __all__ = [
     "MAX_FILES",
@@ -331,7 +332,7 @@ class EngineCache:
     _sealed_digests: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[0-9a-f]{32}", self.bundle_id):
+        if not is_bundle_id(self.bundle_id):
             raise ValueError("bundle_id must be 32 hex digits")
 
     @property

@@ -2,19 +2,42 @@
 
 A file edgeseal writes is either the old one or the complete new one, never a partial
 one: write to a temporary file in the same directory, fsync, rename over, fsync the
-directory.
+directory. A write cut short (a kill, a power cut) can leave its temporary file behind;
+:func:`leftover_temps` finds those, for an owner that knows no write is in progress.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_writer", "fsync_dir"]
+__all__ = [
+    "atomic_write",
+    "atomic_writer",
+    "describe_os_error",
+    "fsync_dir",
+    "leftover_temps",
+    "temp_path_for",
+]
+
+#: Random bytes in a temporary file's name (as hex digits), after the writer's pid.
+_TEMP_TOKEN_BYTES = 4
+#: The errors that mean the disk (or the user's quota) is full.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_os_error(e: OSError) -> str:
+    """Why a file operation failed, for people: a full disk or quota reads "no space left
+    on the device", anything else its system message."""
+    if e.errno in _NO_SPACE:
+        return "no space left on the device"
+    return e.strerror or str(e)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -26,12 +49,30 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temp_path_for(path: Path) -> Path:
+    """A new name for the temporary file a write of ``path`` goes through before it is
+    renamed over ``path``: hidden, in the same directory, unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp")
+
+
+def leftover_temps(path: Path) -> list[Path]:
+    """The temporary files of writes of ``path`` (:func:`temp_path_for`, any process) that
+    are still on disk. Only the caller can tell they are stale: a write in progress has
+    one too, so call this under whatever lock the writers of ``path`` hold."""
+    hex_digits = 2 * _TEMP_TOKEN_BYTES
+    name = re.compile(rf"\.{re.escape(path.name)}\.[0-9]+\.[0-9a-f]{{{hex_digits}}}\.tmp")
+    try:
+        return sorted(p for p in path.parent.iterdir() if name.fullmatch(p.name))
+    except FileNotFoundError:
+        return []
+
+
 @contextlib.contextmanager
 def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Yield a file to write; it replaces ``path`` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path_for(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:

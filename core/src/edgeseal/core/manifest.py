@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from edgeseal.core._stream import CIPHERS, chunk_count, sealed_size
 from edgeseal.core.config import Limits
@@ -35,6 +35,7 @@ __all__ = [
     "SectionEntry",
     "Target",
     "TensorSpec",
+    "is_bundle_id",
     "validate_name",
 ]
 
@@ -45,7 +46,15 @@ SECTION_NAMES = ("graph", "weights", "extras")
 MAX_VERSION = 2**31 - 1
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: A bundle's id: 32 lowercase hex digits (a uuid4, drawn when the bundle is packed).
+_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
 _SEALED_KEY_LEN = 65 + 32 + 16
+
+
+def is_bundle_id(text: object) -> TypeGuard[str]:
+    """Whether ``text`` is a bundle id: a string of exactly 32 lowercase hex digits (a
+    ``bool``; to a type checker, also proof that ``text`` is a ``str``)."""
+    return isinstance(text, str) and _BUNDLE_ID.fullmatch(text) is not None
 
 
 def validate_name(name: str, what: str) -> str:
@@ -257,7 +266,7 @@ def _parse(obj: dict[str, Any], payload_len: int, limits: Limits) -> Manifest:
     if sbom is not None and not isinstance(sbom, str):
         raise ValueError("sbom_digest must be a string or null")
     bundle_id = _get(obj, "bundle_id", str)
-    if not re.fullmatch(r"[0-9a-f]{32}", bundle_id):
+    if not is_bundle_id(bundle_id):
         raise ValueError("bundle_id must be 32 hex digits")
     created = parse_time(obj.get("created"), "created")
     expires = parse_time(obj.get("expires"), "expires")

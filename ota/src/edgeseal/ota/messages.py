@@ -22,7 +22,6 @@ bundle's own signature is checked again once the file is whole.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from edgeseal.core.encoding import (
 from edgeseal.core.envelope import sign_envelope, verify_envelope
 from edgeseal.core.errors import EdgesealError, ExpiredError, SignatureError, TrustError
 from edgeseal.core.keys import Signer
-from edgeseal.core.manifest import validate_name
+from edgeseal.core.manifest import is_bundle_id, validate_name
 from edgeseal.core.trust import (
     RevocationList,
     SignerCertificate,
@@ -315,7 +314,7 @@ def verify_message(
     seq = _field(payload, "seq", int)
     version = _field(payload, "version", int)
     bundle_id = _field(payload, "bundle_id", str)
-    if seq < 0 or not 0 <= version < 2**63 or not re.fullmatch(r"[0-9a-f]{32}", bundle_id):
+    if seq < 0 or not 0 <= version < 2**63 or not is_bundle_id(bundle_id):
         raise OtaMessageError("OTA message seq, version or bundle_id out of range")
     common: dict[str, Any] = {
         "action": action,
@@ -406,7 +405,7 @@ def parse_fetch(unverified: bytes, *, max_chunks: int = 256) -> tuple[str, list[
     except ValueError as e:
         raise OtaMessageError(str(e)) from e
     bundle_id, chunks = obj.get("bundle_id"), obj.get("chunks")
-    if not isinstance(bundle_id, str) or not re.fullmatch(r"[0-9a-f]{32}", bundle_id):
+    if not is_bundle_id(bundle_id):
         raise OtaMessageError("fetch request names no bundle")
     if (
         not isinstance(chunks, list)

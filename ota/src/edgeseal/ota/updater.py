@@ -19,12 +19,10 @@ for again, so no per-chunk bookkeeping has to survive a power cut.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import time
 import urllib.error
@@ -41,7 +39,8 @@ from edgeseal.agent.version import __version__ as agent_version
 from edgeseal.core.config import OtaConfig
 from edgeseal.core.encoding import b64d, b64e, canonical_json, format_time, utcnow
 from edgeseal.core.errors import EdgesealError
-from edgeseal.core.files import atomic_write
+from edgeseal.core.files import atomic_write, describe_os_error
+from edgeseal.core.manifest import is_bundle_id
 from edgeseal.core.reader import BundleFile
 from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.decide import (
@@ -416,7 +415,7 @@ class Updater:
         except OSError as e:
             os.close(fd)
             path.unlink(missing_ok=True)
-            why = "no space for the bundle" if e.errno == errno.ENOSPC else str(e)
+            why = describe_os_error(e)
             self._set_state(msg.model, "failed", reason=f"download: {why}")
             return
         d = _Download(msg, wire, path, fd)
@@ -560,8 +559,7 @@ class Updater:
             # The journal cannot take the state (the bundle's preallocation took the last
             # of the disk): give that space back, so the failure can be recorded.
             d.path.unlink(missing_ok=True)
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            why = "no space left on the device" if full else (e.strerror or str(e))
+            why = describe_os_error(e)
             self._set_state(
                 d.msg.model, "failed", reason=f"verify: the journal cannot be written: {why}"
             )
@@ -725,7 +723,7 @@ class Updater:
                 msg, _ = self._verified_message(wire)
             except EdgesealError as e:
                 bundle_id = str(ch.get("bundle_id", ""))
-                if re.fullmatch(r"[0-9a-f]{32}", bundle_id):  # no partial download stays
+                if is_bundle_id(bundle_id):  # no partial download stays
                     (self.dir / "incoming" / f"{bundle_id}.part").unlink(missing_ok=True)
                 self._set_state(name, "failed", reason=f"resume: the offer no longer holds: {e}")
                 continue
