@@ -18,6 +18,7 @@ from edgeseal.core.errors import (
     TrustError,
 )
 from edgeseal.core.layout import HEADER_LEN, parse_header
+from edgeseal.core.manifest import validate_name
 from edgeseal.core.reader import BundleFile, unwrap_content_key
 
 
@@ -164,3 +165,10 @@ def test_recipients_spliced_from_another_bundle_fail_to_unwrap(fleet, onnx_model
     with pytest.raises(DecryptError):
         unwrap_content_key(foreign, fleet.devices["dev-a"])
     assert p1.exists()
+
+
+@pytest.mark.parametrize("name", ["clf\n", "clf\n\n", "\nclf", "UPPER", "a/b", ""])
+def test_a_name_with_a_trailing_newline_or_other_stray_character_is_refused(name):
+    """Names become file and topic names: ``$`` alone would let ``"clf\\n"`` through."""
+    with pytest.raises(ValueError):
+        validate_name(name, "model name")

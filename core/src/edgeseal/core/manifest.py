@@ -59,7 +59,7 @@ def is_bundle_id(text: object) -> TypeGuard[str]:
 
 def validate_name(name: str, what: str) -> str:
     """Model names and device ids: lowercase letters, digits, ``.``, ``_``, ``-``; <= 128."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"{what} {name!r} must be 1-128 chars of a-z, 0-9, '.', '_', '-' "
             "starting with a letter or digit"
@@ -314,7 +314,7 @@ def _parse_sections(
             raise ValueError(f"section {name} size {size} exceeds limits.max_section_bytes")
         digest = _get(s, "sha256", str)
         chunks = _str_list(_get(s, "chunks", list), f"section {name} chunks")
-        if not _HEX64.match(digest) or not all(_HEX64.match(c) for c in chunks):
+        if not _HEX64.fullmatch(digest) or not all(_HEX64.fullmatch(c) for c in chunks):
             raise ValueError(f"section {name} digests must be SHA-256 hex")
         # V11: sections lie back to back, each exactly as long as its chunking says.
         if _get(s, "offset", int) != offset:
@@ -341,7 +341,7 @@ def _parse_recipients(raw_recipients: list[Any], limits: Limits) -> tuple[Recipi
     for r in raw_recipients:
         kid = _get(r, "keyid", str)
         sealed = b64d(_get(r, "sealed_key", str), "recipient sealed_key")
-        if not _HEX64.match(kid) or len(sealed) != _SEALED_KEY_LEN:
+        if not _HEX64.fullmatch(kid) or len(sealed) != _SEALED_KEY_LEN:
             raise ValueError("a recipient entry is malformed")
         recipients.append(Recipient(_get(r, "device", str), kid, sealed))
     return tuple(recipients)
