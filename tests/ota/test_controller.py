@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from edgeseal.ota.rollout import (
 from edgeseal.ota.rollout_store import RolloutRecord, SqliteStore, open_store
 from edgeseal.ota.simulate import FleetSpec, SimFleet, provision_fleet
 from edgeseal.packager.samples import synthetic_blobs
+from helpers import NOW
 from ota_world import Workstation, wait_for
 
 # --- pure rules ------------------------------------------------------------------------
@@ -156,9 +158,19 @@ def _exercise_store(open_it):
     st.open_wave("r1", 0, 5.0)
     st.mark_offered("r1", ["a"], 5.0)
     st.set_phases("r1", {"a": ("committed", "", 0.1)}, 6.0)
-    st.close_wave("r1", 0, "pass: R3", 7.0)
+    assert st.close_wave("r1", 0, "pass: R3", 7.0)
+    assert not st.close_wave("r1", 0, "halt: R5", 7.5)  # closed once: the second one loses
     st.update_rollout("r1", now=8.0, state="halted", reason="why")
     st.record_statuses({"a": (9.0, {"models": {}})})
+    st.record_statuses({"a": (8.5, {"models": {"late": {}}})})  # seen earlier: kept out
+    assert st.statuses(["a", "z"]) == {"a": {"models": {}}}
+    # the lease to drive r1: one holder at a time; taken over when it lapses, or by force
+    assert st.claim_rollout("r1", "ctl-a", now=10.0, ttl=30)
+    assert not st.claim_rollout("r1", "ctl-b", now=20.0, ttl=30)
+    assert st.claim_rollout("r1", "ctl-a", now=30.0, ttl=30)  # renewed to 60
+    assert not st.claim_rollout("r1", "ctl-b", now=59.0, ttl=30)
+    assert st.claim_rollout("r1", "ctl-b", now=61.0, ttl=30)
+    assert st.claim_rollout("r1", "ctl-a", now=62.0, ttl=30, force=True)
     first = [st.next_seq("key", floor=100) for _ in range(3)]
     assert first == [100, 101, 102]
     st.close()
@@ -167,6 +179,7 @@ def _exercise_store(open_it):
     assert (r.state, r.reason, r.wave) == ("halted", "why", 0)
     assert st.phases("r1")["a"].phase == "committed" and st.phases("r1")["a"].ood_rate == 0.1
     assert st.waves("r1")[0].verdict == "pass: R3" and st.waves("r1")[1].opened_at is None
+    assert not st.claim_rollout("r1", "ctl-b", now=63.0, ttl=30)  # the lease is kept
     assert st.devices()[0].device == "a"
     assert st.next_seq("key", floor=50) == 103  # never reused, even below the floor
     assert st.next_seq("key", floor=10_000) == 10_000
@@ -235,11 +248,7 @@ def postgres_url(tmp_path_factory):
 
 @pytest.mark.postgres
 def test_postgres_store_behaves_like_sqlite(postgres_url):
-    import psycopg
-
-    with psycopg.connect(postgres_url, autocommit=True) as c:
-        for t in ("rollouts", "waves", "rollout_devices", "devices", "seqs"):
-            c.execute(f"DROP TABLE IF EXISTS {t}")
+    _empty_postgres(postgres_url)
     _exercise_store(lambda: open_store(postgres_url))
 
 
@@ -288,9 +297,9 @@ def fleet(world, broker, ota_pki, tmp_path):
         f.stop()
 
 
-def _controller(world, ota_pki, broker, store_path):
+def _controller(world, ota_pki, broker, store_path, *, share=None, signer_name="deployer"):
     ctl_id = ota_pki["edgeseal-controller"]
-    signer, cert = world.ring.load_signer("deployer")
+    signer, cert = world.ring.load_signer(signer_name)
 
     def connect(**kw):
         return MqttConnection(
@@ -300,7 +309,7 @@ def _controller(world, ota_pki, broker, store_path):
 
     ctl = Controller(
         open_store(store_path), connect, signer=signer, certificate=cert,
-        anchor=world.ring.anchor(),
+        anchor=world.ring.anchor(), share=share,
     )  # fmt: skip
     ctl.start()
     return ctl
@@ -310,8 +319,8 @@ def _controller(world, ota_pki, broker, store_path):
 def controller(world, ota_pki, broker, tmp_path):
     made = []
 
-    def make(on=broker, store=None):
-        c = _controller(world, ota_pki, on, store or tmp_path / "rollouts.sqlite")
+    def make(on=broker, store=None, **kw):
+        c = _controller(world, ota_pki, on, store or tmp_path / "rollouts.sqlite", **kw)
         made.append(c)
         return c
 
@@ -494,6 +503,64 @@ def test_an_offer_is_recorded_only_once_the_broker_has_acknowledged_it(
     done = ctl.run(r.id, poll=0.1)
     assert done.state == "done", done.reason
     assert all(_active(f, d) == 2 for d in world.ids)
+
+
+def _empty_postgres(url):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        for t in ("rollouts", "waves", "rollout_devices", "devices", "seqs", "drivers"):
+            c.execute(f"DROP TABLE IF EXISTS {t}")
+
+
+@pytest.mark.mqtt
+@pytest.mark.postgres
+def test_two_shared_controllers_complete_one_rollout_judged_on_every_status(
+    world, fleet, controller, postgres_url
+):
+    """Two controllers with ``share="ctl"`` on one PostgreSQL store, both running the same
+    rollout: the broker splits the devices' status messages between them, so each sees
+    about half. Timeline: A creates the rollout (A drives it); both step it; every status
+    either one receives goes to the store, and the driver judges from the store, so each
+    wave passes on the devices' real phases (nobody timed out or failed) and the rollout
+    is done with all six on v1. B only takes in statuses and serves chunks: each device
+    gets one offer, and no device refuses a message."""
+    _empty_postgres(postgres_url)
+    if "ctl-2" not in world.ring.signer_names():  # one signer per controller (docs/ota.md)
+        world.ring.new_signer("ctl-2", roles=["deploy"], model_patterns=["clf*"], days=365,
+                              now=NOW - timedelta(days=1))  # fmt: skip
+    f = fleet()
+    a = controller(store=postgres_url, share="ctl")
+    b = controller(store=postgres_url, share="ctl", signer_name="ctl-2")
+    r = _deploy(a, world, "v1", Policy(parse_waves("20%,50%,100%"), wave_timeout=20))
+    results: dict[str, RolloutRecord] = {}
+    stop = threading.Event()
+
+    def run(name, ctl):
+        results[name] = ctl.run(r.id, poll=0.1, stop=stop)
+
+    runners = [threading.Thread(target=run, args=named) for named in (("a", a), ("b", b))]
+    for t in runners:
+        t.start()
+    try:
+        wait_for(lambda: len(results) == 2, timeout=90, what="both controllers to finish")
+    finally:
+        stop.set()
+        for t in runners:
+            t.join(30)
+    assert results["a"].state == results["b"].state == "done", results["a"].reason
+    assert a.messages_in and b.messages_in  # the statuses really were split
+    waves = a.store.waves(r.id)
+    verdicts = [w.verdict.split(":")[0] for w in waves]
+    assert verdicts == ["pass", "pass", "done"], [w.verdict for w in waves]
+    for before, after in itertools.pairwise(waves):
+        assert before.closed_at <= after.opened_at
+    phases = a.store.phases(r.id)
+    assert {d: p.phase for d, p in phases.items()} == dict.fromkeys(world.ids, "committed")
+    assert a.messages_out + b.messages_out == DEVICES  # one offer each, nothing twice
+    assert all(_active(f, d) == 1 for d in world.ids)
+    refused = [f.devices[d].channel.updater.counters.messages_refused for d in world.ids]
+    assert refused == [0] * DEVICES
 
 
 def _cli(world, ota_pki, broker, store, *args):

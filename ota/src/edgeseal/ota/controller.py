@@ -15,16 +15,23 @@ Offers are retained on each device's ``control`` topic (or, for a one-wave rollo
 offer when it comes back. On a halt the controller clears the retained offers of devices
 that have not started, so a halted rollout reaches nobody new.
 
-Several controllers: each rollout is driven by one process at a time; with a PostgreSQL
-store and ``share`` (MQTT 5 shared subscriptions, ``$share/<name>/...``), several
-processes split status intake and chunk serving. Give each controller its own signer:
-devices keep one sequence book per signer (docs/ota.md, "Running at scale").
+Several controllers: with a PostgreSQL store and ``share`` (MQTT 5 shared subscriptions,
+``$share/<name>/...``), several processes split status intake and chunk serving. Each
+rollout is driven (judged, advanced, offered) by one process at a time: the holder of its
+lease in the store (taken by :meth:`create` and :meth:`resume`, renewed at every step,
+taken over by another process stepping it when it lapses). The others only write the
+statuses they receive to the store and serve chunks; with ``share`` the driver judges
+from the statuses in the store, since its own subscription receives only its part. Give
+each controller its own signer: devices keep one sequence book per signer (docs/ota.md,
+"Running at scale").
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import threading
 import time
 import uuid
@@ -80,6 +87,9 @@ class _Signing:
 
 #: An offer the broker has not acknowledged in this long is sent again.
 UNACKED_RESEND_SECONDS = 60.0
+#: A rollout whose driver has not stepped it in this long is taken over by another
+#: controller stepping it (controllers' clocks must agree to well within this).
+DRIVER_LEASE_SECONDS = 30.0
 
 
 class Controller:
@@ -108,6 +118,8 @@ class Controller:
         self.anchor = anchor
         self.clock = clock
         self.share = share
+        #: Who this controller is in the store's rollout leases.
+        self.driver_id = f"{platform.node()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._inbox: dict[str, tuple[float, dict[str, Any]]] = {}
         self._refusals: list[tuple[str, dict[str, Any]]] = []
@@ -223,8 +235,15 @@ class Controller:
             group_offer=single if group_offer is None else (group_offer and single),
         )
         self.store.create_rollout(record, waves)
+        self._claim(rid, force=True)
         self._bundles[offer.bundle_id] = offer
         return record
+
+    def _claim(self, rollout_id: str, *, force: bool = False) -> bool:
+        """Take or renew the lease to drive this rollout; False: another controller does."""
+        return self.store.claim_rollout(
+            rollout_id, self.driver_id, now=self.clock(), ttl=DRIVER_LEASE_SECONDS, force=force
+        )
 
     def _offer(self, r: RolloutRecord) -> BundleOffer:
         offer = self._bundles.get(r.bundle_id)
@@ -324,10 +343,15 @@ class Controller:
     def _update_phases(self, r: RolloutRecord, refusals: Sequence[Any]) -> None:
         rows = self.store.phases(r.id)
         updates: dict[str, tuple[str, str, float | None]] = {}
+        latest: Mapping[str, Any] = self.latest
+        if self.share:
+            # Our subscription got only our share of the statuses; every controller
+            # writes what it got to the store, so the store has the whole picture.
+            latest = self.store.statuses([d for d, row in rows.items() if row.offered_at])
         for d, row in rows.items():
             if row.offered_at is None:
                 continue
-            st = self.latest.get(d)
+            st = latest.get(d)
             model = st.get("models", {}).get(r.model) if isinstance(st, dict) else None
             said = device_phase(model, rollout=r.id, version=r.version)
             if said is None:
@@ -339,11 +363,20 @@ class Controller:
                 ood = float(raw) if isinstance(raw, (int, float)) else None
             if (phase, reason, ood) != (row.phase, row.reason, row.ood_rate):
                 updates[d] = (phase, reason, ood)
+        updates.update(self._refused(r, rows, refusals))
+        self.store.set_phases(r.id, updates, self.clock())
+
+    @staticmethod
+    def _refused(
+        r: RolloutRecord, rows: Mapping[str, Any], refusals: Sequence[Any]
+    ) -> dict[str, tuple[str, str, float | None]]:
+        """Devices of this rollout, still in progress, that refused one of its messages."""
+        out: dict[str, tuple[str, str, float | None]] = {}
         for d, ev in refusals:
             known = rows.get(d)
             if ev.get("rollout") == r.id and known is not None and known.phase in IN_PROGRESS:
-                updates[d] = ("refused", str(ev.get("reason", "")), None)
-        self.store.set_phases(r.id, updates, self.clock())
+                out[d] = ("refused", str(ev.get("reason", "")), None)
+        return out
 
     def step(self, rollout_id: str) -> RolloutRecord:
         """Take in what devices said, then open, judge and close waves as the rules say."""
@@ -355,6 +388,13 @@ class Controller:
             return r
         self._offer(r)  # serve its chunks (again, after a restart)
         self._settle(r.id)
+        if not self._claim(r.id):
+            # Another controller drives it: what we took in is in the store already, but
+            # refusals are events, not statuses, so they are recorded here.
+            if refusals:
+                refused = self._refused(r, self.store.phases(r.id), refusals)
+                self.store.set_phases(r.id, refused, self.clock())
+            return r
         waves = self.store.waves(r.id)
         wave = waves[r.wave]
         rows = self.store.phases(r.id)
@@ -388,10 +428,11 @@ class Controller:
         now = self.clock()
         if verdict.action == "wait":
             return r
+        if not self.store.close_wave(r.id, r.wave, f"{verdict.action}: {verdict.reason}", now):
+            return self.store.rollout(r.id) or r  # another controller closed it first
         if verdict.timed_out:
             late = ("timed-out", "no answer within the wave timeout", None)
             self.store.set_phases(r.id, dict.fromkeys(verdict.timed_out, late), now)
-        self.store.close_wave(r.id, r.wave, f"{verdict.action}: {verdict.reason}", now)
         log.info("rollout %s wave %d: %s (%s)", r.id, r.wave + 1, verdict.action, verdict.reason)
         if verdict.action == "pass":
             self.store.open_wave(r.id, r.wave + 1, now)
@@ -443,6 +484,7 @@ class Controller:
             # devices that never started (and to those that timed out).
             self.store.reopen_wave(r.id, r.wave, now)
         self.store.update_rollout(r.id, now=now, state="running", reason="", policy=policy)
+        self._claim(r.id, force=True)  # whoever resumes it drives it
         return self.store.rollout(r.id) or r
 
     def run(

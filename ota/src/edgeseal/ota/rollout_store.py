@@ -8,10 +8,13 @@ One small interface, :class:`RolloutStore`, two implementations sharing their SQ
 
 What is kept: rollouts (bundle, target, policy, state, current wave), their waves (devices,
 when opened and closed, the verdict), each device's phase in each rollout, every device's
-last status and when it was last seen, and the last **sequence number** used per signer.
+last status and when it was last seen, the last **sequence number** used per signer, and
+which controller **drives** each rollout (a lease, :meth:`RolloutStore.claim_rollout`).
 :meth:`RolloutStore.next_seq` reserves a number in its own committed transaction before
 the message carrying it is signed, so a number is never used twice, even across a crash
-or between controllers sharing a PostgreSQL database.
+or between controllers sharing a PostgreSQL database. Wave transitions are guarded the
+same way: :meth:`RolloutStore.close_wave` closes a wave once, and only the caller that
+closed it acts on the verdict.
 """
 
 from __future__ import annotations
@@ -59,7 +62,11 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS devices (
         device TEXT PRIMARY KEY, last_seen DOUBLE PRECISION NOT NULL, status TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS seqs (signer TEXT PRIMARY KEY, last BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS drivers (
+        rollout TEXT PRIMARY KEY, owner TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)""",
 )
+#: Devices per ``IN (...)`` list (SQLite allows 32,766 parameters).
+_IN_BATCH = 500
 
 
 class StoreError(EdgesealError):
@@ -285,13 +292,17 @@ class RolloutStore:
                 (index, now, rollout_id),
             )  # fmt: skip
 
-    def close_wave(self, rollout_id: str, index: int, verdict: str, now: float) -> None:
+    def close_wave(self, rollout_id: str, index: int, verdict: str, now: float) -> bool:
+        """Close an open wave with its verdict. False when it was closed already (by
+        another controller): the caller then must not act on its own verdict."""
         with self._lock, self._tx() as cur:
-            self._exec(
+            done = self._exec(
                 cur,
-                "UPDATE waves SET closed_at = ?, verdict = ? WHERE rollout = ? AND idx = ?",
+                "UPDATE waves SET closed_at = ?, verdict = ? WHERE rollout = ? AND idx = ?"
+                " AND closed_at IS NULL",
                 (now, verdict, rollout_id, index),
             )
+            return bool(done.rowcount == 1)
 
     def reopen_wave(self, rollout_id: str, index: int, now: float) -> None:
         """``ota resume``: the halted wave's clock starts again, and its devices that never
@@ -310,6 +321,27 @@ class RolloutStore:
                 (rollout_id, index),
             )
 
+    # -- who drives a rollout -------------------------------------------------------------
+    def claim_rollout(
+        self, rollout_id: str, owner: str, *, now: float, ttl: float, force: bool = False
+    ) -> bool:
+        """Take or renew the lease to drive (judge, advance, offer) a rollout for ``ttl``
+        seconds. True when ``owner`` holds it: it was free, lapsed, already ``owner``'s,
+        or ``force`` (``deploy`` and ``resume``: the operator says who drives)."""
+        with self._lock, self._tx() as cur:
+            self._exec(
+                cur,
+                "INSERT INTO drivers (rollout, owner, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT (rollout) DO UPDATE SET owner = excluded.owner,"
+                " expires = excluded.expires"
+                " WHERE ? = 1 OR drivers.owner = excluded.owner OR drivers.expires < ?",
+                (rollout_id, owner, now + ttl, int(force), now),
+            )
+            row = self._exec(
+                cur, "SELECT owner FROM drivers WHERE rollout = ?", (rollout_id,)
+            ).fetchone()
+        return row is not None and row[0] == owner
+
     # -- devices in a rollout -------------------------------------------------------------
     def phases(self, rollout_id: str) -> dict[str, PhaseRow]:
         with self._lock, self._tx() as cur:
@@ -323,7 +355,7 @@ class RolloutStore:
 
     def mark_offered(self, rollout_id: str, devices: Iterable[str], now: float) -> None:
         with self._lock, self._tx() as cur:
-            for d in devices:
+            for d in sorted(devices):  # rows locked in one order: no deadlock between stores
                 self._exec(
                     cur,
                     "UPDATE rollout_devices SET offered_at = ?, updated = ?,"
@@ -342,7 +374,7 @@ class RolloutStore:
         if not updates:
             return
         with self._lock, self._tx() as cur:
-            for d, (phase, reason, ood) in updates.items():
+            for d, (phase, reason, ood) in sorted(updates.items()):
                 self._exec(
                     cur,
                     "UPDATE rollout_devices SET phase = ?, reason = ?, ood_rate = ?,"
@@ -352,18 +384,36 @@ class RolloutStore:
 
     # -- the fleet's last word ------------------------------------------------------------
     def record_statuses(self, statuses: Mapping[str, tuple[float, Mapping[str, Any]]]) -> None:
-        """``statuses``: device -> (seen at, its status document)."""
+        """``statuses``: device -> (seen at, its status document). A status seen before
+        the one stored does not replace it (controllers sharing the store write what each
+        received; one that writes late must not put a device back in time). Rows are
+        written in device order, so two controllers' writes cannot deadlock."""
         if not statuses:
             return
         with self._lock, self._tx() as cur:
-            for d, (seen, status) in statuses.items():
+            for d, (seen, status) in sorted(statuses.items()):
                 self._exec(
                     cur,
                     "INSERT INTO devices (device, last_seen, status) VALUES (?, ?, ?)"
                     " ON CONFLICT (device) DO UPDATE SET last_seen = excluded.last_seen,"
-                    " status = excluded.status",
+                    " status = excluded.status WHERE excluded.last_seen >= devices.last_seen",
                     (d, seen, json.dumps(dict(status), sort_keys=True)),
                 )
+
+    def statuses(self, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The last status stored for each of ``devices`` (those never heard are absent)."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._lock, self._tx() as cur:
+            for i in range(0, len(devices), _IN_BATCH):
+                batch = devices[i : i + _IN_BATCH]
+                marks = ", ".join("?" * len(batch))
+                rows = self._exec(
+                    cur,
+                    f"SELECT device, status FROM devices WHERE device IN ({marks})",  # noqa: S608  # nosec B608: placeholders only
+                    batch,
+                ).fetchall()
+                out.update((r[0], json.loads(r[1])) for r in rows)
+        return out
 
     def devices(self) -> list[DeviceRow]:
         with self._lock, self._tx() as cur:
