@@ -126,7 +126,8 @@ class Workstation:
 
 class FleetSide:
     """The controller's side in a test: signs offers and orders, serves chunks, and
-    records every device's status and events."""
+    records every device's status and events, as published while it watches (never the
+    retained status an earlier test's device left on the broker)."""
 
     def __init__(self, ws: Workstation, broker: Any, ca_file: Path, cert: Path, key: Path) -> None:
         self.ws = ws
@@ -147,9 +148,13 @@ class FleetSide:
                 **kw,
             )
 
+        # Live messages only: device statuses are retained, and the ``broker`` fixture
+        # lives for a whole module, so a new observer would first be handed the status an
+        # earlier test's device left (e.g. "committed" v1) and take it for news.
         self.observer = conn(
             subscriptions=[TOPICS.all_devices("status"), TOPICS.all_devices("events")],
             on_message=self._seen,
+            live_only=True,
         )
         self.observer.start()
         self.server = ChunkServer(conn, TOPICS)

@@ -75,7 +75,11 @@ class MqttConnection:
         clean: bool = False,
         loop: NetLoop | None = None,
         sub_qos: int = 1,
+        live_only: bool = False,
     ) -> None:
+        """``live_only``: pass on only what is published while subscribed, never the
+        retained message a topic holds (an observer that must not mistake an old status
+        for news)."""
         self.address = BrokerAddress.parse(url)
         self.v5 = protocol == "5"
         self.subscriptions = list(subscriptions)
@@ -88,6 +92,7 @@ class MqttConnection:
         self.clean = clean
         self.loop = loop
         self.sub_qos = sub_qos
+        self.live_only = live_only
         if self.v5:
             self.client = paho.Client(
                 CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
@@ -144,6 +149,8 @@ class MqttConnection:
         log.info("disconnected from the broker: %s", rc)
 
     def _message(self, _c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
+        if self.live_only and message.retain:
+            return
         self.bytes_in += len(message.payload)
         try:
             self._on_message(message.topic, bytes(message.payload))
