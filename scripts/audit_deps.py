@@ -146,8 +146,12 @@ def parse_held_back(text: str) -> dict[str, HeldBack]:
     return held
 
 
-def stale_held_back(pins: Sequence[Pin], held: Mapping[str, HeldBack]) -> list[str]:
-    """Why each held-back entry that does not match a pin exactly is stale."""
+def stale_held_back(
+    pins: Sequence[Pin], held: Mapping[str, HeldBack], *, subset: bool = False
+) -> list[str]:
+    """Why each held-back entry that does not match a pin exactly is stale. ``subset``:
+    the pins are part of constraints.txt (a device's wheelhouse), so an entry for a
+    package not among them is not stale; one for another version still is."""
     pinned: dict[str, list[str]] = {}
     for p in pins:
         pinned.setdefault(p.name, []).append(p.version)
@@ -155,7 +159,8 @@ def stale_held_back(pins: Sequence[Pin], held: Mapping[str, HeldBack]) -> list[s
     for h in held.values():
         versions = pinned.get(h.name)
         if not versions:
-            stale.append(f"{h.name}=={h.version}: {h.name} is not pinned")
+            if not subset:
+                stale.append(f"{h.name}=={h.version}: {h.name} is not pinned")
         elif h.version not in versions:
             now = ", ".join(f"{h.name}=={v}" for v in versions)
             stale.append(f"{h.name}=={h.version}: the pin is now {now}; review the entry")
@@ -199,7 +204,11 @@ def audit(pins: Sequence[Pin], base_url: str = PYPI, workers: int = 8) -> list[P
 
 
 def report(
-    audits: Sequence[PinAudit], held: Mapping[str, HeldBack], *, strict: bool = False
+    audits: Sequence[PinAudit],
+    held: Mapping[str, HeldBack],
+    *,
+    strict: bool = False,
+    subset: bool = False,
 ) -> tuple[list[str], list[str], int]:
     """(stdout lines, stderr lines, exit code). A pin not audited fails unless ``held``
     has an entry for its exact version (and ``strict`` is off); a stale entry fails."""
@@ -231,7 +240,7 @@ def report(
         else:
             skipped.append(a)
             err.append(f"audit-deps: NOT AUDITED {a.pin.name}=={a.pin.version}: {a.error}")
-    stale = stale_held_back([a.pin for a in audits], held)
+    stale = stale_held_back([a.pin for a in audits], held, subset=subset)
     err += [f"audit-deps: STALE held-back entry {s}" for s in stale]
     audited = sum(a.audited for a in audits)
     by_project = sum(a.source == PROJECT_SOURCE for a in audits)
@@ -258,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--strict", action="store_true", help="every pin must be audited; none is held back"
     )
+    ap.add_argument(
+        "--subset",
+        action="store_true",
+        help="the pins are part of constraints.txt (e.g. a device's wheelhouse lock): "
+        "held-back entries for packages not among them are not stale",
+    )
     args = ap.parse_args(argv)
     try:
         pins = parse_constraints(args.constraints.read_text())
@@ -269,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         sys.stderr.write(f"audit-deps: {args.held_back}: {e}\n")
         return 2
-    out, err, rc = report(audit(pins, args.index_url), held, strict=args.strict)
+    out, err, rc = report(audit(pins, args.index_url), held, strict=args.strict, subset=args.subset)
     sys.stdout.write("".join(f"{line}\n" for line in out))
     sys.stderr.write("".join(f"{line}\n" for line in err))
     return rc

@@ -135,6 +135,15 @@ def test_a_held_back_entry_that_no_longer_matches_its_pin_is_stale():
     assert ad.stale_held_back(_pins("fresh==2.0"), held) == ["held==2.0: held is not pinned"]
 
 
+def test_a_subset_of_the_pins_may_leave_out_a_held_back_package_but_not_change_its_version():
+    """A device's wheelhouse pins part of constraints.txt (--subset)."""
+    held = ad.parse_held_back(_HELD)
+    assert ad.stale_held_back(_pins("fresh==2.0"), held, subset=True) == []
+    assert ad.stale_held_back(_pins("held==2.1"), held, subset=True) == [
+        "held==2.0: the pin is now held==2.1; review the entry"
+    ]
+
+
 def test_the_latest_release_is_answered_by_the_project_json_with_its_fixes():
     pin = ad.Pin("demo", "2.0", 1)
     found = ad.advisories_from_project(pin, _project("2.0.0", [_vuln("PYSEC-1", ["2.0.1"])]))
