@@ -220,6 +220,26 @@ def test_a_model_replaced_under_a_call_in_flight_is_wiped_only_when_the_call_is_
         agent.close()
 
 
+@contextlib.contextmanager
+def _serving(fleet, trained, device, tmp_path, cfg: str = "", flush_every: int = 1):
+    """v1 installed and served on a unix socket, with an audit log; (agent, api, sock,
+    audit), all stopped after."""
+    agent = _agent(device, cfg) if cfg else _agent(device)
+    agent.install(_bundle(fleet, trained, 1))
+    audit = AuditLog(
+        tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"), flush_every=flush_every
+    )
+    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
+    api = ApiServer(agent, sock, audit=audit)
+    api.start()
+    try:
+        yield agent, api, sock, audit
+    finally:
+        api.stop()
+        agent.close()
+        audit.close()
+
+
 @pytest.fixture
 def served(fleet, trained, device, tmp_path):
     cfg = """
@@ -231,16 +251,8 @@ rate_per_minute = 5
 top_k = 2
 round_digits = 3
 """
-    agent = _agent(device, cfg)
-    agent.install(_bundle(fleet, trained, 1))
-    audit = AuditLog(tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"))
-    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
-    api = ApiServer(agent, sock, audit=audit)
-    api.start()
-    yield agent, api, sock, audit
-    api.stop()
-    agent.close()
-    audit.close()
+    with _serving(fleet, trained, device, tmp_path, cfg) as parts:
+        yield parts
 
 
 def test_the_socket_api_serves_with_identity_and_ood_and_keeps_serving_after_bad_requests(
@@ -283,13 +295,40 @@ def test_the_socket_api_serves_with_identity_and_ood_and_keeps_serving_after_bad
     assert report.ok and report.records >= 4
 
 
-def _fd_of(path: Path) -> int:
-    """The descriptor this process holds open on ``path``."""
-    for entry in Path("/proc/self/fd").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.readlink() == path:
-                return int(entry.name)
-    raise AssertionError(f"{path} is not open")
+class _DiskUnder:
+    """The disk under an open log filling up and freeing again: the log's descriptor is
+    pointed at /dev/full (every write fails with ENOSPC) and back."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = next(
+            int(e.name)
+            for e in Path("/proc/self/fd").iterdir()
+            if _link(e) == path  # the descriptor this process holds open on ``path``
+        )
+        self.saved = os.dup(self.fd)
+        self.full = os.open("/dev/full", os.O_WRONLY)
+
+    def fill(self) -> None:
+        os.dup2(self.full, self.fd)
+
+    def free(self) -> None:
+        os.dup2(self.saved, self.fd)
+
+    def close(self) -> None:
+        self.free()
+        os.close(self.full)
+        os.close(self.saved)
+
+
+def _link(entry: Path) -> Path | None:
+    try:
+        return entry.readlink()
+    except OSError:
+        return None
+
+
+def _records(audit: AuditLog) -> int:
+    return audit.path.read_bytes().count(b"\n")
 
 
 def test_a_batched_audit_is_written_after_the_answer_and_a_failed_write_stops_answers(
@@ -298,44 +337,26 @@ def test_a_batched_audit_is_written_after_the_answer_and_a_failed_write_stops_an
     """With a batched log the record is written once the answer is out; when that write
     fails (the disk fills under the log), health says so and the next calls are audited
     before their answer, so none is answered unaudited (503) until the log takes writes."""
-    agent = _agent(device)
-    agent.install(_bundle(fleet, trained, 1))
-    audit = AuditLog(
-        tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"), flush_every=10
-    )
-    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
-    api = ApiServer(agent, sock, audit=audit)
-    api.start()
-    fd = _fd_of(audit.path)
-    saved = os.dup(fd)
-    full = os.open("/dev/full", os.O_WRONLY)
-    try:
-        with Client(str(sock)) as c:
-            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
-            wait_for(lambda: _records(audit) == 1, what="the record after the answer")
-            os.dup2(full, fd)  # every write to the log now fails with ENOSPC
-            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
-            health = c.health()
-            assert health["ok"] is False and "No space left" in health["audit"]
-            with pytest.raises(AgentError) as e:
-                c.infer("clf", {"input": _x(trained)})
-            assert e.value.status == 503 and e.value.kind == "AuditError"
-            os.dup2(saved, fd)  # space again
-            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
-            assert c.health()["ok"] is True
-    finally:
-        os.dup2(saved, fd)
-        os.close(full)
-        os.close(saved)
-        api.stop()
-        agent.close()
-        audit.close()
+    with _serving(fleet, trained, device, tmp_path, flush_every=10) as (_, _, sock, audit):
+        disk = _DiskUnder(audit.path)
+        try:
+            with Client(str(sock)) as c:
+                assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+                wait_for(lambda: _records(audit) == 1, what="the record after the answer")
+                disk.fill()  # every write to the log now fails with ENOSPC
+                assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+                health = c.health()
+                assert health["ok"] is False and "No space left" in health["audit"]
+                with pytest.raises(AgentError) as e:
+                    c.infer("clf", {"input": _x(trained)})
+                assert e.value.status == 503 and e.value.kind == "AuditError"
+                disk.free()  # space again
+                assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+                assert c.health()["ok"] is True
+        finally:
+            disk.close()
     report = verify_log(audit.path, FileFloors(tmp_path / "audit-counter.json"))
     assert report.ok and report.records == 2  # the two calls whose record could be written
-
-
-def _records(audit: AuditLog) -> int:
-    return audit.path.read_bytes().count(b"\n")
 
 
 def test_a_call_whose_caller_hangs_up_before_the_answer_is_still_audited(
@@ -343,15 +364,7 @@ def test_a_call_whose_caller_hangs_up_before_the_answer_is_still_audited(
 ):
     """The inference ran and the budget was spent: with a batched log (record after the
     answer) the record is written even when the answer cannot be delivered."""
-    agent = _agent(device)
-    agent.install(_bundle(fleet, trained, 1))
-    audit = AuditLog(
-        tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"), flush_every=10
-    )
-    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
-    api = ApiServer(agent, sock, audit=audit)
-    api.start()
-    try:
+    with _serving(fleet, trained, device, tmp_path, flush_every=10) as (_, _, sock, audit):
         body = encode_tensors({"input": _x(trained)})
         length = sum(memoryview(p).nbytes for p in body)
         head = (
@@ -364,10 +377,6 @@ def test_a_call_whose_caller_hangs_up_before_the_answer_is_still_audited(
             raw.sendall(b"".join([head, *(bytes(p) for p in body)]))
             raw.close()  # gone before the answer
         wait_for(lambda: _records(audit) == 3, what="three records")
-    finally:
-        api.stop()
-        agent.close()
-        audit.close()
 
 
 def test_a_log_synced_per_record_that_cannot_be_written_refuses_answers_and_says_so(
@@ -375,33 +384,21 @@ def test_a_log_synced_per_record_that_cannot_be_written_refuses_answers_and_says
 ):
     """The default log (fsync on every record) writes before answering: a full disk is
     a 503 AuditError for the call and a 503 from health naming the audit."""
-    agent = _agent(device)
-    agent.install(_bundle(fleet, trained, 1))
-    audit = AuditLog(tmp_path / "audit.log", FileFloors(tmp_path / "audit-counter.json"))
-    sock = Path(f"/tmp/es-{os.getpid()}-{time.monotonic_ns()}.sock")
-    api = ApiServer(agent, sock, audit=audit)
-    api.start()
-    fd = _fd_of(audit.path)
-    saved = os.dup(fd)
-    full = os.open("/dev/full", os.O_WRONLY)
-    try:
-        with Client(str(sock)) as c:
-            os.dup2(full, fd)
-            with pytest.raises(AgentError) as e:
-                c.infer("clf", {"input": _x(trained)})
-            assert e.value.status == 503 and e.value.kind == "AuditError"
-            health = c.health()
-            assert health["ok"] is False and "No space left" in health["audit"]
-            os.dup2(saved, fd)
-            assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
-            assert c.health()["ok"] is True
-    finally:
-        os.dup2(saved, fd)
-        os.close(full)
-        os.close(saved)
-        api.stop()
-        agent.close()
-        audit.close()
+    with _serving(fleet, trained, device, tmp_path) as (_, _, sock, audit):
+        disk = _DiskUnder(audit.path)
+        try:
+            with Client(str(sock)) as c:
+                disk.fill()
+                with pytest.raises(AgentError) as e:
+                    c.infer("clf", {"input": _x(trained)})
+                assert e.value.status == 503 and e.value.kind == "AuditError"
+                health = c.health()
+                assert health["ok"] is False and "No space left" in health["audit"]
+                disk.free()
+                assert c.infer("clf", {"input": _x(trained)}).model["version"] == 1
+                assert c.health()["ok"] is True
+        finally:
+            disk.close()
 
 
 def test_callers_are_identified_by_peer_credentials_limited_and_hardened(served, trained):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from helpers import mount_tmpfs
 from ota_world import InProcessDevice, copy_home, wait_for
 
 pytestmark = pytest.mark.mqtt
@@ -293,17 +294,7 @@ def tiny_incoming(ws, tmp_path) -> Iterator[Path]:
 
 
 def _mount_tiny(incoming: Path) -> None:
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(incoming)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        why = f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}"
-        if os.environ.get("EDGESEAL_REQUIRE_ALL_LANES") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+    mount_tmpfs(incoming, "16k")
 
 
 def test_a_full_disk_fails_the_download_and_keeps_serving(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from packaging.version import Version
@@ -25,7 +23,7 @@ from edgeseal.packager.advisories import (
     check_runtime,
 )
 from edgeseal.packager.pack import PackOptions
-from helpers import run
+from helpers import FakePypi, run, serving
 
 ORT = version("onnxruntime")
 
@@ -193,10 +191,7 @@ def test_an_advisory_without_a_fix_leaves_no_safe_floor(tmp_path):
     assert audit.checked and audit.safe_floor is None
 
 
-class _FakePypi(BaseHTTPRequestHandler):
-    """PyPI's JSON API shape: /pypi/<name>/json (the latest release's vulnerabilities)
-    and, unless ``release_json`` is off as on the build network, /pypi/<name>/<version>/json."""
-
+class _FakePypi(FakePypi):
     latest: ClassVar[dict[str, str]] = {"onnxruntime": "1.20.0", "tflite-runtime": "2.14.0"}
     known: ClassVar[dict[tuple[str, str], list[dict[str, object]]]] = {
         ("onnxruntime", "1.13.0"): [{"id": "PYSEC-X", "fixed_in": ["1.14.0"]}],
@@ -205,27 +200,10 @@ class _FakePypi(BaseHTTPRequestHandler):
             {"id": "GHSA-GONE", "fixed_in": ["2.15.0"], "withdrawn": "2025-01-01T00:00:00Z"},
         ],
     }
-    release_json: ClassVar[bool] = True
-    hits: ClassVar[list[str]] = []
+    missing_releases: ClassVar[frozenset[str]] = frozenset({"9.9.9"})
 
-    def do_GET(self) -> None:
-        self.hits.append(self.path)
-        parts = self.path.strip("/").split("/")
-        if len(parts) not in (3, 4) or parts[0] != "pypi" or parts[-1] != "json":
-            self.send_error(404)
-            return
-        name = parts[1]
-        if name not in self.latest:
-            self.send_error(404)
-            return
-        if len(parts) == 3:
-            version = self.latest[name]
-        elif parts[2] == "9.9.9" or not self.release_json:
-            self.send_error(404)
-            return
-        else:
-            version = parts[2]
-        body = {
+    def project(self, name: str, version: str) -> dict[str, Any]:
+        return {
             "info": {"name": name, "version": version},
             "vulnerabilities": [
                 {"aliases": [], "summary": "s", "withdrawn": None, **v}
@@ -233,26 +211,14 @@ class _FakePypi(BaseHTTPRequestHandler):
             ],
             "releases": {version: [{"yanked": False}]},
         }
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
 def pypi(monkeypatch) -> Iterator[str]:
     monkeypatch.setattr(_FakePypi, "release_json", True)
     monkeypatch.setattr(_FakePypi, "hits", [])
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakePypi)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_FakePypi) as url:
+        yield url
 
 
 def test_pypi_json_api_answers_are_read_like_pip_audit(pypi):

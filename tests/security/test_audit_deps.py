@@ -8,16 +8,15 @@ network does). A pin not audited fails unless the held-back file excuses its exa
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
 import pytest
+
+from helpers import FakePypi, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,47 +183,22 @@ def test_a_yanked_pin_is_named_with_its_reason():
     assert ad.yanked_reason(ad.Pin("demo", "1.1", 1), project) is None
 
 
-class _FakeIndex(BaseHTTPRequestHandler):
-    """/pypi/<name>/json and, unless ``release_json`` is off, /pypi/<name>/<version>/json."""
-
+class _FakeIndex(FakePypi):
     latest: ClassVar[dict[str, str]] = {"fresh": "2.0", "held": "3.0", "bad": "1.5"}
     vulns: ClassVar[dict[tuple[str, str], list[dict[str, Any]]]] = {
         ("bad", "1.5"): [_vuln("PYSEC-BAD", ["1.6"])],
         ("held", "2.0"): [_vuln("GHSA-OLD", ["2.1"]), _vuln("GHSA-GONE", [], "2026-02-02")],
     }
-    release_json: ClassVar[bool] = True
 
-    def do_GET(self) -> None:
-        parts = self.path.strip("/").split("/")
-        name = parts[1] if len(parts) > 2 and parts[0] == "pypi" else ""
-        if name not in self.latest or parts[-1] != "json" or len(parts) not in (3, 4):
-            self.send_error(404)
-            return
-        if len(parts) == 4 and not self.release_json:
-            self.send_error(404)
-            return
-        version = parts[2] if len(parts) == 4 else self.latest[name]
-        body = _project(version, self.vulns.get((name, version), []))
-        body["info"]["version"] = self.latest[name] if len(parts) == 3 else version
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
+    def project(self, name: str, version: str) -> dict[str, Any]:
+        return _project(version, self.vulns.get((name, version), []))
 
 
 @pytest.fixture
 def index(monkeypatch) -> Iterator[str]:
     monkeypatch.setattr(_FakeIndex, "release_json", True)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeIndex)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_FakeIndex) as url:
+        yield url
 
 
 def _pins(*specs: str) -> list[Any]:

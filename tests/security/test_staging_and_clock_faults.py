@@ -63,7 +63,7 @@ from edgeseal.ota.channel import MqttChannel
 from edgeseal.ota.simulate import DeviceKilled
 from edgeseal.ota.updater import Faults
 from edgeseal.packager.pack import PackOptions, pack_model
-from helpers import NOW
+from helpers import NOW, mount_tmpfs
 from ota.conftest import broker, dev_config, fleet_side, ota_pki, ws  # noqa: F401 (fixtures)
 from ota_world import FleetSide, InProcessDevice, Workstation, copy_home, wait_for
 from security.conftest import MODEL, Device, Parts, Snapshot
@@ -298,17 +298,7 @@ def disk(tmp_path: Path) -> Iterator[Disk]:
     """A 4 MiB tmpfs (mounting needs root or CAP_SYS_ADMIN: skipped without, failed in CI)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        why = f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}"
-        if os.environ.get("EDGESEAL_REQUIRE_ALL_LANES") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+    mount_tmpfs(mount, "4m")
     yield Disk(mount)
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
