@@ -296,3 +296,64 @@ def test_a_stalled_partial_request_is_dropped_after_a_timeout(api):
         s.close()
     assert data is not None, "the server kept a stalled request open for 12 s"
     assert time.monotonic() - start <= 12
+
+
+def _drip(sock: Path, head: bytes, drip: bytes, every: float, give_up: float) -> float:
+    """Send ``head`` then ``drip`` a byte at a time, one every ``every`` seconds; the
+    seconds until the server closed the connection (``give_up`` if it never did)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock))
+    start = time.monotonic()
+    try:
+        s.sendall(head)
+        for b in drip:
+            if time.monotonic() - start > give_up:
+                break
+            s.sendall(bytes([b]))
+            time.sleep(every)
+    except (BrokenPipeError, ConnectionResetError):
+        return time.monotonic() - start
+    finally:
+        s.close()
+    return give_up
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_a_request_dripping_a_byte_at_a_time_is_dropped_at_its_deadline(api, where, monkeypatch):
+    """Each recv is bounded by the kernel, and each byte comes within that bound; the
+    whole request must still be in by its deadline (slowloris), head or body."""
+    import edgeseal.agent.api as api_module
+
+    monkeypatch.setattr(api_module, "REQUEST_TIMEOUT", 1.0)
+    _, _, sock = api
+    if where == "head":
+        head, drip = b"GET /v1/health HTTP/1.1\r\n", b"X-Slow: " + b"a" * 200
+    else:
+        head = f"POST /v1/models/{MODEL}/infer HTTP/1.1\r\nContent-Length: 200\r\n\r\n".encode()
+        drip = b"\0" * 200
+    closed_after = _drip(sock, head, drip, every=0.1, give_up=8.0)
+    assert closed_after < 4.0, f"a dripping request held its connection {closed_after:.1f} s"
+
+
+def test_an_idle_connection_costs_nothing_until_its_idle_timeout(api, monkeypatch):
+    """Between requests a kept-alive connection may wait the idle timeout, not the
+    (shorter) request timeout; past it, the server closes it."""
+    import edgeseal.agent.api as api_module
+
+    monkeypatch.setattr(api_module, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(api_module, "IDLE_TIMEOUT", 1.5)
+    _, _, sock = api
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock))
+    try:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 ")
+        time.sleep(0.8)  # longer than the request timeout, within the idle one
+        s.sendall(b"GET /v1/health HTTP/1.1\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 "), "closed before its idle timeout"
+        start = time.monotonic()
+        assert s.recv(1) == b""  # closed by the server
+        assert 0.8 < time.monotonic() - start < 5.0
+    finally:
+        s.close()

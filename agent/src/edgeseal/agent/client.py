@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ import numpy.typing as npt
 from edgeseal.agent.api import (
     NPZ,
     TENSORS,
-    _send_all,
     decode_arrays,
     encode_arrays,
     encode_tensors,
 )
+from edgeseal.agent.sockio import kernel_timeouts, send_all
 from edgeseal.core.errors import EdgesealError
 
 __all__ = ["AgentError", "Client", "InferResponse"]
@@ -59,6 +60,10 @@ def _infer_ms(server_timing: str | None) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+#: A header field of an answer head: its name and its value without the spaces around.
+_FIELD = re.compile(r"\r\n([^:\r\n]*):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n|\Z)")
 
 
 class _Response:
@@ -104,6 +109,8 @@ class Client:
         self.max_answer_bytes = max_answer_bytes
         self._sock: socket.socket | None = None
         self._buf = bytearray()
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...], int], bytes] = {}
+        self._scratch = memoryview(bytearray(16384))
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
@@ -114,38 +121,42 @@ class Client:
             except OSError:
                 s.close()
                 raise
+            # The kernel bounds each recv and send: one system call each (sockio).
+            kernel_timeouts(s, recv=self.timeout, send=self.timeout)
             self._sock = s
             self._buf.clear()
         return self._sock
 
     def _fill(self, sock: socket.socket, fresh: bool) -> None:
-        chunk = sock.recv(16384)  # a head and a small answer; larger bodies: recv_into
-        if not chunk:
+        try:
+            # A head and a small answer; larger bodies go straight to their own buffer.
+            got = sock.recv_into(self._scratch, len(self._scratch))
+        except BlockingIOError as e:  # the kernel's timeout
+            raise TimeoutError("the agent did not answer in time") from e
+        if not got:
             if fresh:
                 raise _StaleConnectionError("the agent closed the connection")
             raise ConnectionError("the agent closed the connection mid-answer")
-        self._buf += chunk
+        self._buf += self._scratch[:got]
 
     def _exchange(self, parts: list[bytes | memoryview]) -> _Response:
         sock = self._connect()
         try:
-            _send_all(sock, parts)
+            send_all(sock, parts)
         except BrokenPipeError as e:
             raise _StaleConnectionError(str(e)) from e
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
             if len(self._buf) > self.MAX_HEAD_BYTES:
                 raise ConnectionError("the agent's answer head is too long")
             self._fill(sock, not self._buf)
-        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        head = self._buf[:end].decode("latin-1")
         del self._buf[: end + 4]
+        status_line = head.partition("\r\n")[0]
         try:
-            status = int(lines[0].split(" ", 2)[1])
+            status = int(status_line.split(" ", 2)[1])
         except (IndexError, ValueError) as e:
-            raise ConnectionError(f"not an HTTP answer: {lines[0][:80]!r}") from e
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+            raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}") from e
+        headers = {k.lower(): v for k, v in _FIELD.findall(head)}
         n = int(headers.get("content-length", "0"))
         if n > self.max_answer_bytes:
             raise ConnectionError(f"answer of {n} bytes is over max_answer_bytes")
@@ -159,7 +170,10 @@ class Client:
             view[:have] = self._buf
             self._buf.clear()
             while have < n:
-                got = sock.recv_into(view[have:], n - have)
+                try:
+                    got = sock.recv_into(view[have:], n - have)
+                except BlockingIOError as e:
+                    raise TimeoutError("the agent did not answer in time") from e
                 if not got:
                     raise ConnectionError("the agent closed the connection mid-answer")
                 have += got
@@ -179,11 +193,7 @@ class Client:
         of ``answers`` (statuses whose body is the answer)."""
         parts = body if isinstance(body, list) else [body] if body else []
         length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        if method != "GET" or length:
-            head.append(f"Content-Length: {length}")
-        message = [("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), *parts]
+        message = [self._head(method, path, tuple(headers.items()), length), *parts]
         for attempt in (0, 1):
             try:
                 resp = self._exchange(message)
@@ -205,6 +215,23 @@ class Client:
                     resp.status, "Error", bytes(data[:200]).decode(errors="replace")
                 ) from None
         return resp, data
+
+    def _head(
+        self, method: str, path: str, headers: tuple[tuple[str, str], ...], length: int
+    ) -> bytes:
+        """A request's head; an application calls with the same few, so they are kept."""
+        key = (method, path, headers, length)
+        head = self._heads.get(key)
+        if head is None:
+            lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
+            lines += [f"{k}: {v}" for k, v in headers]
+            if method != "GET" or length:
+                lines.append(f"Content-Length: {length}")
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            if len(self._heads) >= 64:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
 
     def _get(self, path: str) -> Any:
         return json.loads(self._request("GET", path)[1])
@@ -238,17 +265,18 @@ class Client:
             body=body,
             headers={"Content-Type": kind, "Accept": kind},
         )
-        ood = resp.getheader("X-Edgeseal-Ood")
-        answer = (resp.getheader("Content-Type") or NPZ).split(";")[0].strip()
+        h = resp.headers
+        ood = h.get("x-edgeseal-ood")
+        answer = h.get("content-type") or NPZ
         return InferResponse(
-            outputs=decode_arrays(data, answer),
+            outputs=decode_arrays(data, answer.split(";")[0].strip()),
             model={
-                "model": resp.getheader("X-Edgeseal-Model"),
-                "version": int(resp.getheader("X-Edgeseal-Version") or 0),
-                "bundle_id": resp.getheader("X-Edgeseal-Bundle"),
+                "model": h.get("x-edgeseal-model"),
+                "version": int(h.get("x-edgeseal-version") or 0),
+                "bundle_id": h.get("x-edgeseal-bundle"),
             },
             ood=[float(x) for x in ood.split(",")] if ood else None,
-            infer_ms=_infer_ms(resp.getheader("Server-Timing")),
+            infer_ms=_infer_ms(h.get("server-timing")),
         )
 
     def close(self) -> None:
