@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeseal.agent.api import REUSED_BODY_BYTES, _Handler
+from edgeseal.agent.api import REUSED_BODY_BYTES, _Handler, decode_tensors
 from edgeseal.agent.client import Client
-from edgeseal.agent.sockio import kernel_timeouts, send_all, set_recv_timeout
+from edgeseal.agent.sockio import kernel_timeouts, send_all
 
 
 @pytest.fixture
@@ -39,9 +39,7 @@ def test_a_recv_timeout_of_zero_is_not_taken_as_wait_for_ever(pair):
     """To the kernel a zero timeval means no timeout at all: a deadline already reached
     must still end the wait."""
     a, _ = pair
-    layout = kernel_timeouts(a, recv=60.0, send=60.0)
-    assert layout is not None
-    set_recv_timeout(a, layout, 0.0)
+    assert kernel_timeouts(a, recv=0.0, send=60.0) is not None
     start = time.monotonic()
     with pytest.raises(BlockingIOError):
         a.recv(10)
@@ -124,3 +122,39 @@ def test_a_body_larger_than_the_reuse_limit_gets_its_own_buffer(pair):
     big = h._body_buffer(REUSED_BODY_BYTES + 1)
     assert len(big) == REUSED_BODY_BYTES + 1
     assert h._body_buf is None  # not kept by the connection
+
+
+def _wire(message) -> bytes:
+    return b"".join(bytes(p) for p in message)
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        [np.arange(10, dtype=np.float32).reshape(2, 5), np.ones((2, 5), np.float32)],
+        [np.zeros((1, 7), np.int8), np.zeros((3, 7), np.int8)],  # another shape
+        [np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float64)],  # another dtype
+        [np.arange(4, dtype=">f4").reshape(1, 4), np.arange(4, dtype=">f4").reshape(1, 4)],
+        [np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]] * 2,  # not contiguous
+    ],
+)
+def test_a_kept_request_head_sends_the_same_bytes_as_a_fresh_encoding(arrays):
+    """The client keeps what goes before an array's bytes for a repeated (model, name,
+    dtype, shape); every call must still put on the wire exactly the fresh encoding."""
+    c = Client("/nonexistent.sock")
+    for a in arrays * 2:
+        kept = _wire(c._tensor_message("m", {"x": a}))
+        fresh = _wire(Client("/nonexistent.sock")._tensor_message("m", {"x": a}))
+        assert kept == fresh
+        head, _, body = kept.partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(body)}".encode() in head
+        np.testing.assert_array_equal(decode_tensors(body)["x"], a)
+
+
+def test_a_kept_request_head_is_not_used_for_another_model_or_input_name():
+    c = Client("/nonexistent.sock")
+    a = np.ones((1, 3), np.float32)
+    first = _wire(c._tensor_message("m", {"x": a}))
+    assert _wire(c._tensor_message("n", {"x": a})) != first
+    assert _wire(c._tensor_message("m", {"y": a})) != first
+    assert _wire(c._tensor_message("m", {"x": a})) == first

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import select
 import socket
 import socketserver
 import struct
@@ -44,7 +45,7 @@ from edgeseal.agent.acl import AccessControl, AccessDeniedError, BudgetExceededE
 from edgeseal.agent.audit import AuditError, AuditLog
 from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError, ServingModel
 from edgeseal.agent.service import Agent, NoSuchModelError
-from edgeseal.agent.sockio import kernel_timeouts, send_all, set_recv_timeout
+from edgeseal.agent.sockio import kernel_timeouts, send_all
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.profile import InputError
 
@@ -329,6 +330,30 @@ IDLE_TIMEOUT = 60.0
 _MAX_HEADERS = 100
 
 
+#: A request head, parsed: method, target, version, headers (names lower-cased), and the
+#: target's path as its parts.
+_Parsed = tuple[str, str, str, dict[str, str], tuple[str, ...]]
+
+
+def _parse_head(head: bytes) -> _Parsed | None:
+    """The request line and headers of ``head``; None when malformed."""
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        return None
+    if not lines[0].isascii() or not version.startswith("HTTP/1.") or len(lines) > _MAX_HEADERS + 1:
+        return None
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            return None
+        headers[name.lower()] = value.strip()
+    route = tuple(p for p in target.split("?")[0].split("/") if p)
+    return method, target, version, headers, route
+
+
 class _Handler:
     """One connection: a lean HTTP/1.1 keep-alive loop (request line, headers,
     Content-Length bodies; no chunked uploads). The peer's credentials are read once per
@@ -341,49 +366,51 @@ class _Handler:
         self.close_connection = False
         self.path = ""
         self.headers: dict[str, str] = {}
+        self.route: tuple[str, ...] = ()  # the path's parts
+        self._last_head: bytes | None = None
+        self._last_parsed: _Parsed = ("", "", "", {}, ())
         self._buf = bytearray()
         self._caller_cache: Caller | None = None
         self._body_read = False
         self._answering = False
         self._deadline: float | None = None
-        # The kernel bounds each recv and send (one system call each, sockio); the recv
-        # bound in force, so that it is only changed when it must be.
-        self._timeval = kernel_timeouts(sock, recv=IDLE_TIMEOUT, send=REQUEST_TIMEOUT)
-        self._recv_timeout = IDLE_TIMEOUT
+        # Between requests the kernel bounds the wait (one system call per recv, sockio);
+        # within one, the request's deadline does (poll, only when the bytes are not in).
+        self._kernel = kernel_timeouts(sock, recv=IDLE_TIMEOUT, send=REQUEST_TIMEOUT) is not None
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self._scratch = memoryview(bytearray(HEAD_READ_BYTES))
         self._body_buf: bytearray | None = None
 
     # -- reading -----------------------------------------------------------------------
 
-    def _arm(self) -> None:
-        """Bound the next recv: by the request's deadline once it has begun, else by the
-        idle timeout. TimeoutError ends the connection (handle)."""
+    def _recv_into(self, view: memoryview, n: int) -> int:
+        """Up to ``n`` bytes into ``view``: waiting up to the idle timeout for a request's
+        first bytes, and until the request's deadline for the rest (slowloris).
+        TimeoutError ends the connection (handle)."""
+        sock = self.connection
         if self._deadline is None and not self._buf:
-            left = IDLE_TIMEOUT
-        else:
-            if self._deadline is None:
-                self._deadline = time.monotonic() + REQUEST_TIMEOUT
+            if not self._kernel:  # Python's timeout, where the kernel's cannot be set
+                sock.settimeout(IDLE_TIMEOUT)
+            try:
+                return sock.recv_into(view, n)
+            except BlockingIOError as e:  # the kernel's timeout
+                raise TimeoutError("no request within the idle timeout") from e
+        if self._deadline is None:
+            self._deadline = time.monotonic() + REQUEST_TIMEOUT
+        if not self._kernel:
             left = self._deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("request not complete within the request timeout")
-        if self._timeval is None:
-            self.connection.settimeout(left)
-        elif left != self._recv_timeout:
-            set_recv_timeout(self.connection, self._timeval, left)
-            self._recv_timeout = left
-
-    def _recv_into(self, view: memoryview, n: int) -> int:
-        """Up to ``n`` bytes into ``view``, waiting no longer than :meth:`_arm` allows."""
-        if self._timeval is not None and (self._deadline is not None or self._buf):
-            # Within a request the bytes are usually in already: take them without
-            # changing the socket's timeout.
+            sock.settimeout(left)
+            return sock.recv_into(view, n)
+        while True:
+            # Within a request the bytes are usually in already.
             with contextlib.suppress(BlockingIOError):
-                return self.connection.recv_into(view, n, socket.MSG_DONTWAIT)
-        self._arm()
-        try:
-            return self.connection.recv_into(view, n)
-        except BlockingIOError as e:  # the kernel's timeout
-            raise TimeoutError("the caller sent nothing in time") from e
+                return sock.recv_into(view, n, socket.MSG_DONTWAIT)
+            left = self._deadline - time.monotonic()
+            if left <= 0 or not self._poll.poll(left * 1000):
+                raise TimeoutError("request not complete within the request timeout")
 
     def _fill(self) -> bool:
         # A small read: the head, and the body's first bytes; the rest of the body then
@@ -453,26 +480,17 @@ class _Handler:
             return
 
     def _one(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            method, target, version = lines[0].split(" ")
-            if (
-                not lines[0].isascii()
-                or not version.startswith("HTTP/1.")
-                or len(lines) > _MAX_HEADERS + 1
-            ):
-                raise ValueError(version)
-            headers = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name != name.strip():
-                    raise ValueError(line)
-                headers[name.lower()] = value.strip()
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "BadRequest", "malformed request line or header")
-            return
-        self.path, self.headers = target, headers
+        if head == self._last_head:  # an application repeats its call: parsed already
+            method, target, version, headers, route = self._last_parsed
+        else:
+            parsed = _parse_head(head)
+            if parsed is None:
+                self.close_connection = True
+                self._error(400, "BadRequest", "malformed request line or header")
+                return
+            self._last_head, self._last_parsed = head, parsed
+            method, target, version, headers, route = parsed
+        self.path, self.headers, self.route = target, headers, route
         conn = headers.get("connection", "").lower()
         if (version == "HTTP/1.0" and conn != "keep-alive") or conn == "close":
             self.close_connection = True
@@ -566,8 +584,7 @@ class _Handler:
     def _dispatch(self, method: str) -> None:
         self._answering = False
         try:
-            parts = [p for p in self.path.split("?")[0].split("/") if p]
-            self.api.route(self, method, parts)
+            self.api.route(self, method, self.route)
         except (ConnectionError, TimeoutError):
             raise
         except Exception as e:  # one request's failure never takes the daemon down
@@ -645,28 +662,28 @@ class ApiServer:
 
     # -- routes ------------------------------------------------------------------------
 
-    def route(self, h: _Handler, method: str, parts: list[str]) -> None:
+    def route(self, h: _Handler, method: str, parts: tuple[str, ...]) -> None:
         caller = h._caller()
-        if parts == ["metrics"] and method == "GET":
-            h._send(200, self.metrics().encode(), "text/plain; version=0.0.4")
-        elif parts[:1] != ["v1"]:
-            raise NoSuchModelError(f"no such endpoint {h.path}")
-        elif parts == ["v1", "health"] and method == "GET":
-            self.health(h)
-        elif parts == ["v1", "status"] and method == "GET":
-            if caller.uid not in (0, os.getuid()):
-                raise AccessDeniedError("status is for root and the agent's user")
-            h._json(200, self.agent.status())
-        elif parts == ["v1", "models"] and method == "GET":
-            h._json(200, {"models": self.models(caller)})
-        elif len(parts) == 3 and parts[1] == "models" and method == "GET":
-            self.acl.check(caller, parts[2])
-            h._json(200, self.agent.model(parts[2]).info())
-        elif len(parts) == 4 and parts[1] == "models" and parts[3] == "infer":
+        if len(parts) == 4 and parts[0] == "v1" and parts[1] == "models" and parts[3] == "infer":
             if method != "POST":
                 h._error(405, "MethodNotAllowed", "infer takes POST")
                 return
             self.infer(h, caller, parts[2])
+        elif parts == ("metrics",) and method == "GET":
+            h._send(200, self.metrics().encode(), "text/plain; version=0.0.4")
+        elif parts[:1] != ("v1",):
+            raise NoSuchModelError(f"no such endpoint {h.path}")
+        elif parts == ("v1", "health") and method == "GET":
+            self.health(h)
+        elif parts == ("v1", "status") and method == "GET":
+            if caller.uid not in (0, os.getuid()):
+                raise AccessDeniedError("status is for root and the agent's user")
+            h._json(200, self.agent.status())
+        elif parts == ("v1", "models") and method == "GET":
+            h._json(200, {"models": self.models(caller)})
+        elif len(parts) == 3 and parts[1] == "models" and method == "GET":
+            self.acl.check(caller, parts[2])
+            h._json(200, self.agent.model(parts[2]).info())
         else:
             raise NoSuchModelError(f"no such endpoint {method} {h.path}")
 
@@ -697,7 +714,9 @@ class ApiServer:
         body = h._body()
         if body is None:
             return
-        ctype = (h.headers.get("content-type") or NPZ).split(";")[0].strip()
+        ctype = h.headers.get("content-type") or NPZ
+        if ctype != TENSORS:
+            ctype = ctype.split(";")[0].strip()
         feed = decode_arrays(body, ctype)
         rows = max((int(a.shape[0]) for a in feed.values() if a.ndim), default=1)
         self.acl.spend(caller, model, rule, rows)

@@ -14,7 +14,7 @@ import socket
 import struct
 import time
 
-__all__ = ["kernel_timeouts", "send_all", "set_recv_timeout"]
+__all__ = ["kernel_timeouts", "send_all"]
 
 #: ``struct timeval`` as the kernel takes it: two C longs, or two 64-bit fields on 32-bit
 #: systems built with a 64-bit ``time_t`` (where ``SO_RCVTIMEO`` is the ``_NEW`` option).
@@ -43,8 +43,8 @@ def _set(sock: socket.socket, option: int, layout: str, seconds: float) -> bool:
 
 def kernel_timeouts(sock: socket.socket, *, recv: float, send: float) -> str | None:
     """Make ``sock`` blocking with the kernel bounding each recv by ``recv`` seconds and
-    each send by ``send``; the ``timeval`` layout that worked (for
-    :func:`set_recv_timeout`), or None with the socket left as it was."""
+    each send by ``send``; the ``timeval`` layout that worked, or None with the socket
+    left as it was."""
     for layout in _TIMEVAL_LAYOUTS:
         if _set(sock, socket.SO_RCVTIMEO, layout, recv) and _set(
             sock, socket.SO_SNDTIMEO, layout, send
@@ -52,11 +52,6 @@ def kernel_timeouts(sock: socket.socket, *, recv: float, send: float) -> str | N
             sock.settimeout(None)
             return layout
     return None
-
-
-def set_recv_timeout(sock: socket.socket, layout: str, seconds: float) -> None:
-    """Bound the next recvs on a socket set up by :func:`kernel_timeouts`."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(layout, seconds))
 
 
 def send_all(
