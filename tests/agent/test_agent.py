@@ -295,6 +295,33 @@ def test_the_socket_api_serves_with_identity_and_ood_and_keeps_serving_after_bad
     assert report.ok and report.records >= 4
 
 
+def test_the_clients_quick_read_of_an_infer_answer_matches_the_general_one(
+    served, trained, monkeypatch
+):
+    """The client reads the agent's own infer answers with one match and any other
+    answer with the general parse: both must give the same response, OOD and all."""
+    import re
+
+    import edgeseal.agent.client as client_module
+
+    _, _, sock, _ = served
+    x = _x(trained)
+    with Client(str(sock)) as c:
+        quick = [c.infer("clf", {"input": x}), c.infer("clf", {"input": x[:1]})]
+        assert all(r.ood is not None for r in quick)
+        resp, _ = c._call(c._tensor_message("clf", {"input": x}), infer=True)
+        assert resp.fields is not None  # the quick read took it
+    monkeypatch.setattr(client_module, "_INFER_ANSWER", re.compile(rb"(?!)"))
+    with Client(str(sock)) as c:
+        general = [c.infer("clf", {"input": x}), c.infer("clf", {"input": x[:1]})]
+    for q, g in zip(quick, general, strict=True):
+        assert q.model == g.model and q.ood == g.ood
+        assert isinstance(q.infer_ms, float) and isinstance(g.infer_ms, float)
+        assert q.outputs.keys() == g.outputs.keys()
+        for k in q.outputs:
+            np.testing.assert_array_equal(q.outputs[k], g.outputs[k])
+
+
 class _DiskUnder:
     """The disk under an open log filling up and freeing again: the log's descriptor is
     pointed at /dev/full (every write fails with ENOSPC) and back."""

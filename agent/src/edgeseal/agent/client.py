@@ -73,13 +73,33 @@ _TENSOR_HEADERS = (("Content-Type", TENSORS), ("Accept", TENSORS))
 _FIELD = re.compile(r"\r\n([^:\r\n]*):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n|\Z)")
 
 
-class _Response:
-    """Status, headers (lower-cased names) and body of one answer."""
+#: The agent's own answer to an infer call, as it writes it, read with one match (any
+#: other answer takes the general parse): content length, model, version, bundle, the
+#: inference's milliseconds, and the OOD scores when there are any.
+_INFER_ANSWER = re.compile(
+    rb"HTTP/1\.1 200 OK\r\nContent-Type: application/x-edgeseal-tensors\r\n"
+    rb"Content-Length: (\d{1,15})\r\nX-Edgeseal-Model: ([a-z0-9][a-z0-9._-]{0,127})\r\n"
+    rb"X-Edgeseal-Version: (\d{1,19})\r\nX-Edgeseal-Bundle: ([0-9a-f]{32})\r\n"
+    rb"Server-Timing: infer;dur=(\d{1,15}\.\d{3})\r\n"
+    rb"(?:X-Edgeseal-Ood: ([-+.,0-9a-z]{1,65536})\r\n)?\r\n"
+)
 
-    def __init__(self, status: int, headers: dict[str, str], body: bytearray) -> None:
+
+class _Response:
+    """Status, headers (lower-cased names) and body of one answer; for the agent's own
+    answer to an infer call, its fields as :data:`_INFER_ANSWER` reads them instead."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str],
+        body: bytearray,
+        fields: tuple[bytes, ...] | None = None,
+    ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.fields = fields
 
     def getheader(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name.lower(), default)
@@ -148,7 +168,7 @@ class Client:
             raise ConnectionError("the agent closed the connection mid-answer")
         self._buf += self._scratch[:got]
 
-    def _exchange(self, parts: list[bytes | memoryview]) -> _Response:
+    def _exchange(self, parts: list[bytes | memoryview], infer: bool = False) -> _Response:
         sock = self._connect()
         try:
             send_all(sock, parts)
@@ -158,6 +178,10 @@ class Client:
             if len(self._buf) > self.MAX_HEAD_BYTES:
                 raise ConnectionError("the agent's answer head is too long")
             self._fill(sock, not self._buf)
+        if infer and (m := _INFER_ANSWER.match(self._buf)) is not None:
+            fields = m.groups(b"")  # before the buffer changes: a match reads it lazily
+            del self._buf[: m.end()]
+            return _Response(200, {}, self._read_body(sock, int(fields[0])), fields)
         head = self._buf[:end].decode("latin-1")
         del self._buf[: end + 4]
         status_line = head.partition("\r\n")[0]
@@ -166,29 +190,33 @@ class Client:
         except (IndexError, ValueError) as e:
             raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}") from e
         headers = {k.lower(): v for k, v in _FIELD.findall(head)}
-        n = int(headers.get("content-length", "0"))
+        body = self._read_body(sock, int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return _Response(status, headers, body)
+
+    def _read_body(self, sock: socket.socket, n: int) -> bytearray:
+        """The answer's body of ``n`` bytes: what the buffer holds, then the rest."""
         if n > self.max_answer_bytes:
             raise ConnectionError(f"answer of {n} bytes is over max_answer_bytes")
         if len(self._buf) >= n:
             body = self._buf[:n]
             del self._buf[:n]
-        else:
-            body = bytearray(n)
-            view = memoryview(body)
-            have = len(self._buf)
-            view[:have] = self._buf
-            self._buf.clear()
-            while have < n:
-                try:
-                    got = sock.recv_into(view[have:], n - have)
-                except BlockingIOError as e:
-                    raise TimeoutError("the agent did not answer in time") from e
-                if not got:
-                    raise ConnectionError("the agent closed the connection mid-answer")
-                have += got
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return _Response(status, headers, body)
+            return body
+        body = bytearray(n)
+        view = memoryview(body)
+        have = len(self._buf)
+        view[:have] = self._buf
+        self._buf.clear()
+        while have < n:
+            try:
+                got = sock.recv_into(view[have:], n - have)
+            except BlockingIOError as e:
+                raise TimeoutError("the agent did not answer in time") from e
+            if not got:
+                raise ConnectionError("the agent closed the connection mid-answer")
+            have += got
+        return body
 
     def _request(
         self,
@@ -207,13 +235,16 @@ class Client:
         )
 
     def _call(
-        self, message: list[bytes | memoryview], answers: tuple[int, ...] = ()
+        self,
+        message: list[bytes | memoryview],
+        answers: tuple[int, ...] = (),
+        infer: bool = False,
     ) -> tuple[_Response, bytearray]:
         """Send a whole request (head and body parts) and take its answer, as
         :meth:`_request` says."""
         for attempt in (0, 1):
             try:
-                resp = self._exchange(message)
+                resp = self._exchange(message, infer)
                 break
             except _StaleConnectionError:
                 self.close()
@@ -297,7 +328,19 @@ class Client:
 
     def infer(self, model: str, inputs: Mapping[str, npt.NDArray[Any]]) -> InferResponse:
         if self.encoding == "tensors":
-            resp, data = self._call(self._tensor_message(model, inputs))
+            resp, data = self._call(self._tensor_message(model, inputs), infer=True)
+            f = resp.fields
+            if f is not None:
+                return InferResponse(
+                    outputs=decode_arrays(data, TENSORS),
+                    model={
+                        "model": f[1].decode(),
+                        "version": int(f[2]),
+                        "bundle_id": f[3].decode(),
+                    },
+                    ood=[float(x) for x in f[5].split(b",")] if f[5] else None,
+                    infer_ms=float(f[4]),
+                )
         else:
             resp, data = self._request(
                 "POST",
