@@ -15,6 +15,7 @@ inference. Timeline:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 
 from edgeseal.agent.runtimes import TfliteSession, find_tflite_interpreter
-from edgeseal.core.config import RuntimeConfig
+from edgeseal.core.config import Limits, RuntimeConfig
 from edgeseal.core.errors import MissingExtraError
 from edgeseal.core.keys import write_private_key
 from helpers import NOW
@@ -67,6 +68,38 @@ def test_neither_runtime_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
     with pytest.raises(MissingExtraError, match="pip install ai-edge-litert"):
         find_tflite_interpreter()
+
+
+def test_the_preflight_child_loads_a_tflite_model_with_xnnpack_as_configured(
+    tflite_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child that loads a new model first must load it as the session will: with
+    ``tflite_xnnpack = false``, LiteRT's builtin ops without their default delegates."""
+    from edgeseal.agent import preflight, runtimes
+
+    real = find_tflite_interpreter()
+    resolvers: list[Any] = []
+
+    def recording(**kwargs: Any) -> Any:  # the real interpreter, its options noted
+        resolvers.append(kwargs.get("experimental_op_resolver_type"))
+        return real.cls(**kwargs)
+
+    monkeypatch.setattr(
+        runtimes, "find_tflite_interpreter", lambda: dataclasses.replace(real, cls=recording)
+    )
+    model = tflite_model.read_bytes()
+    preflight._load_tflite(model, {"tflite_xnnpack": False})
+    preflight._load_tflite(model, {"tflite_xnnpack": True})
+    assert resolvers == [real.op_resolver_type.BUILTIN_WITHOUT_DEFAULT_DELEGATES, None]
+    monkeypatch.undo()
+    # and the real child, handed the option, passes the model
+    preflight.Preflight().check(
+        model_format="tflite",
+        graph=model,
+        weights=[],
+        limits=Limits(),
+        runtime=RuntimeConfig(tflite_xnnpack=False),
+    )
 
 
 def _venv_key(python: str) -> str:

@@ -234,13 +234,17 @@ def _load_onnx(graph: bytes, entries: list[dict[str, Any]], runtime: dict[str, A
         raise _reject(f"ONNX Runtime refuses it: {e}") from e
 
 
-def _load_tflite(model: bytes) -> None:
+def _load_tflite(model: bytes, runtime: dict[str, Any]) -> None:
+    from edgeseal.agent.runtimes import find_tflite_interpreter, tflite_options
+    from edgeseal.core.errors import RuntimeBackendError
+
+    found = find_tflite_interpreter()
+    try:  # as the session will load it (XNNPACK on or off)
+        options = tflite_options(found, xnnpack=bool(runtime.get("tflite_xnnpack", True)))
+    except RuntimeBackendError:
+        options = {}  # the session itself then says what is wrong with the config
     try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        from tflite_runtime.interpreter import Interpreter
-    try:
-        interp = Interpreter(model_content=model, num_threads=1)
+        interp = found.cls(model_content=model, num_threads=1, **options)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         raise _reject(f"LiteRT refuses it: {e}") from e
@@ -249,7 +253,7 @@ def _load_tflite(model: bytes) -> None:
 def _check(request: dict[str, Any], payload: bytes) -> None:
     limits = Limits(**request["limits"])
     if request["format"] == "tflite":
-        _load_tflite(payload)
+        _load_tflite(payload, request["runtime"])
         return
     entries = request["weights"]
     check_onnx_graph(payload, weights={e["name"] for e in entries}, limits=limits)
@@ -325,6 +329,7 @@ class Preflight:
                 "runtime": {
                     "graph_optimization": runtime.graph_optimization,
                     "disable_prepacking": runtime.disable_prepacking,
+                    "tflite_xnnpack": runtime.tflite_xnnpack,
                 },
             }
         ).encode()

@@ -346,6 +346,22 @@ def find_tflite_interpreter() -> TfliteInterpreter:
     )
 
 
+def tflite_options(found: TfliteInterpreter, *, xnnpack: bool) -> dict[str, Any]:
+    """The interpreter's keyword arguments for ``[runtime] tflite_xnnpack``: without
+    XNNPACK, the builtin ops without their default delegates. The session and the
+    pre-flight child build their interpreters alike with them."""
+    if xnnpack:
+        return {}
+    if found.op_resolver_type is None:
+        raise RuntimeBackendError(
+            f"{found.distribution} {found.version} cannot turn XNNPACK off (it has "
+            "no OpResolverType): upgrade it or set [runtime] tflite_xnnpack = true"
+        )
+    return {
+        "experimental_op_resolver_type": found.op_resolver_type.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    }
+
+
 class TfliteSession:
     """A TFLite model on LiteRT, or on tflite-runtime where LiteRT is not installed;
     :attr:`runtime` (and status) say which.
@@ -366,17 +382,11 @@ class TfliteSession:
         self._model = model if isinstance(model, LockedBytes) else None
         self._interp: Any = None
         content = model.data if isinstance(model, LockedBytes) else model
-        options: dict[str, Any] = {}
-        if not self.xnnpack:
-            if found.op_resolver_type is None:
-                self.close()
-                raise RuntimeBackendError(
-                    f"{found.distribution} {found.version} cannot turn XNNPACK off (it has "
-                    "no OpResolverType): upgrade it or set [runtime] tflite_xnnpack = true"
-                )
-            options["experimental_op_resolver_type"] = (
-                found.op_resolver_type.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            )
+        try:
+            options = tflite_options(found, xnnpack=self.xnnpack)
+        except RuntimeBackendError:
+            self.close()
+            raise
         try:
             self._interp = found.cls(
                 model_content=content, num_threads=config.intra_op_threads or None, **options
