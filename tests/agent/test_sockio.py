@@ -27,7 +27,7 @@ def pair():
 
 def test_kernel_timeouts_bound_a_recv_on_a_blocking_socket(pair):
     a, _ = pair
-    assert kernel_timeouts(a, recv=0.3, send=5.0) is not None
+    assert kernel_timeouts(a, recv=0.3, send=5.0)
     assert a.gettimeout() is None  # one system call per recv: no poll first
     start = time.monotonic()
     with pytest.raises(BlockingIOError):
@@ -39,7 +39,7 @@ def test_a_recv_timeout_of_zero_is_not_taken_as_wait_for_ever(pair):
     """To the kernel a zero timeval means no timeout at all: a deadline already reached
     must still end the wait."""
     a, _ = pair
-    assert kernel_timeouts(a, recv=0.0, send=60.0) is not None
+    assert kernel_timeouts(a, recv=0.0, send=60.0)
     start = time.monotonic()
     with pytest.raises(BlockingIOError):
         a.recv(10)
@@ -78,6 +78,31 @@ def test_send_all_to_a_peer_that_never_reads_times_out(pair):
     with pytest.raises(TimeoutError):
         send_all(a, [bytes(8 << 20)], time.monotonic() + 0.5)
     assert time.monotonic() - start < 5.0
+
+
+def test_send_all_to_a_peer_reading_slowly_ends_at_its_deadline(pair):
+    """A peer taking a little before each single send would time out must not stretch
+    a send with a deadline past it."""
+    a, b = pair
+    kernel_timeouts(a, recv=5.0, send=0.5)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            b.recv(50_000)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            send_all(a, [bytes(20 << 20)], time.monotonic() + 1.0)
+        assert time.monotonic() - start < 4.0
+    finally:
+        stop.set()
+        a.close()
+        t.join(5)
 
 
 def test_the_client_times_out_on_an_agent_that_never_answers(tmp_path):

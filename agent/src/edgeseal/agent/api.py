@@ -376,7 +376,7 @@ class _Handler:
         self._deadline: float | None = None
         # Between requests the kernel bounds the wait (one system call per recv, sockio);
         # within one, the request's deadline does (poll, only when the bytes are not in).
-        self._kernel = kernel_timeouts(sock, recv=IDLE_TIMEOUT, send=REQUEST_TIMEOUT) is not None
+        self._kernel = kernel_timeouts(sock, recv=IDLE_TIMEOUT, send=REQUEST_TIMEOUT)
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._scratch = memoryview(bytearray(HEAD_READ_BYTES))
@@ -390,20 +390,15 @@ class _Handler:
         TimeoutError ends the connection (handle)."""
         sock = self.connection
         if self._deadline is None and not self._buf:
-            if not self._kernel:  # Python's timeout, where the kernel's cannot be set
-                sock.settimeout(IDLE_TIMEOUT)
+            # where the kernel cannot bound the wait, poll does
+            if not self._kernel and not self._poll.poll(IDLE_TIMEOUT * 1000):
+                raise TimeoutError("no request within the idle timeout")
             try:
                 return sock.recv_into(view, n)
             except BlockingIOError as e:  # the kernel's timeout
                 raise TimeoutError("no request within the idle timeout") from e
         if self._deadline is None:
             self._deadline = time.monotonic() + REQUEST_TIMEOUT
-        if not self._kernel:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("request not complete within the request timeout")
-            sock.settimeout(left)
-            return sock.recv_into(view, n)
         while True:
             # Within a request the bytes are usually in already.
             with contextlib.suppress(BlockingIOError):
@@ -424,6 +419,10 @@ class _Handler:
         return True
 
     def _read_head(self) -> bytes | None:
+        if self._buf and self._deadline is None:
+            # the next request's first bytes came with the last one (pipelined): its
+            # deadline starts now, not at a read it may never need
+            self._deadline = time.monotonic() + REQUEST_TIMEOUT
         while True:
             end = self._buf.find(b"\r\n\r\n")
             if end >= 0:
@@ -505,12 +504,19 @@ class _Handler:
             if not self._body_read:  # answered before reading it: keep the stream in step
                 self._discard_body()
 
+    def _content_length(self, default: str | None = None) -> int | None:
+        """The request's Content-Length; None when absent, not a plain decimal number
+        or too long to be a body this server would take."""
+        length = self.headers.get("content-length", default)
+        if length is None or not (length.isascii() and length.isdigit()) or len(length) > 18:
+            return None
+        return int(length)
+
     def _discard_body(self) -> None:
-        length = self.headers.get("content-length", "0")
-        if "transfer-encoding" in self.headers or not (length.isascii() and length.isdigit()):
+        left = self._content_length("0")
+        if "transfer-encoding" in self.headers or left is None:
             self.close_connection = True
             return
-        left = int(length)
         if left > self.api.agent.config.agent.max_body_bytes:
             self.close_connection = True
             return
@@ -568,13 +574,17 @@ class _Handler:
             self._error(411, "LengthRequired", "send Content-Length")
             self.close_connection = True
             return None
-        n = int(length)
-        if n > self.api.agent.config.agent.max_body_bytes:
-            self._error(413, "TooLarge", f"body of {n} bytes exceeds the limit")
+        n = self._content_length()
+        if n is None or n > self.api.agent.config.agent.max_body_bytes:
+            self._error(413, "TooLarge", f"body of {length[:40]} bytes exceeds the limit")
             self.close_connection = True
             return None
         if self.headers.get("expect", "").lower() == "100-continue":
-            send_all(self.connection, [b"HTTP/1.1 100 Continue\r\n\r\n"])
+            send_all(
+                self.connection,
+                [b"HTTP/1.1 100 Continue\r\n\r\n"],
+                time.monotonic() + REQUEST_TIMEOUT,
+            )
         body = self._read_exact(n)
         if body is None:
             self.close_connection = True
@@ -607,6 +617,11 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         _Handler(request, self.api).handle()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A failure that escaped a connection's handler: a bug, counted as a 500."""
+        log.exception("a connection's handler failed")
+        self.api.count_error(500)
 
 
 class ApiServer:

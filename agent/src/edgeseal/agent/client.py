@@ -124,7 +124,7 @@ class Client:
         self,
         socket_path: str | None = None,
         *,
-        timeout: float = 30.0,
+        timeout: float | None = 30.0,
         encoding: str = "tensors",
         max_answer_bytes: int = 1 << 30,
     ) -> None:
@@ -144,14 +144,18 @@ class Client:
     def _connect(self) -> socket.socket:
         if self._sock is None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(self.timeout)
             try:
+                s.settimeout(self.timeout)
                 s.connect(self.socket_path)
-            except OSError:
+                # The kernel bounds each recv and send: one system call each (sockio);
+                # where it cannot, Python's timeout stays.
+                if self.timeout is not None and not kernel_timeouts(
+                    s, recv=self.timeout, send=self.timeout
+                ):
+                    s.settimeout(self.timeout)
+            except BaseException:
                 s.close()
                 raise
-            # The kernel bounds each recv and send: one system call each (sockio).
-            kernel_timeouts(s, recv=self.timeout, send=self.timeout)
             self._sock = s
             self._buf.clear()
         return self._sock
