@@ -183,3 +183,29 @@ def test_a_kept_request_head_is_not_used_for_another_model_or_input_name():
     assert _wire(c._tensor_message("n", {"x": a})) != first
     assert _wire(c._tensor_message("m", {"y": a})) != first
     assert _wire(c._tensor_message("m", {"x": a})) == first
+
+
+def test_a_client_without_a_timeout_waits_as_long_as_it_takes():
+    """``timeout=None`` means no bound at all (as for a Python socket), not an error."""
+    path = Path(f"/tmp/es-sockio-{os.getpid()}-{time.monotonic_ns()}.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+
+    def answer_late() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            time.sleep(0.5)
+            body = b'{"ok": true, "models": 0, "failing": {}}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    t = threading.Thread(target=answer_late, daemon=True)
+    t.start()
+    try:
+        with Client(str(path), timeout=None) as c:
+            assert c.health()["ok"] is True
+    finally:
+        t.join(5)
+        listener.close()
+        path.unlink()
