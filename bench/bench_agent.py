@@ -281,17 +281,18 @@ def main() -> None:
         def guarded() -> object:
             return big.infer({"input": x})
 
+        def added(call: Callable[[], object]) -> float:
+            """p50 of ``call`` less the guarded call's, taking turns (n / 4 each)."""
+            t = alternating({"guarded": guarded, "call": call}, args.n // 4)
+            return pct(t["call"], 50) - pct(t["guarded"], 50)
+
         # The API served from a thread of this process (client and server share the GIL).
         sock = tmp / "inproc.sock"
         audit = AuditLog(tmp / "inproc.audit", FileFloors(tmp / "inproc.counter"), flush_every=100)
         api = ApiServer(agent, sock, audit=audit)
         api.start()
         with Client(str(sock)) as c:
-            t = alternating(
-                {"guarded": guarded, "socket": lambda: c.infer("bench", {"input": x})},
-                args.n // 4,
-            )
-        res["socket_inprocess_added_p50_us"] = pct(t["socket"], 50) - pct(t["guarded"], 50)
+            res["socket_inprocess_added_p50_us"] = added(lambda: c.infer("bench", {"input": x}))
         api.stop()
         audit.close()
 
@@ -336,11 +337,7 @@ def main() -> None:
                 # API's own part: what time between inferences alone costs the model here.
                 back, paused = after_pause(guarded, pct(served, 50) / 1e6, each)
                 keep("pause_slows_guarded_p50_us", pct(paused, 50) - pct(back, 50))
-            t = alternating(
-                {"guarded": guarded, "socket_npz": lambda: npz.infer("bench", {"input": x})},
-                args.n // 4,
-            )
-            res["socket_npz_added_p50_us"] = pct(t["socket_npz"], 50) - pct(t["guarded"], 50)
+            res["socket_npz_added_p50_us"] = added(lambda: npz.infer("bench", {"input": x}))
             tensors.close()
             npz.close()
             res["throughput_rps_audit_100"] = throughput(sock, x, args.clients, 4.0)
@@ -350,11 +347,7 @@ def main() -> None:
         res["input_bytes"] = int(x.nbytes)
         sock = tmp / "fsync.sock"
         with AgentProcess(home.path, sock, 1), Client(str(sock)) as c:
-            t = alternating(
-                {"guarded": guarded, "socket": lambda: c.infer("bench", {"input": x})},
-                args.n // 4,
-            )
-            res["socket_fsync_added_p50_us"] = pct(t["socket"], 50) - pct(t["guarded"], 50)
+            res["socket_fsync_added_p50_us"] = added(lambda: c.infer("bench", {"input": x}))
             res["throughput_rps_audit_1"] = throughput(sock, x, args.clients, 4.0)
         agent.close()
     if args.json:

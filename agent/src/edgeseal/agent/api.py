@@ -45,7 +45,7 @@ from edgeseal.agent.acl import AccessControl, AccessDeniedError, BudgetExceededE
 from edgeseal.agent.audit import AuditError, AuditLog
 from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError, ServingModel
 from edgeseal.agent.service import Agent, NoSuchModelError
-from edgeseal.agent.sockio import kernel_timeouts, send_all
+from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.profile import InputError
 
@@ -124,9 +124,9 @@ def _layout(tensors: tuple[tuple[str, str, tuple[int, ...], int], ...]) -> tuple
     index: list[dict[str, Any]] = []
     pads: list[bytes] = []
     offset = 0
-    for name, dtype, shape, nbytes in tensors:
+    for name, dtype, shape, size in tensors:
         index.append({"name": name, "dtype": dtype, "shape": shape, "offset": offset})
-        end = offset + nbytes
+        end = offset + size
         pads.append(bytes(_aligned(end) - end))
         offset = _aligned(end)
     head = _COMPACT.encode({"tensors": index}).encode()
@@ -537,7 +537,7 @@ class _Handler:
     ) -> None:
         """Answer with ``parts`` as the body; ``headers`` are further header lines, each
         ending in CRLF."""
-        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        length = sum(map(nbytes, parts))
         self._answering = True  # from here on, a failure cannot be answered on this stream
         close = "Connection: close\r\n" if self.close_connection else ""
         head = (

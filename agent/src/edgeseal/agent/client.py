@@ -27,7 +27,7 @@ from edgeseal.agent.api import (
     encode_arrays,
     encode_tensors,
 )
-from edgeseal.agent.sockio import kernel_timeouts, send_all
+from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
 from edgeseal.core.errors import EdgesealError
 
 __all__ = ["AgentError", "Client", "InferResponse"]
@@ -53,11 +53,6 @@ class InferResponse:
 
 def _infer_ms(server_timing: str | None) -> float | None:
     """``infer;dur=0.912`` (a ``Server-Timing`` header) -> 0.912."""
-    if server_timing is not None and server_timing.startswith("infer;dur="):
-        try:
-            return float(server_timing[10:])  # as the agent writes it
-        except ValueError:
-            pass
     for metric in (server_timing or "").split(","):
         name, _, params = metric.strip().partition(";")
         if name == "infer" and params.startswith("dur="):
@@ -101,9 +96,6 @@ class _Response:
         self.body = body
         self.fields = fields
 
-    def getheader(self, name: str, default: str | None = None) -> str | None:
-        return self.headers.get(name.lower(), default)
-
 
 class _StaleConnectionError(ConnectionError):
     """The kept-alive connection was closed before any answer came: safe to resend."""
@@ -136,7 +128,6 @@ class Client:
         self.max_answer_bytes = max_answer_bytes
         self._sock: socket.socket | None = None
         self._buf = bytearray()
-        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...], int], bytes] = {}
         self._scratch = memoryview(bytearray(16384))
         #: (model, input name, dtype, shape) -> what goes before and after the array's bytes
         self._messages: dict[tuple[str, str, Any, tuple[int, ...]], tuple[bytes, ...]] = {}
@@ -233,7 +224,7 @@ class Client:
         """Send one request; an error status raises :class:`AgentError` unless it is one
         of ``answers`` (statuses whose body is the answer)."""
         parts = body if isinstance(body, list) else [body] if body else []
-        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        length = sum(map(nbytes, parts))
         return self._call(
             [self._head(method, path, tuple(headers.items()), length), *parts], answers
         )
@@ -283,7 +274,7 @@ class Client:
                 if kept is not None:
                     return [kept[0], memoryview(a).cast("B"), *kept[1:]]  # type: ignore[arg-type]
         parts = encode_tensors(inputs)
-        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        length = sum(map(nbytes, parts))
         head = self._head("POST", f"/v1/models/{model}/infer", _TENSOR_HEADERS, length)
         sent: object = parts[1].obj if isinstance(parts[1], memoryview) else None
         if key is not None and sent is a:
@@ -293,22 +284,14 @@ class Client:
             self._messages[key] = (head + bytes(parts[0]), *(bytes(p) for p in parts[2:]))
         return [head, *parts]
 
-    def _head(
-        self, method: str, path: str, headers: tuple[tuple[str, str], ...], length: int
-    ) -> bytes:
-        """A request's head; an application calls with the same few, so they are kept."""
-        key = (method, path, headers, length)
-        head = self._heads.get(key)
-        if head is None:
-            lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
-            lines += [f"{k}: {v}" for k, v in headers]
-            if method != "GET" or length:
-                lines.append(f"Content-Length: {length}")
-            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-            if len(self._heads) >= 64:
-                self._heads.clear()
-            self._heads[key] = head
-        return head
+    @staticmethod
+    def _head(method: str, path: str, headers: tuple[tuple[str, str], ...], length: int) -> bytes:
+        """A request's head (the infer hot path keeps whole messages: _tensor_message)."""
+        lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if method != "GET" or length:
+            lines.append(f"Content-Length: {length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _get(self, path: str) -> Any:
         return json.loads(self._request("GET", path)[1])

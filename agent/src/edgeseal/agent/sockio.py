@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 
-__all__ = ["kernel_timeouts", "send_all"]
+__all__ = ["kernel_timeouts", "nbytes", "send_all"]
 
 #: ``struct timeval`` as the kernel takes it: two C longs, or two 64-bit fields on 32-bit
 #: systems built with a 64-bit ``time_t`` (where ``SO_RCVTIMEO`` is the ``_NEW`` option).
@@ -63,7 +63,8 @@ def kernel_timeouts(sock: socket.socket, *, recv: float, send: float) -> bool:
     return False
 
 
-def _size(part: bytes | memoryview) -> int:
+def nbytes(part: bytes | memoryview) -> int:
+    """The bytes ``part`` puts on the wire (a memoryview's ``len`` counts its items)."""
     return part.nbytes if isinstance(part, memoryview) else len(part)
 
 
@@ -83,9 +84,9 @@ def send_all(
         if deadline is None:  # the kernel's send timeout
             raise TimeoutError("the peer did not take the data in time") from None
         sent = 0
-    if sent == sum(map(_size, parts)):
+    if sent == sum(map(nbytes, parts)):
         return
-    views = [memoryview(p).cast("B") for p in parts if _size(p)]
+    views = [memoryview(p).cast("B") for p in parts if nbytes(p)]
     waiter: select.poll | None = None
     while True:
         while views and sent >= views[0].nbytes:
