@@ -227,6 +227,39 @@ def test_flush_every_leaves_records_unanchored_until_the_batch_or_close(log_path
     assert verify_log(log_path).unanchored == 0
 
 
+def test_a_rotation_failing_after_its_rename_does_not_rotate_again_at_the_next_record(
+    log_path, monkeypatch
+):
+    """The rename went through, the directory sync failed: the next records go into the
+    new, empty segment; an empty segment must not be rotated in after it (which would
+    drop a kept one early)."""
+    import edgeseal.agent.audit as audit_module
+
+    failed = []
+
+    def sync_fails_once(path: Path) -> None:
+        if not failed:
+            failed.append(path)
+            raise OSError(5, "injected I/O error")
+
+    monkeypatch.setattr(audit_module, "fsync_dir", sync_fails_once)
+    with AuditLog(log_path, max_bytes=600, keep=3) as audit:
+        seq = 0
+        while not failed:
+            try:
+                audit.append(call(seq))
+                seq += 1
+            except AuditError:
+                break
+        audit.append(call(seq))
+        audit.append(call(seq + 1))
+    assert failed
+    assert log_path.with_name("audit.log.1").exists()
+    assert not log_path.with_name("audit.log.2").exists()
+    assert [json.loads(r)["seq"] for r in lines(log_path)] == [seq, seq + 1]
+    assert verify_log(log_path).ok
+
+
 def test_records_written_before_a_crash_but_not_yet_anchored_are_anchored_on_reopen(
     log_path,
 ):

@@ -445,7 +445,6 @@ class AuditLog:
         self._flush_every = flush_every
         #: Why the last append or sync failed; None once one succeeds again.
         self.last_error: str | None = None
-        self._closed = False
         self._max_bytes = max_bytes
         self._keep = keep
         self._lock = threading.Lock()
@@ -485,14 +484,18 @@ class AuditLog:
     def _open(self) -> None:
         try:
             self._recover()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._open_segment()
         except OSError as e:
             raise AuditError(f"cannot open the audit log {self.path}: {e}") from e
-        self._fd = fd
-        self._size = os.fstat(fd).st_size
         anchor = self._load_anchor()
         if anchor is None or anchor.count != self._next_seq:
             self._sync_locked()  # a new log, or records written after the last anchor
+
+    def _open_segment(self) -> None:
+        """Open the current segment for appending; its size is what is on disk."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
 
     def _load_anchor(self) -> _Anchor | None:
         try:
@@ -605,7 +608,7 @@ class AuditLog:
         if clash:
             raise ValueError(f"audit record fields {sorted(clash)} are set by the log")
         with self._lock:
-            if self._closed:
+            if self._writer_fd is None:  # released by close()
                 raise RuntimeError("the audit log is closed")
             try:
                 out = self._append_locked(fields)
@@ -618,9 +621,7 @@ class AuditLog:
     def _append_locked(self, fields: dict[str, Any]) -> dict[str, Any]:
         if self._fd is None:  # a rotation failed after closing the old file: reopen
             try:
-                self._fd = os.open(
-                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
+                self._open_segment()
             except OSError as e:
                 raise AuditError(f"cannot reopen the audit log {self.path}: {e}") from e
         if self._size > self._max_bytes:
@@ -634,11 +635,13 @@ class AuditLog:
         line = canonical_json(out)
         if len(line) > MAX_RECORD_BYTES:
             raise ValueError(f"audit record is longer than {MAX_RECORD_BYTES} bytes")
+        fd = self._fd
+        assert fd is not None  # opened above, or by the rotation
         try:
-            _write_all(self._fd, line + b"\n")
+            _write_all(fd, line + b"\n")
         except OSError as e:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)  # no partial line left behind
+                os.ftruncate(fd, self._size)  # no partial line left behind
             raise AuditError(f"cannot write the audit log {self.path}: {e}") from e
         self._next_seq += 1
         self._head = _line_hash(line)
@@ -699,20 +702,16 @@ class AuditLog:
             self.path.replace(_segment_path(self.path, 1))
             os.close(self._fd)
             self._fd = None
-            self._fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            self._open_segment()
             fsync_dir(self.path.parent)
         except OSError as e:
             raise AuditError(f"cannot rotate the audit log {self.path}: {e}") from e
-        self._size = 0
 
     # -- closing
 
     def close(self) -> None:
         """Sync what is pending and release the log. Calling it again does nothing."""
         with self._lock:
-            self._closed = True
             try:
                 if self._fd is not None and self._pending:
                     self._sync_locked()
