@@ -236,7 +236,6 @@ def _load_onnx(graph: bytes, entries: list[dict[str, Any]], runtime: dict[str, A
 
 def _load_tflite(model: bytes, runtime: dict[str, Any]) -> None:
     from edgeseal.agent.runtimes import find_tflite_interpreter, tflite_options
-    from edgeseal.core.errors import RuntimeBackendError
 
     found = find_tflite_interpreter()
     try:  # as the session will load it (XNNPACK on or off)

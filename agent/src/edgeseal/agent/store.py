@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from edgeseal.core.files import (
     describe_os_error,
     fsync_dir,
     leftover_temps,
-    temp_path_for,
+    synced_temp,
 )
 from edgeseal.core.manifest import validate_name
 from edgeseal.hardware.floors import MAX_STEP, VersionFloors
@@ -179,7 +178,9 @@ class ModelStore:
         when it is; otherwise why it could not be put back."""
         path = self._dir(model) / JOURNAL
         try:
-            unchanged = (path.read_bytes() if path.exists() else None) == previous
+            unchanged = path.read_bytes() == previous
+        except FileNotFoundError:
+            unchanged = previous is None
         except OSError:
             unchanged = False  # unreadable: write it again to be sure
         if unchanged:
@@ -270,25 +271,11 @@ class ModelStore:
     def _copy_in(bundle: Path, dest: Path, failed: str) -> Path:
         """``bundle`` copied to a new temporary file beside ``dest``, synced, mode 0600.
         On failure nothing is left and :class:`StoreError` (prefixed ``failed``) says why."""
-        tmp = temp_path_for(dest)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with bundle.open("rb") as src, synced_temp(dest, mode=0o600) as (out, tmp):
+                shutil.copyfileobj(src, out, 1024 * 1024)
         except OSError as e:
             raise StoreError(f"{failed}: {describe_os_error(e)}; the store is as it was") from e
-        try:
-            with os.fdopen(fd, "wb") as out, bundle.open("rb") as src:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-                out.flush()
-                os.fchmod(out.fileno(), 0o600)
-                os.fsync(out.fileno())
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                why = describe_os_error(e)
-                raise StoreError(f"{failed}: {why}; the store is as it was") from e
-            raise
         return tmp
 
     def _refuse_backwards(self, j: Journal, version: int, bundle_id: str) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "describe_os_error",
     "fsync_dir",
     "leftover_temps",
+    "synced_temp",
     "temp_path_for",
 ]
 
@@ -68,18 +69,34 @@ def leftover_temps(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a file to write; it replaces ``path`` only if the block finishes."""
+def synced_temp(path: Path, *, mode: int = 0o644) -> Iterator[tuple[BinaryIO, Path]]:
+    """Yield a new temporary file beside ``path`` to write, and its name. When the block
+    finishes the file is synced and has ``mode``; on any failure it is removed. Putting
+    it in ``path``'s place is the caller's (:func:`atomic_writer` does it at once; the
+    model store writes its journal first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
+            yield f, tmp
             f.flush()
             os.fsync(f.fileno())
         tmp.chmod(mode)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a file to write; it replaces ``path`` only if the block finishes."""
+    path = Path(path)
+    with synced_temp(path, mode=mode) as (f, tmp):
+        yield f
+    try:
         tmp.replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -244,6 +244,10 @@ class Updater:
 
     # -- status ------------------------------------------------------------------------
 
+    def _part_path(self, bundle_id: str) -> Path:
+        """Where an offered bundle is downloaded to, until it is staged."""
+        return self.dir / "incoming" / f"{bundle_id}.part"
+
     def status(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
         for name in self.agent.store.models():
@@ -406,7 +410,7 @@ class Updater:
         self._open_download(msg, wire)
 
     def _open_download(self, msg: ControlMessage, wire: bytes) -> None:
-        path = self.dir / "incoming" / f"{msg.bundle_id}.part"
+        path = self._part_path(msg.bundle_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != msg.size:
@@ -617,11 +621,11 @@ class Updater:
         self._committed(msg)
 
     def _fell_back(self, msg: ControlMessage, reason: str, **details: Any) -> None:
-        (self.dir / "incoming" / f"{msg.bundle_id}.part").unlink(missing_ok=True)
+        self._part_path(msg.bundle_id).unlink(missing_ok=True)
         self._set_state(msg.model, "fallen-back", reason=reason, **details)
 
     def _committed(self, msg: ControlMessage, **details: Any) -> None:
-        (self.dir / "incoming" / f"{msg.bundle_id}.part").unlink(missing_ok=True)
+        self._part_path(msg.bundle_id).unlink(missing_ok=True)
         self.probation[msg.model] = self.clock()
         self._set_state(
             msg.model, "committed", reason="", committed_at=time.time(), final=False, **details
@@ -724,7 +728,7 @@ class Updater:
             except EdgesealError as e:
                 bundle_id = str(ch.get("bundle_id", ""))
                 if is_bundle_id(bundle_id):  # no partial download stays
-                    (self.dir / "incoming" / f"{bundle_id}.part").unlink(missing_ok=True)
+                    self._part_path(bundle_id).unlink(missing_ok=True)
                 self._set_state(name, "failed", reason=f"resume: the offer no longer holds: {e}")
                 continue
             j = self.agent.store.journal(name)
@@ -738,7 +742,7 @@ class Updater:
             elif step == "download":
                 self._open_download(msg, wire)
             elif step == "verify":
-                path = self.dir / "incoming" / f"{msg.bundle_id}.part"
+                path = self._part_path(msg.bundle_id)
                 if path.exists():
                     self._verify(msg, path)
                 else:
