@@ -14,13 +14,18 @@ osv.dev merges them) in two places, and this reads both:
   answers for any release, on a network where PyPI serves it.
 
 The lookup is ``PypiService.lookup`` (edgeseal.packager.advisories), the one the
-packager's ``--advisories pypi`` uses. The run fails (exit 1) on a known vulnerability,
-on a pin neither answer covers ("not audited"), and on a stale held-back entry. The only
-pins that may go unaudited are those in the held-back file (``[[held-back]]`` tables of
-``name``, the exact pinned ``version`` and a ``reason``); each is printed as "held back,
-not audited" with its reason. An entry whose version is not the one pinned, or whose
-package is not pinned, is stale: a changed pin must be reviewed before it is excused
-again. ``--strict`` excuses nothing: every pin must be audited. Bad input exits 2.
+packager's ``--advisories pypi`` uses. The run fails (exit 1) on a pin *known* to be
+vulnerable and on a stale held-back entry (both decided by what is known and what the
+repository says, never by the calendar alone). A pin neither answer covers ("not
+audited": on this network, any pin upstream has since released past) is a warning,
+printed with the reason and the date of the run, and does not fail: a new upstream
+release must not turn the build red by itself. The held-back file (``[[held-back]]``
+tables of ``name``, the exact pinned ``version`` and a ``reason``) names the pins kept
+below the latest on purpose; each is printed as "held back, not audited" with its
+reason. An entry whose version is not the one pinned, or whose package is not pinned,
+is stale: a changed pin must be reviewed before it is excused again. ``--strict`` (what
+a release runs) excuses nothing: every pin must be audited, held back or not. Bad input
+exits 2.
 docs/supply-chain.md says why this is not pip-audit itself.
 """
 
@@ -32,6 +37,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -209,9 +215,13 @@ def report(
     *,
     strict: bool = False,
     subset: bool = False,
+    today: date | None = None,
 ) -> tuple[list[str], list[str], int]:
-    """(stdout lines, stderr lines, exit code). A pin not audited fails unless ``held``
-    has an entry for its exact version (and ``strict`` is off); a stale entry fails."""
+    """(stdout lines, stderr lines, exit code). A known vulnerability and a stale held-back
+    entry fail. A pin not audited is a warning dated ``today`` (the run's UTC date when
+    None) unless ``held`` has an entry for its exact version; with ``strict`` every pin
+    not audited fails, held back or not."""
+    day = (today or datetime.now(timezone.utc).date()).isoformat()
     out: list[str] = []
     err: list[str] = []
     vulnerable = [a for a in audits if a.advisories]
@@ -239,7 +249,8 @@ def report(
             )
         else:
             skipped.append(a)
-            err.append(f"audit-deps: NOT AUDITED {a.pin.name}=={a.pin.version}: {a.error}")
+            label = "NOT AUDITED" if strict else "warning: not audited"
+            err.append(f"audit-deps: {label} {a.pin.name}=={a.pin.version} (on {day}): {a.error}")
     stale = stale_held_back([a.pin for a in audits], held, subset=subset)
     err += [f"audit-deps: STALE held-back entry {s}" for s in stale]
     audited = sum(a.audited for a in audits)
@@ -250,7 +261,12 @@ def report(
         f"{len(vulnerable)} vulnerable, {len(excused)} held back, {len(skipped)} not audited"
         + (f", {len(stale)} stale held-back entries" if stale else "")
     )
-    rc = 1 if vulnerable or skipped or stale else 0
+    if skipped and not strict:
+        err.append(
+            f"audit-deps: {len(skipped)} pins could not be audited on {day}: upstream released "
+            "past them; scripts/lock bumps them (a release runs --strict)"
+        )
+    rc = 1 if vulnerable or stale or (skipped and strict) else 0
     return out, err, rc
 
 
@@ -265,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--index-url", default=os.environ.get("EDGESEAL_AUDIT_INDEX", PYPI))
     ap.add_argument(
-        "--strict", action="store_true", help="every pin must be audited; none is held back"
+        "--strict",
+        action="store_true",
+        help="every pin must be audited (a release): a pin not audited fails, held back or not",
     )
     ap.add_argument(
         "--subset",
