@@ -127,9 +127,15 @@ def test_equal_version_with_different_content_is_refused_and_nothing_changes(ser
 # --- indefinite freeze ------------------------------------------------------------------
 
 
-def test_expired_bundle_is_refused_and_nothing_changes(serving):
-    """A v3 that expired two days after NOW, replayed weeks later."""
+def _device_clock(monkeypatch: pytest.MonkeyPatch, at: datetime) -> None:
+    """The device's own clock reads ``at`` (the injected clock of edgeseal.agent.device)."""
+    monkeypatch.setattr("edgeseal.agent.device.utcnow", lambda: at)
+
+
+def test_expired_bundle_is_refused_and_nothing_changes(serving, monkeypatch):
+    """A v3 that expired two days after NOW, replayed three weeks later."""
     stale = serving.bundle(3, validity=timedelta(days=2))
+    _device_clock(monkeypatch, NOW + timedelta(days=21))
     _refused(serving, stale, ExpiredError, "expired")
 
 
@@ -137,11 +143,10 @@ def test_a_clock_set_back_cannot_revive_an_expired_bundle(fresh, monkeypatch):
     """The device saw signed time NOW+10d (a bundle it installed); its clock is then set
     back to 1970 (a dead RTC battery, or an attacker). A bundle that expired at NOW+5d
     stays expired: trusted time never moves backwards."""
+    _device_clock(monkeypatch, NOW + timedelta(days=10))
     fresh.agent.install(fresh.raw_bundle(3, seed=3, now=NOW + timedelta(days=10)))
     stale = fresh.raw_bundle(4, seed=4, validity=timedelta(days=5))
-    monkeypatch.setattr(
-        "edgeseal.agent.device.utcnow", lambda: datetime(1970, 1, 1, tzinfo=timezone.utc)
-    )
+    _device_clock(monkeypatch, datetime(1970, 1, 1, tzinfo=timezone.utc))
     assert fresh.home.trusted_now() == NOW + timedelta(days=10)
     _refused(fresh, stale, ExpiredError, "expired")
 
