@@ -156,8 +156,11 @@ def stale_held_back(
     pins: Sequence[Pin], held: Mapping[str, HeldBack], *, subset: bool = False
 ) -> list[str]:
     """Why each held-back entry that does not match a pin exactly is stale. ``subset``:
-    the pins are part of constraints.txt (a device's wheelhouse), so an entry for a
-    package not among them is not stale; one for another version still is."""
+    the pins are a device's wheelhouse, resolved for its board on the day it is built,
+    not constraints.txt, which the entries describe: none is stale against it (an entry
+    still excuses only the exact version it names)."""
+    if subset:
+        return []
     pinned: dict[str, list[str]] = {}
     for p in pins:
         pinned.setdefault(p.name, []).append(p.version)
@@ -165,8 +168,7 @@ def stale_held_back(
     for h in held.values():
         versions = pinned.get(h.name)
         if not versions:
-            if not subset:
-                stale.append(f"{h.name}=={h.version}: {h.name} is not pinned")
+            stale.append(f"{h.name}=={h.version}: {h.name} is not pinned")
         elif h.version not in versions:
             now = ", ".join(f"{h.name}=={v}" for v in versions)
             stale.append(f"{h.name}=={h.version}: the pin is now {now}; review the entry")
@@ -288,8 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--subset",
         action="store_true",
-        help="the pins are part of constraints.txt (e.g. a device's wheelhouse lock): "
-        "held-back entries for packages not among them are not stale",
+        help="the pins are a device's wheelhouse lock, not constraints.txt: "
+        "no held-back entry is stale against them",
     )
     args = ap.parse_args(argv)
     try:

@@ -21,14 +21,16 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edgeseal.agent.guard import ServingModel
 from edgeseal.agent.opener import open_bundle
-from edgeseal.core.config import Config
+from edgeseal.core.config import load_config
 from edgeseal.core.keystore import InMemoryKey
 from edgeseal.core.reader import VerifyPolicy
 from edgeseal.core.trust import TrustAnchor
 
 
 def check(spec: dict[str, Any]) -> dict[str, Any]:
-    cfg = Config()
+    # "all": ONNX Runtime fuses int8 QLinear kernels, this CPU's own integer family.
+    level = spec.get("graph_optimization", "basic")
+    cfg = load_config(text=f'[runtime]\ngraph_optimization = "{level}"\n')
     key = load_pem_private_key(Path(spec["device_key"]).read_bytes(), password=None)
     store = InMemoryKey(key)  # type: ignore[arg-type]
     anchor = TrustAnchor.from_pem_files([Path(spec["root"]).read_bytes()])
@@ -55,6 +57,7 @@ def check(spec: dict[str, Any]) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {p: version(p) for p in ("onnxruntime", "ai-edge-litert", "numpy")},
         "results": results,
+        "graph_optimization": level,
     }
 
 

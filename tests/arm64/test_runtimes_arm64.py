@@ -18,9 +18,12 @@ from helpers import NOW
 pytestmark = pytest.mark.arm64
 
 
-def _spec(work: Path, prefix: str, bundles: dict[str, Path]) -> dict[str, object]:
+def _spec(
+    work: Path, prefix: str, bundles: dict[str, Path], level: str = "basic"
+) -> dict[str, object]:
     """The device_check spec with paths as seen from ``prefix`` (host dir or guest mount)."""
     return {
+        "graph_optimization": level,
         "root": f"{prefix}/root.pub",
         "device_key": f"{prefix}/device.pem",
         "now": NOW.isoformat(),
@@ -31,9 +34,11 @@ def _spec(work: Path, prefix: str, bundles: dict[str, Path]) -> dict[str, object
     }
 
 
-def _compare_on_arm64(fleet, sysroot: Path, work: Path, bundles: dict[str, Path]) -> None:
-    """Open ``bundles`` on x86 here and on emulated arm64; golden vectors must pass on
-    both and the outputs agree."""
+def _compare_on_arm64(
+    fleet, sysroot: Path, work: Path, bundles: dict[str, Path], level: str = "basic"
+) -> None:
+    """Open ``bundles`` on x86 here and on emulated arm64 (ONNX Runtime at ``level``);
+    golden vectors must pass on both and the outputs agree."""
     (work / "root.pub").write_bytes(fleet.ring.root_pub_path.read_bytes())
     (work / "device.pem").write_bytes(
         fleet.devices["dev-a"].private_key.private_bytes(
@@ -53,8 +58,8 @@ def _compare_on_arm64(fleet, sysroot: Path, work: Path, bundles: dict[str, Path]
             },
         )
 
-    x86 = check(_spec(work, str(work), bundles))
-    (work / "spec.json").write_text(json.dumps(_spec(work, "/work", bundles)))
+    x86 = check(_spec(work, str(work), bundles, level))
+    (work / "spec.json").write_text(json.dumps(_spec(work, "/work", bundles, level)))
     proc = run_arm64(
         sysroot,
         "/usr/bin/python3",
@@ -101,6 +106,28 @@ def test_dynamic_int8_bundle_packed_on_x86_passes_golden_checks_on_emulated_arm6
     )
     assert result.manifest.quantization["mode"] == QuantizeMode.DYNAMIC_INT8.value
     _compare_on_arm64(fleet, arm64_sysroot, tmp_path, {"onnx-int8": bundle})
+
+
+@pytest.mark.parametrize("level", ["basic", "all"])
+def test_int8_bundles_packed_on_x86_pass_on_arm64_with_its_own_int8_kernels(
+    fleet, onnx_model, arm64_sysroot, tmp_path, level
+):
+    """Packed on this x86 machine (whatever its int8 family), dynamic and static int8
+    bundles pass their golden checks on arm64 (exact integer kernels), also at "all",
+    where ONNX Runtime runs the device's own QLinear and integer GEMM kernels."""
+    rng = np.random.default_rng(3)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, input=rng.standard_normal((32, 8)).astype(np.float32))
+    bundles = {}
+    for mode in (QuantizeMode.DYNAMIC_INT8, QuantizeMode.STATIC_INT8):
+        name = f"clf-{mode.value}"
+        bundles[f"onnx-{mode.value}"] = fleet.pack(
+            onnx_model,
+            name=name,
+            out=tmp_path / f"{name}.esb",
+            options=PackOptions(quantize=mode, calibration=calibration),
+        )[0]
+    _compare_on_arm64(fleet, arm64_sysroot, tmp_path, bundles, level)
 
 
 def _inputs(fleet, bundle: Path) -> dict[str, list[int | None]]:

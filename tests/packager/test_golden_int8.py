@@ -5,6 +5,12 @@ The int8 GEMM has two results across CPUs: exact int32 accumulation (ARM NEON an
 dot-product, x86 VNNI) and x86's u8s8 path without VNNI, whose adjacent pair sums
 saturate at int16. The packager emulates both on the golden inputs; these tests check
 the emulations against numpy and that the tolerance built from them stays tight.
+
+The tests do not depend on the CPU that runs them. The one runner whose result does
+(ONNX Runtime's own kernels at "all", ``KernelRunner.host``) is, besides this machine's,
+replaced by the emulation of each family: golden data packed "on" a VNNI or arm64
+machine (exact) and "on" an AVX2 machine (pairsum16) are both made here, and each must
+pass with this machine's real kernels and refuse the same changes.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from edgeseal.packager.golden import (
     KERNEL_FACTOR,
     KERNEL_FAMILIES,
     PAIRSUM16,
+    KernelRunner,
+    Runner,
     _emulate_integer_kernels,
     host_kernel_family,
+    host_kernels,
     make_golden,
     onnx_runners,
     synthetic_inputs,
@@ -120,17 +129,84 @@ def _quantize(src: Path, work: Path, mode: QuantizeMode) -> Path:
     return quantize_onnx(src, work, mode, calibration=_data(src))
 
 
-def _golden(model: Path, mode: QuantizeMode) -> dict[str, Any]:
+#: Where the golden data is made: this machine, or as if on a machine of each family.
+PACKERS = ("this-machine", EXACT, PAIRSUM16)
+
+
+def _runners(model: Path, packer: str = "this-machine") -> tuple[Runner, list[Runner]]:
+    """``onnx_runners(model)`` as on ``packer``: its own-kernel runner replaced by this
+    machine's emulation of that family (tagged as the packer would tag it)."""
     reference, variants = onnx_runners(model)
+    if packer == "this-machine":
+        return reference, variants
+    (own,) = [r for r in variants if isinstance(r, KernelRunner) and r.host]
+    twin = next(
+        r
+        for r in (reference, *variants)
+        if isinstance(r, KernelRunner) and r.kernel == packer and not r.host
+    )
+    simulated = KernelRunner(twin.run, packer if own.kernel is not None else None)
+    simulated.host = True
+    return reference, [simulated if r is own else r for r in variants]
+
+
+def _golden(model: Path, mode: QuantizeMode, packer: str = "this-machine") -> dict[str, Any]:
+    reference, variants = _runners(model, packer)
     return make_golden(reference, variants, _data(model), mode=mode.value)
 
 
+def test_the_host_family_is_read_from_the_cpu_flags() -> None:
+    assert host_kernels("flags : avx avx2 avx512_vnni", "x86_64")[0] == EXACT
+    assert host_kernels("flags : avx avx2 avx_vnni", "x86_64")[0] == EXACT
+    assert host_kernels("flags : avx avx2 fma", "x86_64") == (
+        PAIRSUM16,
+        "x86_64 with AVX2, without VNNI: u8s8 pair sums saturate at int16",
+    )
+    assert host_kernels("flags : sse4_2", "x86_64")[0] is None
+    assert host_kernels("", "aarch64")[0] == EXACT
+    assert host_kernels("", "riscv64")[0] is None
+
+
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
-def test_int8_golden_vectors_hold_one_tight_expectation_per_kernel_family(
+def test_this_machines_own_kernels_match_the_emulation_of_its_family(
     int8_models: dict[str, dict[int, Path]], mode: QuantizeMode
 ) -> None:
+    """The emulations are checked against real kernels on every CPU that runs the suite:
+    this machine's own int8 kernels are nearer the emulation of the family its CPU flags
+    name than the other family's, and within that family's tolerance."""
+    family = host_kernel_family()
+    if family is None:
+        pytest.skip("this CPU's int8 kernel family is unknown")
     model = int8_models[mode.value][1]
     reference, variants = onnx_runners(model)
+    (own,) = [r for r in variants if isinstance(r, KernelRunner) and r.host]
+    golden = make_golden(reference, variants, _data(model), mode=mode.value)
+    got = [
+        own({k: array_from_obj(v) for k, v in vec["inputs"].items()}) for vec in golden["vectors"]
+    ]
+
+    def distance(kernel: str) -> float:
+        return max(
+            float(
+                np.abs(
+                    g["probs"] - array_from_obj(vec["expected_by_kernel"][kernel]["probs"])
+                ).max()
+            )
+            for g, vec in zip(got, golden["vectors"], strict=True)
+        )
+
+    other = next(k for k in KERNEL_FAMILIES if k != family)
+    assert distance(family) <= golden["kernel_tolerances"][family]["probs"]["atol"]
+    assert distance(family) <= distance(other)
+
+
+@pytest.mark.parametrize("packer", PACKERS)
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_int8_golden_vectors_hold_one_tight_expectation_per_kernel_family(
+    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode, packer: str
+) -> None:
+    model = int8_models[mode.value][1]
+    reference, variants = _runners(model, packer)
     kernels = [getattr(r, "kernel", None) for r in (reference, *variants)]
     golden = make_golden(reference, variants, _data(model), mode=mode.value)
     legacy = golden["tolerances"]["probs"]
@@ -138,26 +214,31 @@ def test_int8_golden_vectors_hold_one_tight_expectation_per_kernel_family(
     assert set(per_kernel) == set(KERNEL_FAMILIES)
     assert all(set(v["expected_by_kernel"]) == set(KERNEL_FAMILIES) for v in golden["vectors"])
     for tol in per_kernel.values():
-        # Tight: within a family the settings agree (bit for bit on the sample), so the
-        # floor rules; the single tolerance must span the families' distance.
+        # Tight: within a family the settings agree (up to a rounding tie), so the floor
+        # rules; the single tolerance must span the families' distance.
         assert tol["probs"]["atol"] < legacy["atol"] / 5
-    # Every way of computing the model on this host, and each family's emulation, passes.
-    for runner in (reference, *variants):
+    # Packed on any family, every way of computing the model on this machine (its own
+    # kernels included) and each family's emulation passes.
+    for runner in (reference, *variants, *onnx_runners(model)[1]):
         assert check_golden(runner, golden) == []
     if mode is QuantizeMode.DYNAMIC_INT8:
         # Both emulations always run: the families are the exact and saturating GEMMs.
         assert kernels.count(EXACT) == 2 and kernels.count(PAIRSUM16) == 2
         assert legacy["factor"] == KERNEL_FACTOR and legacy["measured_spread"] > 0
     else:
-        # QDQ at basic optimizations is the exact family; "all" is this host's kernels.
-        assert kernels[:2] == [EXACT, EXACT] and kernels[2] == host_kernel_family()
+        # QDQ at basic optimizations is the exact family, the saturating GEMM is emulated,
+        # and "all" is the packer's own kernels, of the family its CPU flags name.
+        own = packer if packer != "this-machine" else host_kernel_family()
+        assert kernels[:2] == [EXACT, EXACT] and kernels[2] == own
+        assert kernels[3:] == [PAIRSUM16, PAIRSUM16]
 
 
+@pytest.mark.parametrize("packer", PACKERS)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_int8_golden_vectors_refuse_another_seed(
-    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode
+    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode, packer: str
 ) -> None:
-    golden = _golden(int8_models[mode.value][1], mode)
+    golden = _golden(int8_models[mode.value][1], mode, packer)
     problems = check_golden(onnx_runners(int8_models[mode.value][2])[0], golden)
     assert problems and all("golden vector" in p for p in problems)
     # The single tolerance old agents use still refuses it too.
@@ -197,12 +278,13 @@ def _max_error(golden: dict[str, Any], model: Path) -> float:
     )
 
 
+@pytest.mark.parametrize("packer", PACKERS)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_int8_golden_vectors_refuse_one_changed_weight(
-    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode, tmp_path: Path
+    int8_models: dict[str, dict[int, Path]], mode: QuantizeMode, tmp_path: Path, packer: str
 ) -> None:
     model = int8_models[mode.value][1]
-    golden = _golden(model, mode)
+    golden = _golden(model, mode, packer)
     atol = golden["kernel_tolerances"][EXACT]["probs"]["atol"]
     legacy = {k: v for k, v in golden.items() if k != "kernel_tolerances"}
 

@@ -46,6 +46,7 @@ __all__ = [
     "Runner",
     "fixed_batch",
     "host_kernel_family",
+    "host_kernels",
     "input_profile",
     "make_golden",
     "onnx_runners",
@@ -97,8 +98,8 @@ def onnx_runners(model: Path) -> tuple[Runner, list[Runner]]:
             lambda feed: dict(zip(names, sess.run(None, feed), strict=True)), kernel
         )
 
-    def kernel_runner(level: str, kernel: str | None = None) -> KernelRunner:
-        r = runner(level, kernel=kernel)
+    def kernel_runner(level: str, threads: int = 0, kernel: str | None = None) -> KernelRunner:
+        r = runner(level, threads, kernel=kernel)
         assert isinstance(r, KernelRunner)
         return r
 
@@ -106,7 +107,9 @@ def onnx_runners(model: Path) -> tuple[Runner, list[Runner]]:
     ops = {n.op_type for n in loaded.graph.node if n.domain in ("", "ai.onnx")}
     if ops & {"MatMulInteger", "ConvInteger"}:
         # Dynamic int8: this host's runs join the family whose emulation they match.
-        variants = [runner("ORT_DISABLE_ALL"), runner("ORT_ENABLE_ALL", threads=1)]
+        host = kernel_runner("ORT_ENABLE_ALL", threads=1)
+        host.host = True
+        variants: list[Runner] = [runner("ORT_DISABLE_ALL"), host]
         emulations = []
         for saturate, kernel in ((False, EXACT), (True, PAIRSUM16)):
             emulated = _emulate_integer_kernels(loaded, saturate=saturate)
@@ -122,13 +125,19 @@ def onnx_runners(model: Path) -> tuple[Runner, list[Runner]]:
     if "QuantizeLinear" in ops and "DequantizeLinear" in ops:
         # Static int8 (QDQ): up to basic optimizations ONNX Runtime computes it in float
         # from the dequantized integers, which is exact integer accumulation up to float
-        # rounding; "all" fuses QLinear int8 kernels, of this host's family.
+        # rounding; "all" fuses QLinear int8 kernels, of this host's family. The other
+        # family is emulated, so the golden data holds both whatever CPU packs it.
         reference = kernel_runner("ORT_ENABLE_BASIC", kernel=EXACT)
         reference.steps = _output_steps(loaded)
-        return reference, [
-            runner("ORT_DISABLE_ALL", kernel=EXACT),
-            runner("ORT_ENABLE_ALL", threads=1, kernel=host_kernel_family()),
-        ]
+        qdq_host = kernel_runner("ORT_ENABLE_ALL", threads=1, kernel=host_kernel_family())
+        qdq_host.host = True
+        qdq: list[Runner] = [runner("ORT_DISABLE_ALL", kernel=EXACT), qdq_host]
+        saturated = _emulate_integer_kernels(loaded, saturate=True)
+        if saturated is not None:
+            graph = saturated.SerializeToString()
+            qdq.append(runner("ORT_ENABLE_BASIC", graph=graph, kernel=PAIRSUM16))
+            qdq.append(runner("ORT_DISABLE_ALL", graph=graph, kernel=PAIRSUM16))
+        return reference, qdq
     return runner("ORT_ENABLE_BASIC"), [
         runner("ORT_DISABLE_ALL"),
         runner("ORT_ENABLE_ALL", threads=1),
@@ -158,6 +167,9 @@ class KernelRunner:
         self.run = run
         self.kernel = kernel
         self.steps: dict[str, float] = {}
+        #: This machine's own int8 kernels (ONNX Runtime at "all"), as opposed to an
+        #: emulation: the one runner whose result depends on the packing CPU.
+        self.host = False
 
     def __call__(self, feed: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         return self.run(feed)
@@ -166,19 +178,31 @@ class KernelRunner:
 def host_kernel_family() -> str | None:
     """The int8 GEMM family ONNX Runtime's CPU kernels compute on this machine: ``exact``
     on arm64 and x86 with VNNI, ``pairsum16`` on x86 without VNNI; None when unknown."""
-    machine = platform.machine().lower()
+    return host_kernels()[0]
+
+
+def host_kernels(cpuinfo: str | None = None, machine: str | None = None) -> tuple[str | None, str]:
+    """(family, evidence): :func:`host_kernel_family` and what it was read from (the
+    machine type and the CPU flags that decided it), recorded in the provenance. The
+    golden data does not depend on it (both families are emulated); it only names which
+    family this machine's own ONNX Runtime kernels are checked against."""
+    machine = (machine or platform.machine()).lower()
     if machine in ("aarch64", "arm64"):
-        return EXACT
+        return EXACT, f"{machine}: NEON integer dot products accumulate exactly"
     if machine not in ("x86_64", "amd64"):
-        return None
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
+        return None, f"{machine}: unknown int8 kernels"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError as e:
+            return None, f"{machine}: /proc/cpuinfo unreadable ({e.strerror})"
     flags = set(cpuinfo.split())
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni"})
+    if vnni:
+        return EXACT, f"{machine} with {' and '.join(vnni)}"
     if "avx2" not in flags:
-        return None
-    return EXACT if flags & {"avx512_vnni", "avx_vnni"} else PAIRSUM16
+        return None, f"{machine} without AVX2: unknown int8 kernels"
+    return PAIRSUM16, f"{machine} with AVX2, without VNNI: u8s8 pair sums saturate at int16"
 
 
 class _Rewriter:
@@ -201,7 +225,9 @@ class _Rewriter:
 
     def const(self, value: npt.NDArray[Any]) -> str:
         name = self.name()
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
         return name
 
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
@@ -316,18 +342,105 @@ def _conv_integer(rw: _Rewriter, node: onnx.NodeProto, producers: dict[str, str]
     return True
 
 
+_QdqOperands = tuple[str, npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]
+
+
+def _qdq_operands(
+    rw: _Rewriter, node: onnx.NodeProto, dequantized: dict[str, onnx.NodeProto]
+) -> _QdqOperands | None:
+    """(quantized activation, its zero point, int8 weights as K x N, their zero point,
+    activation scale times weight scale) of a QDQ MatMul or Gemm with int8 weights and a
+    per-tensor activation, or None when the node is not one."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    plain_gemm = (
+        not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0
+    )
+    a_dq, b_dq = dequantized.get(node.input[0]), dequantized.get(node.input[1])
+    if (node.op_type == "Gemm" and not plain_gemm) or a_dq is None or b_dq is None:
+        return None
+    a_q, a_scale, a_zp = (*a_dq.input, "")[:3]
+    b_q, b_scale, b_zp = (*b_dq.input, "")[:3]
+    weights, w_scale, x_scale = rw.array(b_q), rw.array(b_scale), rw.array(a_scale)
+    x_zp = rw.array(a_zp) if a_zp else np.array(0, np.int8)
+    w_zp = rw.array(b_zp) if b_zp else np.zeros((), np.int8)
+    trans_b = bool(attrs.get("transB", 0))
+    b_axis = int(
+        next((helper.get_attribute_value(a) for a in b_dq.attribute if a.name == "axis"), 1)
+    )
+    if (
+        weights is None
+        or w_scale is None
+        or x_scale is None
+        or x_zp is None
+        or w_zp is None
+        or weights.dtype != np.int8
+        or weights.ndim != 2
+        or x_scale.size != 1
+        or x_zp.size != 1
+        # per-channel along the reduced axis: not a QLinear GEMM
+        or (w_scale.size > 1 and b_axis % 2 != (0 if trans_b else 1))
+    ):
+        return None
+    scale = (x_scale.astype(np.float32).reshape(()) * w_scale.astype(np.float32)).astype(np.float32)
+    return a_q, x_zp, np.ascontiguousarray(weights.T if trans_b else weights), w_zp, scale
+
+
+def _qdq_matmul(
+    rw: _Rewriter,
+    node: onnx.NodeProto,
+    dequantized: dict[str, onnx.NodeProto],
+    producers: dict[str, str],
+    *,
+    saturate: bool,
+) -> bool:
+    """A QDQ MatMul or Gemm (int8 activations and weights, each behind a
+    DequantizeLinear) as the QLinear kernel ONNX Runtime fuses it into at "all": an
+    integer matrix product (``_matmul_integer``) scaled back to float. With ``saturate``,
+    x86's path: int8 activations shifted to uint8 (ONNX Runtime's QDQ S8-to-U8 rewrite
+    on x86) and multiplied with the u8s8 pair sums. False when the node is not that."""
+    operands = _qdq_operands(rw, node, dequantized)
+    if operands is None:
+        return False
+    a_in, x_zp, weights, w_zp, scale = operands
+    if saturate and x_zp.dtype == np.int8:
+        shifted = rw.op("Cast", a_in, to=TensorProto.INT32)
+        a_in = rw.op("Add", shifted, rw.const(np.array(128, np.int32)))
+        x_zp = x_zp.astype(np.int32) + 128
+    acc = rw.name()
+    integer = helper.make_node(
+        "MatMulInteger", [a_in, rw.const(weights), rw.const(x_zp), rw.const(w_zp)], [acc]
+    )
+    if not _matmul_integer(rw, integer, producers, saturate=saturate):
+        return False
+    y = rw.op("Mul", rw.op("Cast", acc, to=TensorProto.FLOAT), rw.const(scale))
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        rw.nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]]))
+    else:
+        rw.nodes.append(helper.make_node("Identity", [y], [node.output[0]]))
+    return True
+
+
 def _emulate_integer_kernels(model: onnx.ModelProto, *, saturate: bool) -> onnx.ModelProto | None:
     """A copy of ``model`` whose integer matrix products compute what one family of CPU
     kernels computes: exact int32 accumulation, or (``saturate``) x86's u8s8 pair sums
-    clamped to int16. None when no op could be emulated that way."""
+    clamped to int16. Integer products are MatMulInteger and ConvInteger (dynamic int8)
+    and QDQ MatMul/Gemm over int8 (static int8, as ONNX Runtime fuses them at "all").
+    None when no op could be emulated that way."""
     rw = _Rewriter(model)
     producers = {o: n.op_type for n in rw.graph.node for o in n.output}
+    dequantized = {
+        n.output[0]: n
+        for n in rw.graph.node
+        if n.domain in ("", "ai.onnx") and n.op_type == "DequantizeLinear"
+    }
     changed = False
     for node in rw.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type == "MatMulInteger":
             done = _matmul_integer(rw, node, producers, saturate=saturate)
         elif node.domain in ("", "ai.onnx") and node.op_type == "ConvInteger" and not saturate:
             done = _conv_integer(rw, node, producers)
+        elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
+            done = _qdq_matmul(rw, node, dequantized, producers, saturate=saturate)
         else:
             done = False
         if not done:
@@ -442,11 +555,7 @@ def make_golden(
         golden["kernel_tolerances"] = {
             kernel: {
                 name: {
-                    "atol": max(
-                        KERNEL_FACTOR * family_spreads[name],
-                        FAMILY_FLOOR * max(scales[name], 1e-6),
-                        STEP_FACTOR * steps.get(name, 0.0),
-                    ),
+                    "atol": _family_atol(family_spreads[name], scales[name], steps.get(name)),
                     "measured_spread": family_spreads[name],
                     "factor": KERNEL_FACTOR,
                 }
@@ -455,6 +564,18 @@ def make_golden(
             for kernel in expected
         }
     return golden
+
+
+def _family_atol(spread: float, scale: float, step: float | None) -> float:
+    """One kernel family's tolerance for an output. A family's kernels are the same code
+    on every CPU of the family, so what differs is rounding: float noise (a factor on the
+    measured spread) or, for an output that moves in quantization steps, requantizing at
+    a tie (the measured whole steps and a quarter step, at least one step and a quarter;
+    doubling a one-step spread would let a weight change of two steps through)."""
+    floor = FAMILY_FLOOR * max(scale, 1e-6)
+    if step:
+        return max(spread + (STEP_FACTOR - 1) * step, STEP_FACTOR * step, floor)
+    return max(KERNEL_FACTOR * spread, floor)
 
 
 def _kernel_families(
@@ -551,6 +672,7 @@ def provenance(
         "settings": settings,
         "accuracy": report,
         "tools": {
+            "int8_kernels": dict(zip(("family", "evidence"), host_kernels(), strict=True)),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             **{d: _version(d) for d in ("onnx", "onnxruntime", "edgeseal-packager", "numpy")},
