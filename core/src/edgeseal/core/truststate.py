@@ -36,10 +36,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeseal.core.envelope import verify_envelope
 from edgeseal.core.errors import SignatureError
+from edgeseal.core.keys import key_id, load_public_key
 from edgeseal.core.trust import (
     REVOCATIONS_TYPE,
     RevocationList,
     TrustAnchor,
+    _peek_rotation,
     follow_rotations,
     verify_revocations,
 )
@@ -108,11 +110,11 @@ class TrustState:
         if not used:
             return self
         roots = dict(self.roots)
-        for kid, key in anchor.keys.items():
-            roots.setdefault(kid, (anchor.version, key))
-        return self._replace(
-            rotations=(*self.rotations, *used), anchor=anchor, roots=_versions(roots, anchor)
-        )
+        for statement in used:  # every root the chain went through, not only the last
+            version, pem = _peek_rotation(statement)
+            key = load_public_key(pem, "rotated root key")
+            roots[key_id(key)] = (version, key)
+        return self._replace(rotations=(*self.rotations, *used), anchor=anchor, roots=roots)
 
     def with_revocations(self, unverified_list: object) -> TrustState:
         """Take a revocation list signed by the **current** root (V4); a list of a root
@@ -211,16 +213,6 @@ def advanced_time(
 
 def _chain_ids(rotations: Sequence[Mapping[str, Any]]) -> list[str]:
     return [str(r.get("payload", "")) for r in rotations]
-
-
-def _versions(
-    roots: Mapping[str, tuple[int, ec.EllipticCurvePublicKey]], anchor: TrustAnchor
-) -> dict[str, tuple[int, ec.EllipticCurvePublicKey]]:
-    """Pinned roots located further down the chain take the version they were given."""
-    return {
-        k: ((anchor.version, key) if k in anchor.keys else (v, key))
-        for k, (v, key) in roots.items()
-    }
 
 
 def _signed_by(unverified: object, keys: Mapping[str, ec.EllipticCurvePublicKey]) -> str:
