@@ -180,15 +180,13 @@ def test_an_offer_carries_the_rotation_a_device_has_not_followed_yet(device):
     _signer(ring, "deploy2", roles=("deploy",))
     deployer = ring.load_signer("deploy2")
     home = device.home
-    state = home.trust_state()
-    assert state.version == 1
+    anchor = home.anchor()
+    assert anchor.version == 1
     bare = _offer(deployer, seq=1, now=utcnow())
     with pytest.raises(OtaMessageError, match="not signed by a trusted key"):
-        verify_message(bare, anchor=state.anchor, trust=state, known_revocations=None, now=utcnow())
+        verify_message(bare, anchor=anchor, known_revocations=None, now=utcnow())
     wire = _offer(deployer, seq=2, now=utcnow(), rotations=ring.rotations())
-    msg = verify_message(
-        wire, anchor=state.anchor, trust=state, known_revocations=None, now=utcnow()
-    )
+    msg = verify_message(wire, anchor=anchor, known_revocations=None, now=utcnow())
     assert msg.trust is not None and msg.trust.version == 2
     home.remember(msg.trust)  # what the updater does with every verified message
     assert home.anchor().version == 2
@@ -211,18 +209,13 @@ def test_offers_cannot_ratchet_trusted_time_forward(device):
     for seq in range(1, 301):
         now = home.trusted_now()
         wire = _offer(deployer, seq=seq, now=now + skew - timedelta(seconds=1))
-        state = home.trust_state()
-        msg = verify_message(
-            wire, anchor=state.anchor, trust=state, known_revocations=None, now=now
-        )
-        home.advance_trusted_time(msg.issued)
+        msg = verify_message(wire, anchor=home.anchor(), known_revocations=None, now=now)
+        home.advance_trusted_time(msg.issued)  # what the updater does with a taken offer
     assert home.trusted_now() <= utcnow() + skew
     # A genuine offer issued now is still taken.
-    state = home.trust_state()
     verify_message(
         _offer(deployer, seq=301, now=utcnow()),
-        anchor=state.anchor,
-        trust=state,
+        anchor=home.anchor(),
         known_revocations=None,
         now=home.trusted_now(),
     )
