@@ -107,6 +107,28 @@ def test_a_home_kept_by_an_older_agent_reads_its_old_roots_list_after_a_rotation
     assert ring.certificate_payload("rogue")["keyid"] in fresh.home.trust_state().revoked()
 
 
+def test_a_keyring_rotated_by_an_older_edgeseal_still_ships_installable_bundles(fresh):
+    """An older ``keys rotate-root`` left the list signed by the old root and ``pack``
+    kept shipping it: every bundle after the rotation was refused (SignatureError) and
+    ``keys revoke`` failed. Now a device does not take a former root's list (it refuses
+    nothing more than a bundle with no list), and ``keys revoke`` reads the former
+    root's list and issues the next one under the new root."""
+    ring = fresh.fleet.ring
+    _signer(ring, "rogue")
+    ring.revoke("rogue", reason="key stolen", now=NOW)
+    fresh.agent.install(fresh.bundle(3, seed=3))
+    old_list = ring.revocations()
+    ring.rotate_root()
+    (ring.path / "revocations.json").write_bytes(canonical_json(old_list))
+    _signer(ring, "release2")
+    assert fresh.agent.install(fresh.bundle(4, seed=4, signer="release2"))["version"] == 4
+    _signer(ring, "rogue2")
+    assert ring.revoke("rogue2", reason="lost laptop", now=NOW) == 2
+    assert fresh.agent.install(fresh.bundle(5, seed=5, signer="release2"))["version"] == 5
+    revoked = fresh.home.trust_state().revoked()
+    assert {ring.certificate_payload(n)["keyid"] for n in ("rogue", "rogue2")} <= set(revoked)
+
+
 # --- item 2: a pack signer carrying part of the chain ------------------------------------
 
 

@@ -117,10 +117,20 @@ class TrustState:
         return self._replace(rotations=(*self.rotations, *used), anchor=anchor, roots=roots)
 
     def with_revocations(self, unverified_list: object) -> TrustState:
-        """Take a revocation list signed by the **current** root (V4); a list of a root
-        the device has rotated away from is refused (that key may be the reason for the
-        rotation). An older list than the one known for that root changes nothing."""
-        verified = verify_revocations(unverified_list, self.anchor)
+        """Take a revocation list signed by the **current** root (V4). A list signed by a
+        root the device has rotated away from is not taken (that key may be the reason
+        for the rotation) and changes nothing; a list signed by no root of the chain is a
+        :class:`SignatureError`. An older list than the one known for that root changes
+        nothing."""
+        try:
+            verified = verify_revocations(unverified_list, self.anchor)
+        except SignatureError:
+            former = {k: key for k, (_, key) in self.roots.items() if k not in self.anchor.keys}
+            _signed_by(unverified_list, former)  # not a former root's either: refused
+            # A former root's list (a keyring rotated by an older edgeseal keeps shipping
+            # it): genuine but superseded. It is not taken, and refuses nothing more than
+            # a bundle carrying no list.
+            return self
         kid = _signed_by(unverified_list, self.anchor.keys)
         known = self.revocations.get(kid)
         if known is not None and verified.version <= known.version:
