@@ -20,7 +20,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -322,16 +322,7 @@ class Keyring:
         current = self.revocations()
         if current is None:
             return None
-        anchors = [self.anchor()]
-        for p in sorted(self.path.glob("root-*.pub")):
-            anchors.append(TrustAnchor.from_pem_files([p.read_bytes()]))
-        for p in sorted(self.path.glob("root-*.key")):
-            try:
-                signer = self._load_key(p, self.path / f"{p.stem}.token.json", self.passphrase)
-                anchors.append(TrustAnchor.from_public_keys([signer.public_key]))
-            except (EdgesealError, ValueError, OSError):  # cannot open it here: skip it
-                continue
-        for anchor in anchors:
+        for anchor in self._current_and_former_roots():
             try:
                 rl = verify_revocations(current, anchor)
             except SignatureError:
@@ -340,6 +331,19 @@ class Keyring:
         raise KeyFileError(
             f"{self.path / 'revocations.json'} is not signed by this keyring's root or a former one"
         )
+
+    def _current_and_former_roots(self) -> Iterator[TrustAnchor]:
+        """The current root, then former ones (root-N.pub, or the key file of a former
+        root rotated by an older edgeseal, which kept no root-N.pub), opened lazily."""
+        yield self.anchor()
+        for p in sorted(self.path.glob("root-*.pub")):
+            yield TrustAnchor.from_pem_files([p.read_bytes()])
+        for p in sorted(self.path.glob("root-*.key")):
+            try:
+                signer = self._load_key(p, self.path / f"{p.stem}.token.json", self.passphrase)
+            except (EdgesealError, ValueError, OSError):  # cannot open it here: skip it
+                continue
+            yield TrustAnchor.from_public_keys([signer.public_key])
 
     # -- devices -------------------------------------------------------------------
     def _devices_obj(self) -> dict[str, Any]:
