@@ -42,6 +42,7 @@ __all__ = [
     "make_rotation",
     "make_signer_certificate",
     "newest_revocations",
+    "rotation_root",
     "verify_revocations",
     "verify_signer_certificate",
 ]
@@ -198,6 +199,13 @@ def follow_rotations(
         current = TrustAnchor({new_id: new_key}, version)
         used.append(unverified)
     return current, used
+
+
+def rotation_root(statement: object) -> tuple[int, ec.EllipticCurvePublicKey]:
+    """The version and key a rotation statement introduces (read, not verified: for
+    statements :func:`follow_rotations` returned)."""
+    version, pem = _peek_rotation(statement)
+    return version, _rotation_key(pem)
 
 
 def _rotation_key(pem: str) -> ec.EllipticCurvePublicKey:

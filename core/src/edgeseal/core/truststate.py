@@ -36,13 +36,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeseal.core.envelope import verify_envelope
 from edgeseal.core.errors import SignatureError
-from edgeseal.core.keys import key_id, load_public_key
+from edgeseal.core.keys import key_id
 from edgeseal.core.trust import (
     REVOCATIONS_TYPE,
     RevocationList,
     TrustAnchor,
-    _peek_rotation,
     follow_rotations,
+    rotation_root,
     verify_revocations,
 )
 
@@ -111,8 +111,7 @@ class TrustState:
             return self
         roots = dict(self.roots)
         for statement in used:  # every root the chain went through, not only the last
-            version, pem = _peek_rotation(statement)
-            key = load_public_key(pem, "rotated root key")
+            version, key = rotation_root(statement)
             roots[key_id(key)] = (version, key)
         return self._replace(rotations=(*self.rotations, *used), anchor=anchor, roots=roots)
 
