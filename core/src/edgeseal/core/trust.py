@@ -9,7 +9,10 @@ objects or raise. No file, socket or key store is touched here. Stable API.
 - A signer certificate binds a signer key to roles (``pack``, ``deploy``), model-name
   patterns and a validity window; it is signed by the root.
 - A revocation list, signed by the root, names revoked signer keys; a newer version
-  replaces an older one, an older one never replaces a newer one.
+  replaces an older one, an older one never replaces a newer one. A device keeps the
+  newest list of each root of its chain (:mod:`edgeseal.core.truststate`).
+- A root pinned without its version (provisioned after rotations) finds its place in a
+  chain from the statement that introduced it (:func:`follow_rotations`).
 """
 
 from __future__ import annotations
