@@ -128,7 +128,7 @@ class DeviceHome:
         edited file fails): the pinned root followed through the rotations it took, the
         revocation list of each root, and trusted time."""
         revocations = self._trust_file("revocations.json") or []
-        if isinstance(revocations, dict):  # one list, as agents before 0.x kept it
+        if isinstance(revocations, dict):  # one list (an object), as earlier agents kept it
             revocations = [revocations]
         if not isinstance(revocations, list):
             raise KeyFileError(f"{self.path / 'trust' / 'revocations.json'} must hold a list")
