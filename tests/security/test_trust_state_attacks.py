@@ -13,12 +13,13 @@ from datetime import timedelta
 import pytest
 
 from edgeseal.agent.service import Agent
-from edgeseal.core.config import load_config
+from edgeseal.core.config import OtaConfig, load_config
 from edgeseal.core.encoding import canonical_json, utcnow
 from edgeseal.core.errors import SignatureError, TrustError
 from edgeseal.core.reader import BundleFile, VerifyPolicy
 from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.messages import OtaMessageError, chunk_digests, make_message, verify_message
+from edgeseal.ota.updater import Updater
 from helpers import NOW
 from security.conftest import MODEL, _provision
 
@@ -241,3 +242,50 @@ def test_offers_cannot_ratchet_trusted_time_forward(device):
         known_revocations=None,
         now=home.trusted_now(),
     )
+
+
+class _Link:
+    """The updater's side of the broker, recording what it publishes (no broker)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def fetch(self, bundle_id, indices) -> None:
+        pass
+
+    def publish_status(self, status) -> None:
+        pass
+
+    def publish_event(self, event) -> None:
+        self.events.append(dict(event))
+
+
+def test_the_updater_follows_a_rotation_from_an_offer_and_offers_do_not_ratchet_time(fresh):
+    """The same two items through the device's updater (``handle_control``), as the MQTT
+    channel calls it: an offer of a deploy signer of the rotated root, carrying the
+    keyring's chain, is taken and the device keeps the rotation; 100 further offers,
+    each issued at the edge of the skew, leave trusted time no further than the device's
+    clock plus the skew."""
+    ring = fresh.fleet.ring
+    ring.rotate_root()
+    _signer(ring, "deploy2", roles=("deploy",))
+    updater = Updater(fresh.agent, OtaConfig(), "dev-home", _Link())
+    try:
+        _offers_through(updater, fresh, ring)
+    finally:
+        updater.close()
+
+
+def _offers_through(updater, fresh, ring):
+    deployer = ring.load_signer("deploy2")
+    skew = timedelta(seconds=fresh.agent.config.device.clock_skew)
+    wire = _offer(deployer, seq=1, now=utcnow(), rotations=ring.rotations())
+    assert updater.handle_control(wire).verdict != "refuse", updater.last_refusal
+    assert fresh.home.anchor().version == 2
+    for seq in range(2, 102):
+        issued = fresh.home.trusted_now() + skew - timedelta(seconds=1)
+        decision = updater.handle_control(
+            _offer(deployer, seq=seq, now=issued, rotations=ring.rotations())
+        )
+        assert decision.verdict != "refuse", updater.last_refusal
+    assert fresh.home.trusted_now() <= utcnow() + skew
