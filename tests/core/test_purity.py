@@ -7,6 +7,7 @@ import sys
 
 PURE = [
     "edgeseal.core.trust",
+    "edgeseal.core.truststate",
     "edgeseal.core.manifest",
     "edgeseal.core.layout",
     "edgeseal.core.envelope",

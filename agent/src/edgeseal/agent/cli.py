@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -150,7 +151,9 @@ def _open_direct(bundle: Path, home: Path, cfg: Config, as_json: bool) -> Servin
             config=cfg,
             progress=advance,
         )
-    dev.advance_trusted_time(opened.manifest.created)
+    dev.advance_trusted_time(
+        opened.manifest.created, clock_skew=timedelta(seconds=cfg.device.clock_skew)
+    )
     return ServingModel.start(opened, cfg.agent)
 
 

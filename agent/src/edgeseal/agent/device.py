@@ -5,7 +5,11 @@
     roots/*.pub     pinned root public keys
     trusted-time    the latest time this device has seen in signed data
     trust/rotations.json     root rotations followed since provisioning (oldest first)
-    trust/revocations.json   the newest root-signed revocation list seen
+    trust/revocations.json   per root, the newest revocation list it signed (a list)
+
+Together with trusted time they are the device's trust state
+(:class:`edgeseal.core.truststate.TrustState`), rebuilt and verified from these files;
+what a bundle or an OTA message brings is merged in, never written over them.
 
 A device without a real-time clock may boot in 1970; expiry checks use the later of the
 system clock and the latest trusted time, so time never moves backwards for them.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import platform
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,8 @@ from edgeseal.core.keys import key_id, load_public_key, public_key_pem
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import validate_name
 from edgeseal.core.reader import VerifiedBundle
-from edgeseal.core.trust import (
-    RevocationList,
-    TrustAnchor,
-    apply_rotations,
-    verify_revocations,
-)
+from edgeseal.core.trust import RevocationList, TrustAnchor
+from edgeseal.core.truststate import TrustState, advanced_time
 from edgeseal.hardware.stores import StoreSpec
 
 __all__ = ["DeviceHome", "machine_architecture"]
@@ -123,54 +123,82 @@ class DeviceHome:
         except ValueError as e:
             raise KeyFileError(f"{self.path / 'trust' / name} is not JSON: {e}") from e
 
+    def trust_state(self) -> TrustState:
+        """Everything this device trusts, rebuilt from its files and verified again (an
+        edited file fails): the pinned root followed through the rotations it took, the
+        revocation list of each root, and trusted time."""
+        revocations = self._trust_file("revocations.json") or []
+        if isinstance(revocations, dict):  # one list (an object), as earlier agents kept it
+            revocations = [revocations]
+        if not isinstance(revocations, list):
+            raise KeyFileError(f"{self.path / 'trust' / 'revocations.json'} must hold a list")
+        return TrustState.restore(
+            self.pinned_anchor(),
+            rotations=self._trust_file("rotations.json") or [],
+            revocations=revocations,
+            trusted_time=self._stored_time(),
+        )
+
     def anchor(self) -> TrustAnchor:
         """The root this device trusts now: the pinned root, followed through the root
         rotations it has accepted (each re-verified here, so an edited file fails)."""
-        rotations = self._trust_file("rotations.json") or []
-        return apply_rotations(self.pinned_anchor(), rotations)
+        return self.trust_state().anchor
 
     def known_revocations(self, anchor: TrustAnchor | None = None) -> RevocationList | None:
-        """The newest revocation list this device has seen (verified against the root)."""
-        envelope = self._trust_file("revocations.json")
-        if envelope is None:
-            return None
-        return verify_revocations(envelope, anchor or self.anchor())
+        """Every signer revoked by the lists this device has seen (each verified against
+        the root that signed it). ``anchor`` is ignored (kept for callers)."""
+        return self.trust_state().effective_revocations()
 
-    def remember_trust(self, bundle: VerifiedBundle) -> None:
-        """After accepting a bundle: keep the root rotations it made us follow and its
-        revocation list when newer, so an older bundle cannot take them back."""
-        if bundle.anchor.version > self.anchor().version:
+    def remember_trust(self, bundle: VerifiedBundle) -> TrustState:
+        """After accepting a bundle: merge the trust state it was verified into."""
+        return self.remember(bundle.trust_state)
+
+    def remember(self, candidate: TrustState) -> TrustState:
+        """Merge a verified candidate state into what this device keeps (never less than
+        it knew: see :meth:`TrustState.join`) and write what changed."""
+        known = self.trust_state()
+        merged = known.join(candidate)
+        if [r.get("payload") for r in merged.rotations] != [
+            r.get("payload") for r in known.rotations
+        ]:
             atomic_write(
                 self.path / "trust" / "rotations.json",
-                canonical_json(list(bundle.trust.get("rotations", []))),
+                canonical_json([dict(r) for r in merged.rotations]),
             )
-        if bundle.revocations is not None:
-            self.remember_revocations(bundle.revocations, bundle.anchor)
-
-    def remember_revocations(self, carried: RevocationList, anchor: TrustAnchor) -> None:
-        """Keep a verified revocation list (from a bundle or a signed OTA message) when it is
-        newer than the one known; an older one never replaces it."""
-        known = self.known_revocations(anchor)
-        if carried.envelope is not None and (known is None or carried.version > known.version):
+        if _list_versions(merged) != _list_versions(known):
             atomic_write(
-                self.path / "trust" / "revocations.json", canonical_json(dict(carried.envelope))
+                self.path / "trust" / "revocations.json",
+                canonical_json(merged.revocation_documents()),
             )
+        if merged.trusted_time != known.trusted_time and merged.trusted_time is not None:
+            atomic_write(self.path / "trusted-time", format_time(merged.trusted_time).encode())
+        return merged
+
+    def _stored_time(self) -> datetime | None:
+        p = self.path / "trusted-time"
+        try:
+            return parse_time(p.read_text().strip(), "trusted-time")
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None
 
     def trusted_now(self, system_now: datetime | None = None) -> datetime:
         """The later of the system clock and the latest trusted time seen."""
         now = system_now or utcnow()
-        p = self.path / "trusted-time"
-        if p.exists():
-            try:
-                seen = parse_time(p.read_text().strip(), "trusted-time")
-            except ValueError:
-                return now
-            return max(now, seen)
-        return now
+        seen = self._stored_time()
+        return now if seen is None else max(now, seen)
 
-    def advance_trusted_time(self, seen: datetime) -> None:
-        """Record signed time seen; never moves backwards."""
-        if seen.tzinfo is None:
-            seen = seen.replace(tzinfo=timezone.utc)
-        if seen > self.trusted_now(datetime.min.replace(tzinfo=timezone.utc)):
-            atomic_write(self.path / "trusted-time", format_time(seen).encode())
+    def advance_trusted_time(
+        self, seen: datetime, *, clock_skew: timedelta = timedelta(minutes=5)
+    ) -> None:
+        """Record signed time seen, never beyond this device's clock plus ``clock_skew``
+        (:meth:`TrustState.advance_time`); never moves backwards."""
+        stored = self._stored_time()
+        taken = advanced_time(stored, seen, clock=utcnow(), skew=clock_skew)
+        if taken is not None and taken != stored:
+            atomic_write(self.path / "trusted-time", format_time(taken).encode())
+
+
+def _list_versions(state: TrustState) -> dict[str, int]:
+    return {k: rl.version for k, rl in state.revocations.items()}

@@ -138,11 +138,11 @@ class Agent:
     # -- policy ------------------------------------------------------------------------
 
     def policy(self, model: str | None, *, installing: bool) -> VerifyPolicy:
-        anchor = self.home.anchor()
+        state = self.home.trust_state()
         return VerifyPolicy(
-            anchor=anchor,
+            anchor=state.anchor,
+            trust=state,
             now=self.home.trusted_now() if installing else None,
-            known_revocations=self.home.known_revocations(anchor),
             floor=self.store.floors.get(model) if model and installing else None,
             architecture=machine_architecture(),
             agent_version=__version__,
@@ -222,9 +222,15 @@ class Agent:
     def commit_staged(self, name: str, checked: ServingModel) -> dict[str, Any]:
         """Make the checked staged slot active and serve it; the old one is the fallback."""
         with self._lock:
-            journal = self.store.commit(name)
+            # The verified trust statements first: merging them cannot fail on anything
+            # the bundle carries (only on I/O), and a failure here leaves the store as it
+            # was instead of a committed slot with an exit status of 1.
             self.home.remember_trust(checked.opened.bundle)
-            self.home.advance_trusted_time(checked.opened.manifest.created)
+            self.home.advance_trusted_time(
+                checked.opened.manifest.created,
+                clock_skew=timedelta(seconds=self.config.device.clock_skew),
+            )
+            journal = self.store.commit(name)
             old = self.serving.get(name)
             self.serving[name] = checked
         if old is not None:

@@ -4,9 +4,11 @@ A keyring is a directory (``--keys-dir``, ``$EDGESEAL_KEYS``, default
 ``~/.local/share/edgeseal/keys``)::
 
     root.key  root.pub  root.json     the current root (root.json: version, key id)
+    root-N.key  root-N.pub            former roots (N: the version they were)
     rotations.json                    root rotation statements, oldest first
     signers/NAME.key  NAME.cert.json  signer keys and their root-signed certificates
-    revocations.json                  the newest root-signed revocation list
+    revocations.json                  the newest revocation list, signed by the current
+                                      root (rotate-root issues it again under the new one)
     devices.json                      the device registry: id -> public key, target
 
 Private keys are written 0600 and refused when group- or world-readable.
@@ -18,7 +20,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeseal.core.encoding import b64d, canonical_json, format_time, parse_json_object, utcnow
-from edgeseal.core.errors import KeyFileError
+from edgeseal.core.errors import EdgesealError, KeyFileError, SignatureError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keys import (
     Signer,
@@ -193,6 +195,8 @@ class Keyring:
         """Make a new root, signed over by the old one; the old key is kept as root-N.key."""
         old = self.root_signer()
         version = int(self._root_meta()["version"]) + 1
+        revoked = self._verified_revocations()
+        write_public_key(self.path / f"root-{version - 1}.pub", old.public_key)
         token = None
         if self.root_token_path.exists():  # the new root goes where the old one is
             token = json.loads(self.root_token_path.read_bytes())
@@ -212,7 +216,11 @@ class Keyring:
         atomic_write(
             self.path / "root.json", canonical_json({"version": version, "keyid": new.key_id})
         )
-        # Certificates and revocations signed by the old root are void under the new one.
+        # Certificates signed by the old root are void under the new one; the revocation
+        # list is issued again by the new root (devices check a list against the root
+        # they trust now), so nothing revoked comes back.
+        if revoked is not None:
+            self._write_revocations(new, revoked[1], version=revoked[0] + 1)
         return new.key_id, version
 
     # -- signers -------------------------------------------------------------------
@@ -291,19 +299,51 @@ class Keyring:
         kid = signer
         if not re.fullmatch(r"[0-9a-f]{64}", signer):
             kid = str(self.certificate_payload(signer)["keyid"])
-        current = self.revocations()
-        revoked: dict[str, str] = {}
-        version = 1
-        if current is not None:
-            existing = verify_revocations(current, self.anchor())
-            revoked = dict(existing.revoked)
-            version = existing.version + 1
+        existing = self._verified_revocations()
+        version, revoked = (existing[0] + 1, dict(existing[1])) if existing else (1, {})
         revoked[kid] = reason
-        doc = make_revocations(
-            self.root_signer(), version=version, revoked=revoked, issued=now or utcnow()
-        )
-        atomic_write(self.path / "revocations.json", canonical_json(doc))
+        self._write_revocations(self.root_signer(), revoked, version=version, now=now)
         return version
+
+    def _write_revocations(
+        self,
+        root: Signer,
+        revoked: Mapping[str, str],
+        *,
+        version: int,
+        now: datetime | None = None,
+    ) -> None:
+        doc = make_revocations(root, version=version, revoked=revoked, issued=now or utcnow())
+        atomic_write(self.path / "revocations.json", canonical_json(doc))
+
+    def _verified_revocations(self) -> tuple[int, dict[str, str]] | None:
+        """(version, revoked) of the keyring's list, verified under the current root or a
+        former one (a keyring rotated by an older edgeseal kept the old root's list)."""
+        current = self.revocations()
+        if current is None:
+            return None
+        for anchor in self._current_and_former_roots():
+            try:
+                rl = verify_revocations(current, anchor)
+            except SignatureError:
+                continue
+            return rl.version, dict(rl.revoked)
+        raise KeyFileError(
+            f"{self.path / 'revocations.json'} is not signed by this keyring's root or a former one"
+        )
+
+    def _current_and_former_roots(self) -> Iterator[TrustAnchor]:
+        """The current root, then former ones (root-N.pub, or the key file of a former
+        root rotated by an older edgeseal, which kept no root-N.pub), opened lazily."""
+        yield self.anchor()
+        for p in sorted(self.path.glob("root-*.pub")):
+            yield TrustAnchor.from_pem_files([p.read_bytes()])
+        for p in sorted(self.path.glob("root-*.key")):
+            try:
+                signer = self._load_key(p, self.path / f"{p.stem}.token.json", self.passphrase)
+            except (EdgesealError, ValueError, OSError):  # cannot open it here: skip it
+                continue
+            yield TrustAnchor.from_public_keys([signer.public_key])
 
     # -- devices -------------------------------------------------------------------
     def _devices_obj(self) -> dict[str, Any]:

@@ -42,11 +42,9 @@ from edgeseal.core.trust import (
     RevocationList,
     SignerCertificate,
     TrustAnchor,
-    apply_rotations,
-    newest_revocations,
-    verify_revocations,
     verify_signer_certificate,
 )
+from edgeseal.core.truststate import TrustState
 from edgeseal.core.writer import content_key_info, signed_message
 
 __all__ = [
@@ -77,11 +75,15 @@ class VerifyPolicy:
     ``now=None`` means "serving a bundle that was checked when it was installed": no time
     checks (expiry is checked when installing, never while serving). ``None`` for
     ``floor``, ``architecture``, ``agent_version`` or ``runtimes`` skips that check.
+    ``trust`` is the device's whole trust state (root chain, revocations per root); when
+    it is ``None`` the reader starts from ``anchor`` alone. ``known_revocations`` adds a
+    list to the revoked signers either way.
     """
 
     anchor: TrustAnchor
     now: datetime | None
     known_revocations: RevocationList | None = None
+    trust: TrustState | None = None
     floor: int | None = None
     architecture: str | None = None
     agent_version: str | None = None
@@ -101,6 +103,9 @@ class VerifiedBundle:
     anchor: TrustAnchor
     revocations: RevocationList | None
     trust: dict[str, Any]
+    #: The device's trust state as it would be after accepting this bundle (root chain
+    #: followed, carried list taken): the store merges it in when it commits.
+    trust_state: TrustState
 
 
 def _unverified_trust(unverified_block: bytes) -> tuple[list[object], object, object]:
@@ -127,15 +132,16 @@ def verify_prelude(
     unverified_sig = unverified_prefix[header.signature_offset : header.payload_offset]
     # V2: the trust block parses (its contents are not trusted yet).
     rotations, unverified_cert, unverified_revocations = _unverified_trust(unverified_trust)
-    # V3: follow root rotations from the pinned root; later steps use the resulting root.
-    anchor = apply_rotations(policy.anchor, rotations)
-    # V4: a carried revocation list must be signed by the root; the newest list wins.
-    carried = (
-        verify_revocations(unverified_revocations, anchor)
-        if unverified_revocations is not None
-        else None
-    )
-    revocations = newest_revocations(policy.known_revocations, carried)
+    # V3: follow root rotations from the device's root (pinned, or as far as it followed
+    # the chain; a pinned root found inside the chain takes its place there); later steps
+    # use the resulting root.
+    state = (policy.trust or TrustState.pinned_to(policy.anchor)).follow(rotations)
+    anchor = state.anchor
+    # V4: a carried revocation list must be signed by that root; it is merged with the
+    # lists the device knows (newest per root); every signer any of them names is revoked.
+    if unverified_revocations is not None:
+        state = state.with_revocations(unverified_revocations)
+    revocations = state.effective_revocations(policy.known_revocations)
     # V5: the signer certificate is signed by the root, valid now, not revoked, may pack.
     signer = verify_signer_certificate(
         unverified_cert, anchor, now=policy.now, revocations=revocations
@@ -165,7 +171,9 @@ def verify_prelude(
         "signer": unverified_cert,
         "revocations": unverified_revocations,
     }
-    return VerifiedBundle(header, manifest, manifest_bytes, signer, anchor, revocations, trust)
+    return VerifiedBundle(
+        header, manifest, manifest_bytes, signer, anchor, revocations, trust, state
+    )
 
 
 def _check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:

@@ -9,7 +9,10 @@ objects or raise. No file, socket or key store is touched here. Stable API.
 - A signer certificate binds a signer key to roles (``pack``, ``deploy``), model-name
   patterns and a validity window; it is signed by the root.
 - A revocation list, signed by the root, names revoked signer keys; a newer version
-  replaces an older one, an older one never replaces a newer one.
+  replaces an older one, an older one never replaces a newer one. A device keeps the
+  newest list of each root of its chain (:mod:`edgeseal.core.truststate`).
+- A root pinned without its version (provisioned after rotations) finds its place in a
+  chain from the statement that introduced it (:func:`follow_rotations`).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ __all__ = [
     "SignerCertificate",
     "TrustAnchor",
     "apply_rotations",
+    "follow_rotations",
     "make_revocations",
     "make_rotation",
     "make_signer_certificate",
     "newest_revocations",
+    "rotation_root",
     "verify_revocations",
     "verify_signer_certificate",
 ]
@@ -135,25 +140,53 @@ def make_rotation(old_root: Signer, new_root: Signer, *, version: int) -> dict[s
 
 
 def apply_rotations(anchor: TrustAnchor, unverified_rotations: Sequence[object]) -> TrustAnchor:
-    """Follow rotation statements from ``anchor``; statements at or below its version are
-    skipped (already applied), each later one must be the next version, signed by the
-    current root and by the new key."""
+    """Follow rotation statements from ``anchor`` (see :func:`follow_rotations`)."""
+    return follow_rotations(anchor, unverified_rotations)[0]
+
+
+def follow_rotations(
+    anchor: TrustAnchor, unverified_rotations: Sequence[object]
+) -> tuple[TrustAnchor, list[dict[str, Any]]]:
+    """Follow rotation statements from ``anchor``; return the root reached and the
+    statements used (oldest first), so a caller can keep exactly what it followed.
+
+    First, *locate*: a root pinned without knowing its place in the chain (a device
+    provisioned with an already rotated ``root.pub`` pins it as version 1) learns its
+    version from the statement that introduced it, which that root itself signed.
+    Then *follow*: statements at or below the current version are skipped (already
+    applied); each later one must be the next version, signed by the current root and by
+    the new key. Statements need not be in order.
+    """
     if len(unverified_rotations) > MAX_ROTATIONS:
         raise TrustError(f"more than {MAX_ROTATIONS} root rotations")
+    peeked = sorted(
+        ((_peek_rotation(u), i) for i, u in enumerate(unverified_rotations)),
+        key=lambda p: (p[0][0], p[1]),
+    )
     current = anchor
-    for unverified in unverified_rotations:
-        body = _peek_rotation(unverified)
-        version, new_pem = body
+    used: list[dict[str, Any]] = []
+    for (version, new_pem), i in peeked:
         if version <= current.version:
             continue
+        new_key = _rotation_key(new_pem)
+        new_id = key_id(new_key)
+        if new_id not in current.keys:
+            continue
+        unverified = unverified_rotations[i]
+        # Locate: the statement that introduced a pinned root, signed by that root.
+        verify_envelope(unverified, ROTATION_TYPE, {new_id: new_key}, require=[new_id])
+        assert isinstance(unverified, dict)
+        current = TrustAnchor(current.keys, version)
+        used.append(unverified)
+    for (version, new_pem), i in peeked:
+        if version <= current.version:
+            continue
+        unverified = unverified_rotations[i]
         if version != current.version + 1:
             raise TrustError(
                 f"root rotation to version {version} skips version {current.version + 1}"
             )
-        try:
-            new_key = load_public_key(new_pem, "rotated root key")
-        except ValueError as e:
-            raise TrustError(str(e)) from e
+        new_key = _rotation_key(new_pem)
         new_id = key_id(new_key)
         payload = verify_envelope(
             unverified,
@@ -165,8 +198,24 @@ def apply_rotations(anchor: TrustAnchor, unverified_rotations: Sequence[object])
             raise TrustError("root rotation does not chain from the trusted root")
         # The statement must carry a signature by a current root key besides the new one.
         verify_envelope(unverified, ROTATION_TYPE, current.keys)
+        assert isinstance(unverified, dict)
         current = TrustAnchor({new_id: new_key}, version)
-    return current
+        used.append(unverified)
+    return current, used
+
+
+def rotation_root(statement: object) -> tuple[int, ec.EllipticCurvePublicKey]:
+    """The version and key a rotation statement introduces (read, not verified: for
+    statements :func:`follow_rotations` returned)."""
+    version, pem = _peek_rotation(statement)
+    return version, _rotation_key(pem)
+
+
+def _rotation_key(pem: str) -> ec.EllipticCurvePublicKey:
+    try:
+        return load_public_key(pem, "rotated root key")
+    except ValueError as e:
+        raise TrustError(str(e)) from e
 
 
 def _peek_rotation(unverified: object) -> tuple[int, str]:

@@ -429,6 +429,7 @@ def _controller(
         signer=sig,
         certificate=cert_obj,
         revocations=ring.revocations(),
+        rotations=ring.rotations(),
         anchor=ring.anchor(),
         share=share,
     )

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,9 @@ class _Signing:
     signer: Signer
     certificate: dict[str, Any]
     revocations: dict[str, Any] | None
+    #: The root rotation statements (oldest first) every message carries, so a device
+    #: that has not followed a rotation yet can check a certificate of the new root.
+    rotations: list[dict[str, Any]] = field(default_factory=list)
 
 
 #: An offer the broker has not acknowledged in this long is sent again.
@@ -105,6 +108,7 @@ class Controller:
         signer: Signer,
         certificate: Mapping[str, Any],
         revocations: Mapping[str, Any] | None = None,
+        rotations: Sequence[Mapping[str, Any]] = (),
         anchor: TrustAnchor | None = None,
         share: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -113,7 +117,10 @@ class Controller:
         self.store = store
         self.topics = topics or Topics()
         self.signing = _Signing(
-            signer, dict(certificate), dict(revocations) if revocations else None
+            signer,
+            dict(certificate),
+            dict(revocations) if revocations else None,
+            [dict(r) for r in rotations],
         )
         self.anchor = anchor
         self.clock = clock
@@ -278,6 +285,7 @@ class Controller:
             wire = sign_offer(
                 s.signer, s.certificate, offer, seq=self._seq(), to=("group", r.target),
                 now=_now_utc(now), rollout=r.id, revocations=s.revocations,
+                rotations=s.rotations,
             )  # fmt: skip
             info = self._publish(self.topics.group(r.target), wire, retain=True)
             unacked.append((tuple(devices), now, info))
@@ -286,6 +294,7 @@ class Controller:
                 wire = sign_offer(
                     s.signer, s.certificate, offer, seq=self._seq(), to=("device", d),
                     now=_now_utc(now), rollout=r.id, revocations=s.revocations,
+                    rotations=s.rotations,
                 )  # fmt: skip
                 info = self._publish(self.topics.device(d, "control"), wire, retain=True)
                 unacked.append(((d,), now, info))
@@ -325,7 +334,8 @@ class Controller:
             wire = make_message(
                 s.signer, s.certificate, action=action, seq=self._seq(), to=("device", d),
                 model=r.model, version=r.version, bundle_id=r.bundle_id,
-                now=_now_utc(self.clock()), revocations=s.revocations, rollout=r.id,
+                now=_now_utc(self.clock()), revocations=s.revocations,
+                rotations=s.rotations, rollout=r.id,
                 reason=reason,
             )  # fmt: skip
             self._publish(self.topics.device(d, "control"), wire, retain=False)

@@ -4,7 +4,13 @@ A control message is what the fleet sends a device or a group: an **offer** (ins
 bundle) or an **order** (fall back, quarantine now, finalize). On the wire it is JSON::
 
     {"envelope": <DSSE envelope of the payload>, "certificate": <signer certificate>,
-     "revocations": <revocation list, optional>}
+     "revocations": <revocation list, optional>,
+     "rotations": [<root rotation statement>, ...] (optional)}
+
+The rotation statements and the revocation list are the trust statements a device may
+need to check the certificate (a device that has not followed a root rotation yet
+follows it from the message); they are verified from the device's trust state like a
+bundle's (V3, V4), and the candidate state is in :attr:`ControlMessage.trust`.
 
 The envelope is signed by a signer whose certificate (from the root) has the ``deploy``
 role and a model pattern that matches the message's model. The payload names its target
@@ -44,10 +50,10 @@ from edgeseal.core.trust import (
     RevocationList,
     SignerCertificate,
     TrustAnchor,
-    newest_revocations,
     verify_revocations,
     verify_signer_certificate,
 )
+from edgeseal.core.truststate import TrustState
 from edgeseal.ota.topics import check_level
 
 __all__ = [
@@ -160,6 +166,9 @@ class ControlMessage:
     reason: str = ""
     revocations: RevocationList | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The device's trust state with this message's rotations and revocations taken:
+    #: the device merges it in (it only ever adds).
+    trust: TrustState | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -207,6 +216,7 @@ def make_message(
     now: datetime,
     valid_for: timedelta = timedelta(days=7),
     revocations: Mapping[str, Any] | None = None,
+    rotations: Sequence[Mapping[str, Any]] = (),
     **offer: Any,
 ) -> bytes:
     """Sign a control message. For ``install``, ``offer`` carries ``size``, ``sha256``,
@@ -233,6 +243,8 @@ def make_message(
     }
     if revocations is not None:
         wire["revocations"] = dict(revocations)
+    if rotations:
+        wire["rotations"] = [dict(r) for r in rotations]
     return canonical_json(wire)
 
 
@@ -245,18 +257,24 @@ def _field(payload: Mapping[str, Any], name: str, kind: type, default: Any = Non
 
 def _verified_payload(
     unverified: Mapping[str, Any],
-    anchor: TrustAnchor,
+    state: TrustState,
     known_revocations: RevocationList | None,
     now: datetime,
-) -> tuple[SignerCertificate, RevocationList | None, dict[str, Any]]:
-    # The newest revocation list wins: the one carried (if it verifies) or the known one.
+) -> tuple[SignerCertificate, RevocationList | None, dict[str, Any], TrustState]:
     carried = None
+    unverified_rotations = unverified.get("rotations", [])
+    if not isinstance(unverified_rotations, list):
+        raise OtaMessageError("OTA message rotations must be a list")
     try:
+        # V3 for messages: follow the rotations carried from the device's root.
+        state = state.follow(unverified_rotations)
+        # V4: a carried list must be signed by that root; every list known applies.
         if unverified.get("revocations") is not None:
-            carried = verify_revocations(unverified["revocations"], anchor)
-        revocations = newest_revocations(carried, known_revocations)
+            state = state.with_revocations(unverified["revocations"])
+            carried = verify_revocations(unverified["revocations"], state.anchor)
+        revocations = state.effective_revocations(known_revocations)
         cert = verify_signer_certificate(
-            unverified.get("certificate"), anchor, now=now, revocations=revocations
+            unverified.get("certificate"), state.anchor, now=now, revocations=revocations
         )
     except SignatureError as e:
         raise OtaMessageError(f"OTA message trust: {e}") from e
@@ -268,7 +286,7 @@ def _verified_payload(
         )
     except SignatureError as e:
         raise OtaMessageError(f"OTA message signature: {e}") from e
-    return cert, carried, payload
+    return cert, carried, payload, state
 
 
 def verify_message(
@@ -279,16 +297,21 @@ def verify_message(
     now: datetime,
     clock_skew: timedelta = timedelta(minutes=5),
     max_bundle_bytes: int = 2**31,
+    trust: TrustState | None = None,
 ) -> ControlMessage:
     """Verify a control message as received. Raises :class:`OtaMessageError` (or a
-    :class:`TrustError` branch for certificate and revocation problems)."""
+    :class:`TrustError` branch for certificate and revocation problems).
+
+    ``trust`` is the device's trust state; without it the check starts from ``anchor``
+    and ``known_revocations`` alone."""
     if len(unverified_wire) > MAX_MESSAGE_BYTES:
         raise OtaMessageError(f"OTA message of {len(unverified_wire)} bytes is over the limit")
     try:
         unverified = parse_json_object(unverified_wire, "OTA message")
     except ValueError as e:
         raise OtaMessageError(str(e)) from e
-    cert, carried, payload = _verified_payload(unverified, anchor, known_revocations, now)
+    state = trust if trust is not None else TrustState.pinned_to(anchor)
+    cert, carried, payload, state = _verified_payload(unverified, state, known_revocations, now)
     if payload.get("_type") != "ota-message":
         raise OtaMessageError("not an OTA message payload")
     action = _field(payload, "action", str)
@@ -331,6 +354,7 @@ def verify_message(
         "reason": str(payload.get("reason", ""))[:500],
         "revocations": carried,
         "extra": payload,
+        "trust": state,
     }
     if action != "install":
         return ControlMessage(**common)

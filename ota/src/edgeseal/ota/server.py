@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -91,6 +91,7 @@ def sign_offer(
     breaking: bool = False,
     trial: Mapping[str, Any] | None = None,
     revocations: dict[str, Any] | None = None,
+    rotations: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
     """An offer of ``bundle``; ``trial`` (optional): ``{"seconds", "max_error_rate",
     "max_ood_rate", "min_requests"}``, a trial window on live traffic before commit."""
@@ -110,6 +111,7 @@ def sign_offer(
         bundle_id=bundle.bundle_id,
         now=now,
         revocations=revocations,
+        rotations=rotations,
         size=bundle.size,
         sha256=bundle.sha256,
         chunk_bytes=bundle.chunk_bytes,

@@ -328,11 +328,13 @@ class Updater:
 
     def _verified_message(self, unverified_wire: bytes) -> tuple[ControlMessage, TrustAnchor]:
         """A control message checked against this device's trust and time now."""
-        anchor = self.agent.home.anchor()
+        state = self.agent.home.trust_state()
+        anchor = state.anchor
         msg = verify_message(
             unverified_wire,
             anchor=anchor,
-            known_revocations=self.agent.home.known_revocations(anchor),
+            trust=state,
+            known_revocations=None,
             now=self.agent.home.trusted_now(),
             clock_skew=timedelta(seconds=self.agent.config.device.clock_skew),
             max_bundle_bytes=self.config.max_bundle_bytes,
@@ -341,12 +343,12 @@ class Updater:
 
     def handle_control(self, unverified_wire: bytes) -> Decision:
         try:
-            msg, anchor = self._verified_message(unverified_wire)
+            msg, _ = self._verified_message(unverified_wire)
         except EdgesealError as e:
             self._refuse(f"{type(e).__name__}: {e}")
             return Decision("refuse", str(e))
-        if msg.revocations is not None:
-            self.agent.home.remember_revocations(msg.revocations, anchor)
+        if msg.trust is not None:  # verified statements: kept whatever is decided below
+            self.agent.home.remember(msg.trust)
         decision = judge(
             msg,
             device_id=self.device_id,
@@ -362,7 +364,9 @@ class Updater:
             if decision.reason != "duplicate":
                 self._record(msg)
             return decision
-        self.agent.home.advance_trusted_time(msg.issued)
+        self.agent.home.advance_trusted_time(
+            msg.issued, clock_skew=timedelta(seconds=self.agent.config.device.clock_skew)
+        )
         # Act first, then record: a crash in between leaves the message unrecorded, so its
         # redelivery (retained, or queued in the session) is judged again, and finds the
         # update in progress or the order already done. Recorded first, a crash would make
