@@ -115,6 +115,23 @@ def test_a_tampered_bundle_exits_1_and_names_the_failure(workspace):
     }
 
 
+def test_verify_without_a_key_refuses_a_flipped_payload_byte(workspace):
+    """The signed manifest lists every sealed chunk's digest: `verify` checks them
+    without any key, so a flipped payload byte is refused (exit 1); only `--quick` skips
+    it, and then says the payload was not checked."""
+    tmp, env = workspace
+    data = bytearray((tmp / "m.esb").read_bytes())
+    data[-20] ^= 0x40
+    (tmp / "bad.esb").write_bytes(bytes(data))
+    root = str(tmp / "keys/root.pub")
+    proc = run("verify", str(tmp / "bad.esb"), "--root", root, "--json", env=env, check=1)
+    assert json.loads(proc.stdout)["error"] == "DigestMismatchError"
+    good = json.loads(run("verify", str(tmp / "m.esb"), "--root", root, "--json", env=env).stdout)
+    assert good["payload_checked"] and "V13 chunk digests (sealed payload)" in good["checked"]
+    quick = run("verify", str(tmp / "bad.esb"), "--root", root, "--quick", env=env)
+    assert "payload not checked" in quick.stdout and "verified" in quick.stdout
+
+
 def test_a_model_outside_the_signers_scope_is_refused_with_exit_1(workspace):
     tmp, env = workspace
     proc = run(

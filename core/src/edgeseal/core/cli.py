@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeseal.core.config import load_config
@@ -426,10 +427,19 @@ def verify(
         str | None,
         typer.Option(help="Verify as of this UTC time (2026-01-31T12:00:00Z) instead of now."),
     ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="Check the signature chain only, not the sealed payload's chunk digests.",
+        ),
+    ] = False,
     config: Config = None,
     as_json: Json = False,
 ) -> None:
-    """Check a bundle's trust chain, signature, expiry and, with --device-key, its contents."""
+    """Check a bundle's trust chain, signature, expiry and its sealed payload against the
+    signed chunk digests (no key needed; --quick skips it); with --device-key also
+    decrypt every section and check its digest."""
     cfg = load_config(config)
     now = parse_time(at, "--at") if at else utcnow()
     anchor = TrustAnchor.from_pem_files([p.read_bytes() for p in root])
@@ -446,6 +456,10 @@ def verify(
     ]
     with BundleFile.open(bundle) as bf:
         vb = bf.verify(policy)
+        if device_key is None and not quick:
+            # V13, first half: every sealed chunk is the one the signed manifest lists.
+            bf.check_chunk_digests(vb)
+            steps.append("V13 chunk digests (sealed payload)")
         if device_key is not None:
             ks = InMemoryKey(load_private_key(device_key, passphrase=passphrase_from(None)))
             ckey = unwrap_content_key(vb.manifest, ks)
@@ -469,15 +483,21 @@ def verify(
         "signer_key_id": vb.signer.key_id,
         "root_version": vb.anchor.version,
         "checked": steps,
+        "payload_checked": not quick or device_key is not None,
         "at": format_time(now),
     }
+    verdict = (
+        "[bold green]verified[/]"
+        if data["payload_checked"]
+        else "[bold yellow]signature verified[/] (payload not checked: --quick)"
+    )
     emit(
         data,
         as_json=as_json,
         render=lambda: out_console.print(
             "\n".join(f"[green]✓[/] {s}" for s in steps)
-            + f"\n[bold green]verified[/]: {m.model_name} v{m.version}, signed by "
-            f"{vb.signer.name} ({vb.signer.key_id[:16]})"
+            + f"\n{verdict}: {escape(m.model_name)} v{m.version}, signed by "
+            f"{escape(vb.signer.name)} ({vb.signer.key_id[:16]})"
         ),
     )
 
