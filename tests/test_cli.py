@@ -132,6 +132,17 @@ def test_verify_without_a_key_refuses_a_flipped_payload_byte(workspace):
     assert "payload not checked" in quick.stdout and "verified" in quick.stdout
 
 
+def test_inspect_prints_a_bundles_unverified_strings_as_written(workspace):
+    """`inspect` shows what an unverified bundle says: as text, never as markup (a model
+    name of "[/]" crashed it)."""
+    tmp, env = workspace
+    data = (tmp / "m.esb").read_bytes()
+    assert data.count(b'"cls-a"') == 1
+    (tmp / "odd.esb").write_bytes(data.replace(b'"cls-a"', b'"[/]b["'))
+    proc = run("inspect", str(tmp / "odd.esb"), env=env)
+    assert "model [/]b[ v1" in proc.stdout
+
+
 def test_a_model_outside_the_signers_scope_is_refused_with_exit_1(workspace):
     tmp, env = workspace
     proc = run(

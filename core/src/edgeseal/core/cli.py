@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from edgeseal.core.config import load_config
 from edgeseal.core.console import (
@@ -23,6 +23,7 @@ from edgeseal.core.console import (
     err_console,
     out_console,
     reports_errors,
+    untrusted,
 )
 from edgeseal.core.encoding import b64d, format_time, parse_json_object, parse_time, utcnow
 from edgeseal.core.errors import MalformedBundleError
@@ -362,47 +363,60 @@ def inspect(
     m = s["manifest"]
 
     def render() -> None:
+        # Every value below is the bundle's own, unverified: printed as text, never markup.
+        u = untrusted
         model = m.get("model", {})
         out_console.print(
-            f"[bold]{bundle}[/] ({s['size']:,} bytes, format v{s['format_version']})"
+            f"[bold]{u(bundle)}[/] ({s['size']:,} bytes, format v{s['format_version']})"
             "  [yellow](not verified: run edgeseal verify)[/]"
         )
         out_console.print(
-            f"model {model.get('name')} v{model.get('version')} "
-            f"({model.get('format')}), bundle {m.get('bundle_id')}"
+            u(
+                f"model {model.get('name')} v{model.get('version')} "
+                f"({model.get('format')}), bundle {m.get('bundle_id')}"
+            )
         )
-        out_console.print(f"created {m.get('created')}, expires {m.get('expires')}")
+        out_console.print(u(f"created {m.get('created')}, expires {m.get('expires')}"))
         tgt = m.get("target", {})
         out_console.print(
-            f"target {','.join(tgt.get('architectures', []))} runtime "
-            f"{tgt.get('runtime')} agent>={tgt.get('min_agent_version')}"
+            u(
+                f"target {','.join(map(str, tgt.get('architectures', [])))} runtime "
+                f"{tgt.get('runtime')} agent>={tgt.get('min_agent_version')}"
+            )
+        )
+        chunk = m.get("chunk_size")
+        out_console.print(
+            u(
+                f"cipher {m.get('cipher')}, chunks of "
+                f"{f'{chunk:,}' if isinstance(chunk, int) else chunk} bytes; "
+                f"key wrap {m.get('key_wrap')}"
+            )
         )
         out_console.print(
-            f"cipher {m.get('cipher')}, chunks of {m.get('chunk_size'):,} bytes; "
-            f"key wrap {m.get('key_wrap')}"
-        )
-        out_console.print(
-            f"signer {s['signer']['name']} ({str(s['signer']['keyid'])[:16]}), "
-            f"roles {s['signer']['roles']}, valid until {s['signer']['not_after']}"
+            u(
+                f"signer {s['signer']['name']} ({str(s['signer']['keyid'])[:16]}), "
+                f"roles {s['signer']['roles']}, valid until {s['signer']['not_after']}"
+            )
         )
         t = Table("section", "plaintext bytes", "chunks", "sha256")
         for sec in m.get("sections", []):
+            size = sec.get("plaintext_size", 0)
             t.add_row(
-                sec.get("name"),
-                f"{sec.get('plaintext_size', 0):,}",
-                str(len(sec.get("chunks", []))),
-                str(sec.get("sha256"))[:16],
+                Text(str(sec.get("name"))),
+                Text(f"{size:,}" if isinstance(size, int) else str(size)),
+                Text(str(len(sec.get("chunks", [])))),
+                Text(str(sec.get("sha256"))[:16]),
             )
         out_console.print(t)
         io = m.get("io", {})
         for kind in ("inputs", "outputs"):
             for tensor in io.get(kind, []):
                 out_console.print(
-                    f"{kind[:-1]} {tensor['name']}: {tensor['dtype']} {tensor['shape']}"
+                    u(f"{kind[:-1]} {tensor['name']}: {tensor['dtype']} {tensor['shape']}")
                 )
         rec = m["recipients"]
         shown = ", ".join(str(r["device"]) for r in rec[:8])
-        out_console.print(f"{len(rec)} recipient(s): {shown}{' ...' if len(rec) > 8 else ''}")
+        out_console.print(u(f"{len(rec)} recipient(s): {shown}{' ...' if len(rec) > 8 else ''}"))
 
     emit(s, as_json=as_json, render=render)
 
@@ -496,8 +510,8 @@ def verify(
         as_json=as_json,
         render=lambda: out_console.print(
             "\n".join(f"[green]✓[/] {s}" for s in steps)
-            + f"\n{verdict}: {escape(m.model_name)} v{m.version}, signed by "
-            f"{escape(vb.signer.name)} ({vb.signer.key_id[:16]})"
+            + f"\n{verdict}: {untrusted(m.model_name)} v{m.version}, signed by "
+            f"{untrusted(vb.signer.name)} ({vb.signer.key_id[:16]})"
         ),
     )
 
