@@ -28,7 +28,7 @@ from edgeseal.core.console import (
 from edgeseal.core.encoding import b64d, format_time, parse_json_object, parse_time, utcnow
 from edgeseal.core.errors import MalformedBundleError
 from edgeseal.core.keyring import Keyring, default_keys_dir, parse_device_public_key
-from edgeseal.core.keys import load_private_key, passphrase_from
+from edgeseal.core.keys import key_protection, load_private_key, passphrase_from
 from edgeseal.core.keystore import InMemoryKey
 from edgeseal.core.layout import HEADER_LEN, parse_header
 from edgeseal.core.reader import BundleFile, VerifyPolicy, unwrap_content_key, wipe
@@ -59,10 +59,34 @@ PassFile = Annotated[
     Path | None,
     typer.Option(
         "--passphrase-file",
-        help="File whose first line is the root key passphrase "
-        "(else $EDGESEAL_PASSPHRASE; none: key stored unencrypted).",
+        help="File whose first line is the root key passphrase (else $EDGESEAL_PASSPHRASE).",
     ),
 ]
+NoPassphrase = Annotated[
+    bool,
+    typer.Option(
+        "--no-passphrase",
+        help="Store the new key unencrypted (demos and tests only; keys list reports it).",
+    ),
+]
+
+
+def _new_key_passphrase(
+    passphrase: bytes | None, *, no_passphrase: bool, token: object, what: str, option: str
+) -> None:
+    """Keys are written encrypted unless asked otherwise: a new software key needs a
+    passphrase or an explicit --no-passphrase (a key on a token needs neither)."""
+    if token is not None:
+        return
+    if passphrase is not None and no_passphrase:
+        raise ValueError(f"give either {option} or --no-passphrase for the {what}, not both")
+    if passphrase is None and not no_passphrase:
+        raise ValueError(
+            f"the {what} would be stored unencrypted: give {option} (its first line is the "
+            "passphrase), or --no-passphrase to store it unencrypted on purpose"
+        )
+
+
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Config = Annotated[
     Path | None,
@@ -97,15 +121,25 @@ def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
     force: bool = False,
+    no_passphrase: NoPassphrase = False,
     pkcs11_module: Pkcs11Module = "",
     token_label: TokenLabel = "",
     pin_file: PinFile = "",
     as_json: Json = False,
 ) -> None:
     """Create the offline root key (in a file, or on a PKCS#11 token with --pkcs11-module).
-    Devices pin its public key (root.pub)."""
+    Devices pin its public key (root.pub). A file key is encrypted with the passphrase
+    (--passphrase-file or $EDGESEAL_PASSPHRASE) unless --no-passphrase says otherwise."""
     ring = _keyring(keys_dir, passphrase_file)
-    kid = ring.init_root(force=force, token=_token_ref(pkcs11_module, token_label, pin_file))
+    token = _token_ref(pkcs11_module, token_label, pin_file)
+    _new_key_passphrase(
+        ring.passphrase,
+        no_passphrase=no_passphrase,
+        token=token,
+        what="root key",
+        option="--passphrase-file",
+    )
+    kid = ring.init_root(force=force, token=token)
     emit(
         {
             "ok": True,
@@ -119,9 +153,9 @@ def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not
             f"devices pin: {ring.root_pub_path}"
             + (
                 ""
-                if ring.passphrase
+                if ring.passphrase or token is not None
                 else "\n[yellow]warning[/]: root key stored without a "
-                "passphrase (give --passphrase-file for anything but a demo)"
+                "passphrase (--no-passphrase: for demos and tests only)"
             )
         ),
     )
@@ -139,22 +173,38 @@ def new_signer(  # nosec B107 # pin_file="" is "no PIN file" (a path option), no
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
     signer_passphrase_file: Annotated[
-        Path | None, typer.Option(help="Encrypt the signer key with this passphrase (first line).")
+        Path | None,
+        typer.Option(
+            help="Encrypt the signer key with this passphrase (first line; else "
+            "$EDGESEAL_SIGNER_PASSPHRASE)."
+        ),
     ] = None,
+    no_passphrase: NoPassphrase = False,
     pkcs11_module: Pkcs11Module = "",
     token_label: TokenLabel = "",
     pin_file: PinFile = "",
     as_json: Json = False,
 ) -> None:
-    """Create a signer key (in a file, or on a PKCS#11 token) and a root-signed certificate."""
+    """Create a signer key (in a file, or on a PKCS#11 token) and a root-signed certificate.
+    A file key is encrypted (--signer-passphrase-file) unless --no-passphrase says
+    otherwise."""
+    token = _token_ref(pkcs11_module, token_label, pin_file)
+    signer_passphrase = passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE")
+    _new_key_passphrase(
+        signer_passphrase,
+        no_passphrase=no_passphrase,
+        token=token,
+        what=f"signer key {name!r}",
+        option="--signer-passphrase-file",
+    )
     ring = _keyring(keys_dir, passphrase_file)
     ring.new_signer(
         name,
         roles=role,
         model_patterns=models,
         days=days,
-        signer_passphrase=passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"),
-        token=_token_ref(pkcs11_module, token_label, pin_file),
+        signer_passphrase=signer_passphrase,
+        token=token,
     )
     payload = ring.certificate_payload(name)
     emit(
@@ -172,12 +222,21 @@ def new_signer(  # nosec B107 # pin_file="" is "no PIN file" (a path option), no
 def rotate_root(
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
+    no_passphrase: NoPassphrase = False,
     as_json: Json = False,
 ) -> None:
     """Replace the root key; the new root is announced by a statement the old root signs.
+    The new root file is encrypted with the same passphrase (--no-passphrase: unencrypted).
 
     Signers must be certified again under the new root (keys new-signer)."""
     ring = _keyring(keys_dir, passphrase_file)
+    _new_key_passphrase(
+        ring.passphrase,
+        no_passphrase=no_passphrase,
+        token=True if ring.root_token_path.exists() else None,
+        what="new root key",
+        option="--passphrase-file",
+    )
     kid, version = ring.rotate_root()
     emit(
         {"ok": True, "root_key_id": kid, "version": version},
@@ -256,6 +315,14 @@ def remove(
     )
 
 
+def _shown_protection(protection: str) -> str:
+    return {
+        "passphrase": "encrypted",
+        "token": "on a token",
+        "none": "[yellow]unencrypted[/]",
+    }.get(protection, f"[red]{protection}[/]")
+
+
 @keys_app.command("list")
 @reports_errors
 def list_keys(
@@ -274,23 +341,43 @@ def list_keys(
     )
     revoked_ids = {r["keyid"] for r in revoked}
     devices = [d.to_obj() for d in ring.devices()]
+
+    def protection(key_path: Path, token_path: Path) -> str:
+        return "token" if token_path.exists() else key_protection(key_path)
+
+    root_protection = protection(ring.root_key_path, ring.root_token_path)
+    for s in signers:
+        key_path, _ = ring.signer_paths(s["name"])
+        s["protection"] = protection(key_path, key_path.with_name(f"{s['name']}.token.json"))
+    unencrypted = [s["name"] for s in signers if s["protection"] == "none"]
+    if root_protection == "none":
+        unencrypted.insert(0, "root")
     data = {
-        "root": {"key_ids": list(anchor.keys), "version": anchor.version},
+        "root": {
+            "key_ids": list(anchor.keys),
+            "version": anchor.version,
+            "protection": root_protection,
+        },
         "signers": signers,
+        "unencrypted_keys": unencrypted,
         "revoked": revoked,
         "devices": devices,
     }
 
     def render() -> None:
-        out_console.print(f"root v{anchor.version}: {', '.join(k[:16] for k in anchor.keys)}")
-        t = Table("signer", "key id", "roles", "models", "valid until", "status")
+        out_console.print(
+            f"root v{anchor.version}: {', '.join(k[:16] for k in anchor.keys)} "
+            + _shown_protection(root_protection)
+        )
+        t = Table("signer", "key id", "roles", "models", "valid until", "key", "status")
         for s in signers:
             t.add_row(
-                s["name"],
+                untrusted(s["name"]),
                 s["keyid"][:16],
-                ",".join(s["roles"]),
-                ",".join(s["model_patterns"]),
-                s["not_after"],
+                untrusted(",".join(s["roles"])),
+                untrusted(",".join(s["model_patterns"])),
+                untrusted(s["not_after"]),
+                _shown_protection(s["protection"]),
                 "[red]revoked[/]" if s["keyid"] in revoked_ids else "ok",
             )
         out_console.print(t)
