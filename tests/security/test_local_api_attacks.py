@@ -619,3 +619,21 @@ def test_refused_calls_are_audited_and_a_flood_of_them_is_bounded(serving, tmp_p
         assert len(flood) <= api_module.REFUSALS_PER_MINUTE + 1
     finally:
         server.stop()
+
+
+def test_without_so_peergroups_the_groups_of_a_gone_or_newer_process_are_not_used(monkeypatch):
+    """The fallback for kernels before 4.13 reads /proc at accept, and keeps the groups
+    only of a process that started before the read and is the same one after it."""
+    import edgeseal.agent.api as api_module
+
+    mine = api_module._proc_groups(os.getpid())
+    assert set(mine) == set(os.getgroups())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert api_module._proc_groups(pid) == ()  # gone
+    real = api_module._start_ticks
+    ticks = iter([real(os.getpid()), (real(os.getpid()) or 0) + 1])
+    monkeypatch.setattr(api_module, "_start_ticks", lambda p: next(ticks))
+    assert api_module._proc_groups(os.getpid()) == ()  # replaced while it was read
