@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeseal.agent.acl import Caller
 from edgeseal.agent.api import REUSED_BODY_BYTES, _Handler, decode_tensors
 from edgeseal.agent.client import Client
 from edgeseal.agent.sockio import kernel_timeouts, send_all
@@ -127,7 +128,7 @@ class _NoApi:
 
 def test_a_connection_reuses_its_body_buffer_only_when_nothing_still_refers_to_it(pair):
     a, _ = pair
-    h = _Handler(a, _NoApi())  # type: ignore[arg-type]
+    h = _Handler(a, _NoApi(), Caller(uid=0, gid=0, pid=0))  # type: ignore[arg-type]
     first = h._body_buffer(1000)
     first_id = id(first.obj)
     del first
@@ -143,7 +144,7 @@ def test_a_connection_reuses_its_body_buffer_only_when_nothing_still_refers_to_i
 
 def test_a_body_larger_than_the_reuse_limit_gets_its_own_buffer(pair):
     a, _ = pair
-    h = _Handler(a, _NoApi())  # type: ignore[arg-type]
+    h = _Handler(a, _NoApi(), Caller(uid=0, gid=0, pid=0))  # type: ignore[arg-type]
     big = h._body_buffer(REUSED_BODY_BYTES + 1)
     assert len(big) == REUSED_BODY_BYTES + 1
     assert h._body_buf is None  # not kept by the connection

@@ -108,3 +108,26 @@ def test_config_defaults_and_overrides():
 def test_bad_config_is_refused_with_the_offending_key(text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(text=text)
+
+
+def test_symbolic_dimensions_are_bounded_by_their_calibrated_size():
+    """A model with a free width: calibrated at 32 wide, a call may carry max_rows rows at
+    profile_dim_factor (4) times that width, never a width thousands of times larger."""
+    import numpy as np
+    import pytest
+
+    from edgeseal.core.manifest import TensorSpec
+    from edgeseal.core.profile import InputTooLargeError, compile_profile, make_profile
+
+    spec = TensorSpec("x", "float32", ("N", 3, "W"))
+    calib = np.random.default_rng(1).standard_normal((16, 3, 32)).astype(np.float32)
+    checks = compile_profile(make_profile({"x": calib}), [spec], max_rows=8, range_margin=0)
+    assert checks.max_elements == 8 * 3 * 128
+    checks.check({"x": calib[:8]})
+    checks.check({"x": np.zeros((1, 3, 1024), np.float32)})  # wider, within the bound
+    with pytest.raises(InputTooLargeError):
+        checks.check({"x": np.zeros((1, 3, 1 << 20), np.float32)})
+    capped = compile_profile({}, [spec], max_rows=8, max_elements=1000)
+    assert capped.max_elements == 1000  # no calibrated size: the configured cap
+    with pytest.raises(InputTooLargeError):
+        capped.check({"x": np.zeros((1, 3, 400), np.float32)})

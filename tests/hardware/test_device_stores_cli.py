@@ -12,8 +12,8 @@ from helpers import run
 
 def _provision_pack_infer(tmp_path, *store_args: str) -> dict:
     env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
-    run("keys", "init-root", env=env)
-    run("keys", "new-signer", "release", env=env)
+    run("keys", "init-root", "--no-passphrase", env=env)
+    run("keys", "new-signer", "release", "--no-passphrase", env=env)
     info = json.loads(
         run(
             "agent",

@@ -234,7 +234,7 @@ def test_the_ota_commands_enroll_a_registered_device_and_write_a_broker(tmp_path
         "EDGESEAL_PASSPHRASE": "",
     }
     home = tmp_path / "dev"
-    _cli("keys", "init-root", env=env)
+    _cli("keys", "init-root", "--no-passphrase", env=env)
     _cli("agent", "provision", "--home", str(home), "--root", str(tmp_path / "keys/root.pub"),
          "--device-id", "cam-01", env=env)  # fmt: skip
     _cli("ota", "ca-init", env=env)

@@ -43,8 +43,8 @@ def _stock_verify(model: Path, signature: Path, public_key: Path) -> subprocess.
 
 def test_the_stock_tool_verifies_the_oms_signature_pack_wrote(tmp_path):
     env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
-    run("keys", "init-root", env=env)
-    run("keys", "new-signer", "release", env=env)
+    run("keys", "init-root", "--no-passphrase", env=env)
+    run("keys", "new-signer", "release", "--no-passphrase", env=env)
     from edgeseal.packager.samples import make_onnx_classifier
 
     model = tmp_path / "classifier.onnx"

@@ -103,8 +103,8 @@ def test_the_gate_refuses_a_model_that_quantization_breaks(fleet, tmp_path):
 
 def test_the_cli_prints_the_report_and_exits_1_when_the_gate_fails(tmp_path):
     env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
-    run("keys", "init-root", env=env)
-    run("keys", "new-signer", "release", env=env)
+    run("keys", "init-root", "--no-passphrase", env=env)
+    run("keys", "new-signer", "release", "--no-passphrase", env=env)
     model, ds = make_trained_classifier(seed=3, outlier=1000.0)
     (tmp_path / "m.onnx").write_bytes(model)
     np.savez(tmp_path / "eval.npz", input=ds.x_test, labels=ds.y_test)

@@ -9,6 +9,8 @@ this uid with root and the agent's uid untrusted and a rule naming only another 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import struct
@@ -378,7 +380,7 @@ def test_a_caller_reading_a_large_answer_slowly_is_cut_off_at_the_send_deadline(
     serving, server, sock = api
     server.acl.trusted_uids = None
     # Any large answer will do (a big batch's JSON outputs, say): here the metrics'.
-    monkeypatch.setattr(server, "metrics", lambda: "# " + "x" * 4_000_000 + "\n")
+    monkeypatch.setattr(server, "metrics", lambda caller: "# " + "x" * 4_000_000 + "\n")
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(30)
     s.connect(str(sock))
@@ -398,3 +400,240 @@ def test_a_caller_reading_a_large_answer_slowly_is_cut_off_at_the_send_deadline(
     assert got < 4_000_000, "the whole answer went out to a reader this slow"
     assert held < 8.0, f"a slow reader held its connection {held:.1f} s"
     _good_request_works(sock, serving.snapshot().served[MODEL])
+
+
+def test_groups_cannot_be_borrowed_through_a_recycled_pid(api, monkeypatch):
+    """A caller connects from a child that exits; by the time the caller sends its
+    request, the child's pid names a process in the model's group (/proc says so). The
+    groups are the ones the kernel fixed at connect (SO_PEERGROUPS), not the pid's now."""
+    import pathlib
+
+    _, server, sock = api
+    privileged = 4242  # a group this test process is not in
+    assert privileged not in os.getgroups()
+    server.acl.rules = ((MODEL, AccessRule(uids=(), groups=("members",))),)
+    server.acl.group_ids = lambda name: privileged if name == "members" else None
+    parent, child_end = socket.socketpair(socket.AF_UNIX)
+    pid = os.fork()
+    if pid == 0:  # the child: connect, hand the socket over, exit
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sock))
+            socket.send_fds(child_end, [b"x"], [s.fileno()])
+        finally:
+            os._exit(0)
+    _, fds, _, _ = socket.recv_fds(parent, 1, 1)
+    os.waitpid(pid, 0)
+    real_read_text = pathlib.Path.read_text
+
+    def recycled(self, *a, **kw):  # the child's pid now belongs to a member's process
+        if str(self) == f"/proc/{pid}/status":
+            return f"Name:\tmember\nGroups:\t{privileged}\n"
+        return real_read_text(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", recycled)
+    conn = socket.socket(fileno=fds[0])
+    conn.settimeout(10)
+    try:
+        body = _npz(input=probe_input())
+        conn.sendall(_post(body))
+        answer = conn.recv(65536)
+    finally:
+        conn.close()
+        parent.close()
+        child_end.close()
+    assert _status(answer) == 403, answer[:200]
+
+
+def _held_open(sock: Path, n: int) -> tuple[list[socket.socket], int]:
+    """Open ``n`` idle connections; the ones the server still holds open a moment later,
+    and how many it answered with 503 and closed."""
+    conns = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock))
+        conns.append(s)
+    time.sleep(0.5)
+    kept, refused = [], 0
+    for s in conns:
+        s.setblocking(False)
+        try:
+            data = s.recv(4096)
+        except BlockingIOError:
+            kept.append(s)
+            continue
+        refused += _status(data) == 503
+        s.close()
+    return kept, refused
+
+
+def test_idle_connections_of_an_unlisted_uid_cannot_lock_listed_callers_out(api, monkeypatch):
+    """A uid no rule lists opens many idle connections: the server keeps at most its
+    per-uid share open (answering the rest 503 at once), and the places kept for listed
+    callers stay free, so a listed app is still served. (One uid runs the suite: the
+    flood's connections are credited to a uid no rule lists.)"""
+    import edgeseal.agent.api as api_module
+
+    serving, server, sock = api
+    expected = serving.snapshot().served[MODEL]
+    _allow(server)
+    server._server.max_total, server._server.max_per_uid, server._server.reserved = 12, 4, 6
+    real = api_module.peer_credentials
+    stranger = ME + 1000
+    monkeypatch.setattr(
+        api_module, "peer_credentials", lambda s: dataclasses.replace(real(s), uid=stranger)
+    )
+    flood, refused = _held_open(sock, 40)
+    try:
+        assert len(flood) == 4 and refused == 36
+        # Other unlisted uids fill the rest but the reserved places.
+        others = []
+        for i in range(3):
+            monkeypatch.setattr(
+                api_module,
+                "peer_credentials",
+                lambda s, u=stranger + 1 + i: dataclasses.replace(real(s), uid=u),
+            )
+            kept, _ = _held_open(sock, 4)
+            others += kept
+        assert len(flood) + len(others) == 12 - 6
+        monkeypatch.setattr(api_module, "peer_credentials", real)
+        _good_request_works(sock, expected)  # a listed caller takes a reserved place
+    finally:
+        for s in flood:
+            s.close()
+    assert 500 not in server.errors
+
+
+def test_a_huge_json_body_is_refused_from_its_head_before_it_is_read(api):
+    """A listed caller declares a 58 MiB JSON body: the model's inputs can never need
+    that many bytes, so the answer is 413 at once, from the head alone; the body is never
+    read or decoded (it is not even sent here)."""
+    serving, server, sock = api
+    _allow(server)
+    head = _post(b"", ctype="application/json", length=str(58 << 20))
+    answer = _raw(sock, head, timeout=5.0)
+    assert _status(answer) == 413, answer[:200]
+    _good_request_works(sock, serving.snapshot().served[MODEL])
+
+
+def test_a_compressed_npz_bomb_is_refused_from_its_array_headers(api):
+    """A small deflated .npz declaring millions of elements is refused (413) from its
+    .npy headers, before numpy inflates it."""
+    import io
+
+    _, server, sock = api
+    _allow(server)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, input=np.zeros(32 << 20, np.uint8))
+    assert len(buf.getvalue()) < 1 << 20  # within the body bound: only its content is big
+    answer = _raw(sock, _post(buf.getvalue()))
+    assert _status(answer) == 413, answer[:200]
+
+
+def test_the_rate_limit_is_applied_before_the_body_is_read(api):
+    """Past its rate limit, a caller is answered 429 from the head alone: its body is not
+    read (here it is never sent)."""
+    _, server, sock = api
+    _allow(server, rate_per_minute=1)
+    assert _status(_raw(sock, _post(_npz(input=probe_input())))) == 200
+    answer = _raw(sock, _post(b"", length="1000000"), timeout=5.0)
+    assert _status(answer) == 429, answer[:200]
+
+
+def test_inputs_and_outputs_beyond_the_models_size_bounds_are_refused_with_413(api, monkeypatch):
+    """The elements a call may carry and the output bytes it may make are bounded per
+    model (here made small); beyond either, 413 and the daemon serves on."""
+    serving, server, sock = api
+    _allow(server)
+    expected = serving.snapshot().served[MODEL]
+    sm = serving.agent.model(MODEL)
+    monkeypatch.setattr(sm._checks, "max_elements", 16)  # two rows of 8
+    answer = _raw(sock, _post(_npz(input=probe_input())))  # four rows
+    assert _status(answer) == 413, answer[:200]
+    monkeypatch.undo()
+    monkeypatch.setattr(sm, "config", dataclasses.replace(sm.config, max_output_bytes=8))
+    answer = _raw(sock, _post(_npz(input=probe_input())))
+    assert _status(answer) == 413, answer[:200]
+    monkeypatch.undo()
+    _good_request_works(sock, expected)
+    assert 500 not in server.errors
+
+
+def test_metrics_and_health_show_only_the_models_a_caller_may_see(api):
+    """A uid no rule lists sees no model's series in /metrics and no model in
+    /v1/health, as /v1/models shows it none; a listed caller sees its model."""
+    _, server, sock = api
+    server.acl.rules = ((MODEL, AccessRule(uids=(ME + 1,), groups=())),)
+
+    def get(path: str) -> bytes:
+        answer = _raw(sock, f"GET {path} HTTP/1.1\r\n\r\n".encode())
+        assert _status(answer) in (200, 503), answer[:200]
+        return answer.split(b"\r\n\r\n", 1)[1]
+
+    assert f'model="{MODEL}"'.encode() not in get("/metrics")
+    health = json.loads(get("/v1/health"))
+    assert health["models"] == 0 and health["failing"] == {}
+    _allow(server)
+    assert f'model="{MODEL}"'.encode() in get("/metrics")
+    assert json.loads(get("/v1/health"))["models"] == 1
+
+
+def test_refused_calls_are_audited_and_a_flood_of_them_is_bounded(serving, tmp_path):
+    """403, 429, 400 and 413 each leave an audit record (who, what, which code); a flood
+    of refusals writes at most the bucket's records, the rest counted in the next one."""
+    import edgeseal.agent.api as api_module
+    from edgeseal.agent.audit import AuditLog
+
+    log_path = tmp_path / "audit.log"
+    audit = AuditLog(log_path)
+    sock = Path(f"/tmp/es-sec-{os.getpid()}-{time.monotonic_ns()}.sock")
+    server = ApiServer(serving.agent, sock, audit=audit)
+    server.start()
+    server.acl.trusted_uids = ()
+    try:
+        server.acl.rules = ((MODEL, AccessRule(uids=(ME + 1,), groups=())),)
+        assert _status(_raw(sock, _post(_npz(input=probe_input())))) == 403
+        _allow(server, rate_per_minute=1)
+        assert _status(_raw(sock, _post(_npz(input=probe_input())))) == 200
+        assert _status(_raw(sock, _post(_npz(input=probe_input())))) == 429
+        _allow(server)
+        assert _status(_raw(sock, _post(_npz(other=probe_input())))) == 400
+        big = _post(b"", ctype="application/json", length=str(58 << 20))
+        assert _status(_raw(sock, big)) == 413
+        audit.close()
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        refused = [(r["code"], r["model"], r["uid"]) for r in records if r["result"] == "refused"]
+        assert refused == [(c, MODEL, ME) for c in (403, 429, 400, 413)]
+        # A flood: the bucket's worth of records, then counts.
+        audit = AuditLog(log_path)
+        server.audit = audit
+        server.acl.rules = ()
+        with Client(str(sock)) as c:
+            for _ in range(api_module.REFUSALS_PER_MINUTE + 40):
+                with pytest.raises(AgentError):
+                    c.info(MODEL)
+        audit.close()
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        flood = [r for r in records if r["result"] == "refused"][4:]
+        assert len(flood) <= api_module.REFUSALS_PER_MINUTE + 1
+    finally:
+        server.stop()
+
+
+def test_without_so_peergroups_the_groups_of_a_gone_or_newer_process_are_not_used(monkeypatch):
+    """The fallback for kernels before 4.13 reads /proc at accept, and keeps the groups
+    only of a process that started before the read and is the same one after it."""
+    import edgeseal.agent.api as api_module
+
+    mine = api_module._proc_groups(os.getpid())
+    assert set(mine) == set(os.getgroups())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert api_module._proc_groups(pid) == ()  # gone
+    real = api_module._start_ticks
+    ticks = iter([real(os.getpid()), (real(os.getpid()) or 0) + 1])
+    monkeypatch.setattr(api_module, "_start_ticks", lambda p: next(ticks))
+    assert api_module._proc_groups(os.getpid()) == ()  # replaced while it was read

@@ -68,6 +68,24 @@ class AccessControl:
     def rule_for(self, model: str) -> AccessRule | None:
         return next((r for g, r in self.rules if fnmatch.fnmatchcase(model, g)), None)
 
+    def trusted(self, caller: Caller) -> bool:
+        """Root and the agent's uid (unless told otherwise): who may always call."""
+        trusted = (0, self.agent_uid) if self.trusted_uids is None else self.trusted_uids
+        return caller.uid in trusted
+
+    def listed(self, caller: Caller) -> bool:
+        """Whether any rule names the caller (or it is trusted): who may hold the
+        connections kept back from everyone else."""
+        if self.trusted(caller):
+            return True
+        gids = {caller.gid, *caller.groups}
+        for _, rule in self.rules:
+            if caller.uid in rule.uids:
+                return True
+            if any(self.group_ids(name) in gids for name in rule.groups):
+                return True
+        return False
+
     def check(self, caller: Caller, model: str) -> AccessRule | None:
         """Raise AccessDeniedError unless the caller may call ``model``; the rule that applies."""
         rule = self.rule_for(model)
@@ -86,36 +104,46 @@ class AccessControl:
 
     def spend(self, caller: Caller, model: str, rule: AccessRule | None, rows: int) -> None:
         """Take one request from the rate limit and ``rows`` from the daily budget."""
-        if rule is None:
+        self.take_request(caller, model, rule)
+        self.spend_rows(caller, model, rule, rows)
+
+    def take_request(self, caller: Caller, model: str, rule: AccessRule | None) -> None:
+        """Take one request from the rate limit (before its body is read)."""
+        if rule is None or rule.rate_per_minute <= 0:
             return
         now = self.clock()
         key = (caller.uid, model)
         with self._lock:
-            if rule.rate_per_minute > 0:
-                cap = float(rule.rate_per_minute)
-                b = self._buckets.get(key) or _Bucket(cap, now)
-                b.tokens = min(cap, b.tokens + (now - b.stamp) * cap / 60.0)
-                b.stamp = now
-                if b.tokens < 1.0:
-                    self._buckets[key] = b
-                    wait = (1.0 - b.tokens) * 60.0 / cap
-                    raise BudgetExceededError(
-                        f"rate limit for {model!r}: {rule.rate_per_minute} requests a minute "
-                        f"(retry in {wait:.1f} s)"
-                    )
-                b.tokens -= 1.0
+            cap = float(rule.rate_per_minute)
+            b = self._buckets.get(key) or _Bucket(cap, now)
+            b.tokens = min(cap, b.tokens + (now - b.stamp) * cap / 60.0)
+            b.stamp = now
+            if b.tokens < 1.0:
                 self._buckets[key] = b
-            if rule.daily_budget > 0:
-                day = int(now // 86400)
-                spent_key = (caller.uid, model, day)
-                spent = self._spent.get(spent_key, 0)
-                if spent + rows > rule.daily_budget:
-                    raise BudgetExceededError(
-                        f"daily budget for {model!r} is used up: {spent} of "
-                        f"{rule.daily_budget} rows today (UTC)"
-                    )
-                self._spent = {k: v for k, v in self._spent.items() if k[2] == day}
-                self._spent[spent_key] = spent + rows
+                wait = (1.0 - b.tokens) * 60.0 / cap
+                raise BudgetExceededError(
+                    f"rate limit for {model!r}: {rule.rate_per_minute} requests a minute "
+                    f"(retry in {wait:.1f} s)"
+                )
+            b.tokens -= 1.0
+            self._buckets[key] = b
+
+    def spend_rows(self, caller: Caller, model: str, rule: AccessRule | None, rows: int) -> None:
+        """Take ``rows`` from the daily budget (once the body says how many)."""
+        if rule is None or rule.daily_budget <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            day = int(now // 86400)
+            spent_key = (caller.uid, model, day)
+            spent = self._spent.get(spent_key, 0)
+            if spent + rows > rule.daily_budget:
+                raise BudgetExceededError(
+                    f"daily budget for {model!r} is used up: {spent} of "
+                    f"{rule.daily_budget} rows today (UTC)"
+                )
+            self._spent = {k: v for k, v in self._spent.items() if k[2] == day}
+            self._spent[spent_key] = spent + rows
 
 
 def harden(

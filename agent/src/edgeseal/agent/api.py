@@ -21,6 +21,7 @@ begun is not answered: the connection is closed instead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -47,7 +48,7 @@ from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError, 
 from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
 from edgeseal.core.errors import EdgesealError
-from edgeseal.core.profile import InputError
+from edgeseal.core.profile import InputError, InputTooLargeError
 
 __all__ = [
     "TENSORS",
@@ -68,16 +69,65 @@ class BadRequestError(EdgesealError):
     """The request body is not a valid encoding of arrays."""
 
 
-def peer_credentials(sock: socket.socket) -> Caller:
-    """The calling process's pid, uid and gid from the kernel (SO_PEERCRED), and its
-    supplementary groups from /proc."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+#: ``SO_PEERGROUPS`` (Linux 4.13): the peer's supplementary groups as the kernel fixed
+#: them at connect. Python's socket module does not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_MAX_GROUPS = 65536  # NGROUPS_MAX
+
+
+def _kernel_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    """The peer's supplementary groups from SO_PEERGROUPS; None where the kernel lacks it."""
+    size = 64 * 4
+    while size <= _MAX_GROUPS * 4:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:  # more groups than room: ask with more
+                size *= 4
+                continue
+            return None
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_groups(pid: int) -> tuple[int, ...]:
+    """The supplementary groups of the process ``pid`` is now, but only when that process
+    started before this call and is the same one after reading (a pid recycled by a
+    newer process lends nothing). Used only where SO_PEERGROUPS is missing."""
+    before = _start_ticks(pid)
+    try:
+        now = time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return ()
+    if before is None or before > now:
+        return ()
     groups: tuple[int, ...] = ()
     with contextlib.suppress(OSError, ValueError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("Groups:"):
                 groups = tuple(int(g) for g in line.split()[1:])
+    return groups if _start_ticks(pid) == before else ()
+
+
+def peer_credentials(sock: socket.socket) -> Caller:
+    """The calling process's pid, uid and gid (SO_PEERCRED) and its supplementary groups
+    (SO_PEERGROUPS), as the kernel fixed them when the peer connected. Called once per
+    connection, when it is accepted: a peer that hands its socket on and exits cannot
+    later lend itself the groups of whatever process reuses its pid."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    groups = _kernel_groups(sock)
+    if groups is None:  # kernels before 4.13: /proc, guarded by the process start time
+        groups = _proc_groups(pid)
     return Caller(uid=uid, gid=gid, pid=pid, groups=groups)
 
 
@@ -234,10 +284,12 @@ def encode_arrays(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
 
 
 def decode_arrays(
-    body: bytes | bytearray | memoryview, content_type: str
+    body: bytes | bytearray | memoryview, content_type: str, *, max_elements: int | None = None
 ) -> dict[str, npt.NDArray[Any]]:
     """Arrays from a tensor body (:data:`TENSORS`), an .npz body (no pickles) or JSON
-    ``{"inputs": {name: {dtype, shape, data}}}``."""
+    ``{"inputs": {name: {dtype, shape, data}}}``. With ``max_elements``, an .npz body
+    declaring more elements is refused from its array headers, before any is inflated
+    (InputTooLargeError); a tensor body's arrays are views, made without allocating."""
     try:
         if content_type == TENSORS:
             return decode_tensors(body)
@@ -254,7 +306,9 @@ def decode_arrays(
                 dtype = _LE[dtype_name]
                 out[name] = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
             return out
-        return _decode_npz(body)
+        return _decode_npz(body, max_elements)
+    except InputTooLargeError:
+        raise
     # OverflowError: a JSON number out of its dtype's range (657 as int8).
     # RecursionError: JSON nested thousands deep ("[" * 50000).
     except (
@@ -275,11 +329,41 @@ def decode_arrays(
 _NUMERIC_KINDS = frozenset("biuf")
 
 
-def _decode_npz(body: bytes | bytearray | memoryview) -> dict[str, npt.NDArray[Any]]:
+def _npz_elements(body: bytes | bytearray | memoryview) -> int:
+    """The elements an .npz body's arrays declare, from their .npy headers only."""
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        if len(z.infolist()) > _MAX_TENSORS:
+            raise ValueError(f"more than {_MAX_TENSORS} arrays")
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
+            total += math.prod(shape)
+    return total
+
+
+def _decode_npz(
+    body: bytes | bytearray | memoryview, max_elements: int | None = None
+) -> dict[str, npt.NDArray[Any]]:
     try:
+        if max_elements is not None:
+            declared = _npz_elements(body)
+            if declared > max_elements:
+                raise InputTooLargeError(
+                    f"the arrays declare {declared} elements, at most {max_elements} per "
+                    "call for this model"
+                )
         with np.load(io.BytesIO(body), allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except (ValueError, KeyError, TypeError, OSError, AttributeError, struct.error):
+        raise
+    except InputTooLargeError:
         raise
     # zipfile and numpy's header parser raise whatever they meet in hostile bytes
     # (BadZipFile, NotImplementedError, RuntimeError, tokenize errors, zlib.error...):
@@ -293,6 +377,7 @@ def _decode_npz(body: bytes | bytearray | memoryview) -> dict[str, npt.NDArray[A
 
 
 _STATUS = {
+    InputTooLargeError: 413,  # before InputError, its base
     BadRequestError: 400,
     InputError: 400,
     AccessDeniedError: 403,
@@ -317,6 +402,12 @@ _REASONS = {
     501: "Not Implemented",
     503: "Service Unavailable",
 }
+#: Refusals that go to the audit log (probing: who tried what), at most
+#: REFUSALS_PER_MINUTE records a minute with a burst of as many; past that they are only
+#: counted, per (uid, code), and the counts go with the next record written.
+_AUDITED_REFUSALS = frozenset({400, 403, 411, 413, 429, 431})
+REFUSALS_PER_MINUTE = 60
+_MAX_SUPPRESSED_KEYS = 1024
 #: The request line and headers of one request, at most.
 MAX_HEAD_BYTES = 16 * 1024
 HEAD_READ_BYTES = 8 * 1024
@@ -360,9 +451,11 @@ class _Handler:
     connection: the kernel fixes them when the peer connects. Header names are kept
     lower-cased."""
 
-    def __init__(self, sock: socket.socket, api: ApiServer) -> None:
+    def __init__(self, sock: socket.socket, api: ApiServer, caller: Caller) -> None:
         self.connection = sock
         self.api = api
+        #: Read when the connection was accepted, before anything the peer sends.
+        self.caller = caller
         self.close_connection = False
         self.path = ""
         self.headers: dict[str, str] = {}
@@ -370,7 +463,6 @@ class _Handler:
         self._last_head: bytes | None = None
         self._last_parsed: _Parsed = ("", "", "", {}, ())
         self._buf = bytearray()
-        self._caller_cache: Caller | None = None
         self._body_read = False
         self._answering = False
         self._deadline: float | None = None
@@ -556,14 +648,18 @@ class _Handler:
 
     def _error(self, code: int, kind: str, message: str) -> None:
         self.api.count_error(code)
+        if code in _AUDITED_REFUSALS:
+            model = self.route[2] if len(self.route) >= 3 and self.route[1] == "models" else None
+            self.api.audit_refusal(self.caller, code, kind, model, self.path)
         self._json(code, {"error": kind, "message": message})
 
-    def _caller(self) -> Caller:
-        if self._caller_cache is None:
-            self._caller_cache = peer_credentials(self.connection)
-        return self._caller_cache
-
-    def _body(self) -> memoryview | None:
+    def _body(
+        self, cap: int | None = None, before: Callable[[], None] | None = None
+    ) -> memoryview | None:
+        """The request's body, read whole; refused (413) unread when it is longer than
+        ``cap`` or the agent's max_body_bytes. ``before`` runs once the length is known
+        good and before a byte of the body is read (the rate limit): an error it raises
+        is answered with the body unread."""
         self._body_read = True
         if "transfer-encoding" in self.headers:
             self._error(411, "LengthRequired", "send Content-Length (no chunked bodies)")
@@ -575,10 +671,17 @@ class _Handler:
             self.close_connection = True
             return None
         n = self._content_length()
-        if n is None or n > self.api.agent.config.agent.max_body_bytes:
+        limit = self.api.agent.config.agent.max_body_bytes
+        if cap is not None:
+            limit = min(limit, cap)
+        if n is None or n > limit:
             self._error(413, "TooLarge", f"body of {length[:40]} bytes exceeds the limit")
             self.close_connection = True
             return None
+        if before is not None:
+            self._body_read = False  # refused here: the body is skipped after the answer
+            before()
+            self._body_read = True
         if self.headers.get("expect", "").lower() == "100-continue":
             send_all(
                 self.connection,
@@ -610,18 +713,103 @@ class _Handler:
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Accepts connections, one thread each, within bounds: per uid and in total, with the
+    last ``reserved`` places kept for callers an access rule lists (and root and the
+    agent's uid, who have no bound per uid), so idle connections of a caller nobody lists
+    cannot lock them out."""
+
     daemon_threads = True
     request_queue_size = 128  # a burst of callers waits in the backlog, not in EAGAIN
     block_on_close = False
     api: ApiServer
+    max_total = 512
+    max_per_uid = 64
+    reserved = 64
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        _Handler(request, self.api).handle()
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._count_lock = threading.Lock()
+        self._open: dict[int, int] = {}
+        self._total = 0
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as e:
+            # Out of file descriptors: the pending connection stays in the backlog and the
+            # selector keeps saying so. Back off rather than spin on accept.
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.warning("cannot accept a connection: %s", e)
+                time.sleep(0.1)
+            raise
+
+    def _admit(self, caller: Caller) -> str | None:
+        """Count the connection in, or say why not (the lock held)."""
+        if self._open.get(caller.uid, 0) >= self.max_per_uid and not self.api.acl.trusted(caller):
+            return f"uid {caller.uid} has {self.max_per_uid} connections open already"
+        room = self.max_total - self._total
+        if room <= 0 or (room <= self.reserved and not self.api.acl.listed(caller)):
+            return "the agent has no room for another connection"
+        self._open[caller.uid] = self._open.get(caller.uid, 0) + 1
+        self._total += 1
+        return None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            caller = peer_credentials(request)
+        except OSError:
+            self.shutdown_request(request)
+            return
+        with self._count_lock:
+            refused = self._admit(caller)
+        if refused is not None:
+            self.api.refuse_connection(request, caller, refused)
+            self.shutdown_request(request)
+            return
+        t = threading.Thread(target=self._serve, args=(request, caller), daemon=True)
+        try:
+            t.start()
+        except RuntimeError:  # no thread to be had
+            self._release(caller)
+            self.shutdown_request(request)
+
+    def _release(self, caller: Caller) -> None:
+        with self._count_lock:
+            self._total -= 1
+            left = self._open[caller.uid] - 1
+            if left:
+                self._open[caller.uid] = left
+            else:
+                del self._open[caller.uid]
+
+    def _serve(self, request: Any, caller: Caller) -> None:
+        try:
+            _Handler(request, self.api, caller).handle()
+        except Exception:
+            self.handle_error(request, None)
+        finally:
+            self._release(caller)
+            self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A failure that escaped a connection's handler: a bug, counted as a 500."""
         log.exception("a connection's handler failed")
         self.api.count_error(500)
+
+
+def _connection_bounds(cfg: Any) -> tuple[int, int, int]:
+    """(total, per uid, reserved for listed callers): the configured bounds, the total
+    kept below the process's file descriptor limit (models, the audit log and the
+    update channel need some too)."""
+    total = cfg.max_connections
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            total = min(total, max(8, soft - 128))
+    reserved = min(cfg.max_connections_reserved, total // 2)
+    return total, min(cfg.max_connections_per_uid, total), reserved
 
 
 class ApiServer:
@@ -636,6 +824,10 @@ class ApiServer:
             group_ids=_group_id,
         )
         self.errors: dict[int, int] = {}
+        self._refusal_lock = threading.Lock()
+        self._refusal_tokens = float(REFUSALS_PER_MINUTE)
+        self._refusal_stamp = time.monotonic()
+        self._suppressed: dict[tuple[int, int], int] = {}
         self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -652,6 +844,7 @@ class ApiServer:
         finally:
             os.umask(old)
         server.api = self
+        server.max_total, server.max_per_uid, server.reserved = _connection_bounds(cfg)
         if cfg.socket_group:
             gid = _group_id(cfg.socket_group)
             if gid is None:
@@ -671,24 +864,75 @@ class ApiServer:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
+    def audit_refusal(
+        self, caller: Caller, code: int, kind: str, model: str | None, path: str
+    ) -> None:
+        """Record a refused call (bounded: a token bucket; past it, counts per uid and
+        code go with the next record). Never fails the answer."""
+        if self.audit is None:
+            return
+        with self._refusal_lock:
+            now = time.monotonic()
+            self._refusal_tokens = min(
+                float(REFUSALS_PER_MINUTE),
+                self._refusal_tokens + (now - self._refusal_stamp) * REFUSALS_PER_MINUTE / 60.0,
+            )
+            self._refusal_stamp = now
+            if self._refusal_tokens < 1.0:
+                key = (caller.uid, code)
+                if key in self._suppressed or len(self._suppressed) < _MAX_SUPPRESSED_KEYS:
+                    self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._refusal_tokens -= 1.0
+            suppressed, self._suppressed = self._suppressed, {}
+        record: dict[str, Any] = {
+            **caller.to_obj(),
+            "model": model[:128] if model else None,
+            "result": "refused",
+            "code": code,
+            "error": kind,
+            "path": path[:256],
+        }
+        if suppressed:
+            record["suppressed"] = [
+                {"uid": uid, "code": c, "count": n} for (uid, c), n in sorted(suppressed.items())
+            ]
+        try:
+            self.audit.append(record)
+        except Exception as e:  # the refusal is answered whatever the log does
+            log.error("a refused call could not be audited: %s", e)
+
+    def refuse_connection(self, sock: socket.socket, caller: Caller, why: str) -> None:
+        """Answer a connection over its bounds with 503 and close it (without blocking:
+        the accept loop must not wait on a caller)."""
+        self.count_error(503)
+        self.audit_refusal(caller, 503, "TooManyConnections", None, "")
+        body = json.dumps({"error": "TooManyConnections", "message": why}).encode()
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            sock.send(head.encode() + body, socket.MSG_DONTWAIT)
+
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     # -- routes ------------------------------------------------------------------------
 
     def route(self, h: _Handler, method: str, parts: tuple[str, ...]) -> None:
-        caller = h._caller()
+        caller = h.caller
         if len(parts) == 4 and parts[0] == "v1" and parts[1] == "models" and parts[3] == "infer":
             if method != "POST":
                 h._error(405, "MethodNotAllowed", "infer takes POST")
                 return
             self.infer(h, caller, parts[2])
         elif parts == ("metrics",) and method == "GET":
-            h._send(200, self.metrics().encode(), "text/plain; version=0.0.4")
+            h._send(200, self.metrics(caller).encode(), "text/plain; version=0.0.4")
         elif parts[:1] != ("v1",):
             raise NoSuchModelError(f"no such endpoint {h.path}")
         elif parts == ("v1", "health") and method == "GET":
-            self.health(h)
+            self.health(h, caller)
         elif parts == ("v1", "status") and method == "GET":
             if caller.uid not in (0, os.getuid()):
                 raise AccessDeniedError("status is for root and the agent's user")
@@ -701,16 +945,26 @@ class ApiServer:
         else:
             raise NoSuchModelError(f"no such endpoint {method} {h.path}")
 
-    def models(self, caller: Caller) -> list[dict[str, Any]]:
-        out = []
-        for name, sm in sorted(self.agent.serving.items()):
-            with contextlib.suppress(AccessDeniedError):
-                self.acl.check(caller, name)
-                out.append({**sm.identity, "quarantined": sm.quarantined})
-        return out
+    def visible(self, caller: Caller, name: str) -> bool:
+        """Whether ``caller`` may see model ``name`` at all (it may call it): the one
+        rule for /v1/models, /v1/health and /metrics."""
+        try:
+            self.acl.check(caller, name)
+        except AccessDeniedError:
+            return False
+        return True
 
-    def health(self, h: _Handler) -> None:
-        installed = self.agent.store.models()
+    def models(self, caller: Caller) -> list[dict[str, Any]]:
+        return [
+            {**sm.identity, "quarantined": sm.quarantined}
+            for name, sm in sorted(self.agent.serving.items())
+            if self.visible(caller, name)
+        ]
+
+    def health(self, h: _Handler, caller: Caller) -> None:
+        # Only the models this caller may see; the audit log's error text (paths) only
+        # for root and the agent's uid.
+        installed = [n for n in self.agent.store.models() if self.visible(caller, n)]
         bad = {}
         for name in installed:
             sm = self.agent.serving.get(name)
@@ -719,26 +973,33 @@ class ApiServer:
         answer: dict[str, Any] = {"ok": not bad, "models": len(installed), "failing": bad}
         if self.audit is not None and self.audit.last_error is not None:
             answer["ok"] = False
-            answer["audit"] = self.audit.last_error
+            trusted = caller.uid in (0, os.getuid())
+            answer["audit"] = self.audit.last_error if trusted else "cannot be written"
         h._json(200 if answer["ok"] else 503, answer)
 
     def infer(self, h: _Handler, caller: Caller, model: str) -> None:
         rule = self.acl.check(caller, model)
         sm = self.agent.model(model)
-        body = h._body()
-        if body is None:
-            return
         ctype = h.headers.get("content-type") or NPZ
         if ctype != TENSORS:
             ctype = ctype.split(";")[0].strip()
-        feed = decode_arrays(body, ctype)
+        elements = sm.max_input_elements
+        # The size bounds and then the rate limit come before the body is read or
+        # decoded: a refused caller costs no more than its head.
+        body = h._body(
+            _body_bound(elements, ctype), lambda: self.acl.take_request(caller, model, rule)
+        )
+        if body is None:
+            return
+        feed = decode_arrays(body, ctype, max_elements=elements)
         rows = max((int(a.shape[0]) for a in feed.values() if a.ndim), default=1)
-        self.acl.spend(caller, model, rule, rows)
+        self.acl.spend_rows(caller, model, rule, rows)
         started = time.perf_counter()
         try:
             result = self.agent.infer(model, feed)
         except EdgesealError as e:
-            self._audit(caller, sm.identity, type(e).__name__, None)
+            if not isinstance(e, InputError):  # a refusal: audited (bounded) as one
+                self._audit(caller, sm.identity, type(e).__name__, None)
             raise
         outputs = harden(result.outputs, rule)
         # A batched log is not durable per record anyway, so its record is written after
@@ -808,8 +1069,11 @@ class ApiServer:
             }
         )
 
-    def metrics(self) -> str:
-        serving = sorted(self.agent.serving.items())
+    def metrics(self, caller: Caller) -> str:
+        """The series of the models ``caller`` may see (and the error counts)."""
+        serving = [
+            (n, sm) for n, sm in sorted(self.agent.serving.items()) if self.visible(caller, n)
+        ]
         lines = []
         for metric, kind, value in _METRICS:
             lines.append(f"# TYPE edgeseal_{metric} {kind}")
@@ -830,6 +1094,20 @@ _METRICS: tuple[tuple[str, str, Callable[[ServingModel], int]], ...] = (
     ("quarantined", "gauge", lambda sm: int(bool(sm.quarantined))),
     ("model_version", "gauge", lambda sm: int(sm.identity["version"])),
 )
+
+
+#: Bytes a body may take per input element: 8 for the binary encodings (the widest dtype),
+#: 32 for JSON text (a float's shortest repr, a separator and room to spare).
+_BINARY_BYTES_PER_ELEMENT = 8
+_JSON_BYTES_PER_ELEMENT = 32
+#: Room for headers, indexes, alignment and zip directories.
+_BODY_OVERHEAD = 1 << 20
+
+
+def _body_bound(elements: int, ctype: str) -> int:
+    """The longest body that can carry ``elements`` input elements as ``ctype``."""
+    each = _JSON_BYTES_PER_ELEMENT if ctype == JSON else _BINARY_BYTES_PER_ELEMENT
+    return elements * each + _BODY_OVERHEAD
 
 
 def _group_id(name: str) -> int | None:

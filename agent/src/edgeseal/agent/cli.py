@@ -21,7 +21,14 @@ from edgeseal.agent.guard import ServingModel
 from edgeseal.agent.opener import open_bundle
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config, load_config
-from edgeseal.core.console import EXIT_REJECTED, emit, out_console, progress_bytes, reports_errors
+from edgeseal.core.console import (
+    EXIT_REJECTED,
+    emit,
+    out_console,
+    progress_bytes,
+    reports_errors,
+    untrusted,
+)
 from edgeseal.core.keys import passphrase_from
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
@@ -314,12 +321,14 @@ def status_cmd(
         t = Table("model", "version", "requests", "OOD rows", "rejected", "state")
         for name, m in st["models"].items():
             t.add_row(
-                name,
+                untrusted(name),
                 str(m["version"]),
                 str(m["requests"]),
                 str(m["ood_rows"]),
                 str(m["rejected"]),
-                f"[red]quarantined: {m['quarantined']}[/]" if m["quarantined"] else "serving",
+                f"[red]quarantined: {untrusted(m['quarantined'])}[/]"
+                if m["quarantined"]
+                else "serving",
             )
         out_console.print(t)
 

@@ -27,7 +27,7 @@ from edgeseal.core.config import AgentConfig
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.extras import decode_extras
 from edgeseal.core.golden import check_golden
-from edgeseal.core.profile import CompiledProfile, compile_profile
+from edgeseal.core.profile import CompiledProfile, InputTooLargeError, compile_profile
 
 __all__ = ["InferResult", "IntegrityError", "QuarantinedError", "ServingModel"]
 
@@ -102,6 +102,8 @@ class ServingModel:
                 opened.manifest.inputs,
                 max_rows=config.max_rows,
                 range_margin=config.range_margin,
+                max_elements=config.max_input_elements,
+                dim_factor=config.profile_dim_factor,
             )
             m = opened.manifest
             self._identity = {"model": m.model_name, "version": m.version, "bundle_id": m.bundle_id}
@@ -119,6 +121,12 @@ class ServingModel:
         return self
 
     # -- identity --------------------------------------------------------------------
+
+    @property
+    def max_input_elements(self) -> int:
+        """Input elements a call may carry (the compiled bound)."""
+        assert self._checks is not None, "start() compiles the checks"
+        return self._checks.max_elements
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -208,6 +216,13 @@ class ServingModel:
             self.counters.rejected += 1
             raise
         outputs = self.opened.run(feed)
+        size = sum(v.nbytes for v in outputs.values() if isinstance(v, np.ndarray))
+        if size > self.config.max_output_bytes:
+            self.counters.rejected += 1
+            raise InputTooLargeError(
+                f"the outputs would be {size} bytes, at most {self.config.max_output_bytes} "
+                "(agent.max_output_bytes)"
+            )
         for name, value in outputs.items():
             # Any NaN or infinity makes the sum non-finite; a finite sum's overflow is
             # the only false alarm, and the exact check below clears it.

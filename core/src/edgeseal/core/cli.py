@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from edgeseal.core.config import load_config
 from edgeseal.core.console import (
@@ -22,11 +23,12 @@ from edgeseal.core.console import (
     err_console,
     out_console,
     reports_errors,
+    untrusted,
 )
 from edgeseal.core.encoding import b64d, format_time, parse_json_object, parse_time, utcnow
 from edgeseal.core.errors import MalformedBundleError
 from edgeseal.core.keyring import Keyring, default_keys_dir, parse_device_public_key
-from edgeseal.core.keys import load_private_key, passphrase_from
+from edgeseal.core.keys import key_protection, load_private_key, passphrase_from
 from edgeseal.core.keystore import InMemoryKey
 from edgeseal.core.layout import HEADER_LEN, parse_header
 from edgeseal.core.reader import BundleFile, VerifyPolicy, unwrap_content_key, wipe
@@ -57,10 +59,34 @@ PassFile = Annotated[
     Path | None,
     typer.Option(
         "--passphrase-file",
-        help="File whose first line is the root key passphrase "
-        "(else $EDGESEAL_PASSPHRASE; none: key stored unencrypted).",
+        help="File whose first line is the root key passphrase (else $EDGESEAL_PASSPHRASE).",
     ),
 ]
+NoPassphrase = Annotated[
+    bool,
+    typer.Option(
+        "--no-passphrase",
+        help="Store the new key unencrypted (demos and tests only; keys list reports it).",
+    ),
+]
+
+
+def _new_key_passphrase(
+    passphrase: bytes | None, *, no_passphrase: bool, token: object, what: str, option: str
+) -> None:
+    """Keys are written encrypted unless asked otherwise: a new software key needs a
+    passphrase or an explicit --no-passphrase (a key on a token needs neither)."""
+    if token is not None:
+        return
+    if passphrase is not None and no_passphrase:
+        raise ValueError(f"give either {option} or --no-passphrase for the {what}, not both")
+    if passphrase is None and not no_passphrase:
+        raise ValueError(
+            f"the {what} would be stored unencrypted: give {option} (its first line is the "
+            "passphrase), or --no-passphrase to store it unencrypted on purpose"
+        )
+
+
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Config = Annotated[
     Path | None,
@@ -95,15 +121,25 @@ def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
     force: bool = False,
+    no_passphrase: NoPassphrase = False,
     pkcs11_module: Pkcs11Module = "",
     token_label: TokenLabel = "",
     pin_file: PinFile = "",
     as_json: Json = False,
 ) -> None:
     """Create the offline root key (in a file, or on a PKCS#11 token with --pkcs11-module).
-    Devices pin its public key (root.pub)."""
+    Devices pin its public key (root.pub). A file key is encrypted with the passphrase
+    (--passphrase-file or $EDGESEAL_PASSPHRASE) unless --no-passphrase says otherwise."""
     ring = _keyring(keys_dir, passphrase_file)
-    kid = ring.init_root(force=force, token=_token_ref(pkcs11_module, token_label, pin_file))
+    token = _token_ref(pkcs11_module, token_label, pin_file)
+    _new_key_passphrase(
+        ring.passphrase,
+        no_passphrase=no_passphrase,
+        token=token,
+        what="root key",
+        option="--passphrase-file",
+    )
+    kid = ring.init_root(force=force, token=token)
     emit(
         {
             "ok": True,
@@ -117,9 +153,9 @@ def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not
             f"devices pin: {ring.root_pub_path}"
             + (
                 ""
-                if ring.passphrase
+                if ring.passphrase or token is not None
                 else "\n[yellow]warning[/]: root key stored without a "
-                "passphrase (give --passphrase-file for anything but a demo)"
+                "passphrase (--no-passphrase: for demos and tests only)"
             )
         ),
     )
@@ -137,22 +173,38 @@ def new_signer(  # nosec B107 # pin_file="" is "no PIN file" (a path option), no
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
     signer_passphrase_file: Annotated[
-        Path | None, typer.Option(help="Encrypt the signer key with this passphrase (first line).")
+        Path | None,
+        typer.Option(
+            help="Encrypt the signer key with this passphrase (first line; else "
+            "$EDGESEAL_SIGNER_PASSPHRASE)."
+        ),
     ] = None,
+    no_passphrase: NoPassphrase = False,
     pkcs11_module: Pkcs11Module = "",
     token_label: TokenLabel = "",
     pin_file: PinFile = "",
     as_json: Json = False,
 ) -> None:
-    """Create a signer key (in a file, or on a PKCS#11 token) and a root-signed certificate."""
+    """Create a signer key (in a file, or on a PKCS#11 token) and a root-signed certificate.
+    A file key is encrypted (--signer-passphrase-file) unless --no-passphrase says
+    otherwise."""
+    token = _token_ref(pkcs11_module, token_label, pin_file)
+    signer_passphrase = passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE")
+    _new_key_passphrase(
+        signer_passphrase,
+        no_passphrase=no_passphrase,
+        token=token,
+        what=f"signer key {name!r}",
+        option="--signer-passphrase-file",
+    )
     ring = _keyring(keys_dir, passphrase_file)
     ring.new_signer(
         name,
         roles=role,
         model_patterns=models,
         days=days,
-        signer_passphrase=passphrase_from(signer_passphrase_file, env="EDGESEAL_SIGNER_PASSPHRASE"),
-        token=_token_ref(pkcs11_module, token_label, pin_file),
+        signer_passphrase=signer_passphrase,
+        token=token,
     )
     payload = ring.certificate_payload(name)
     emit(
@@ -170,12 +222,21 @@ def new_signer(  # nosec B107 # pin_file="" is "no PIN file" (a path option), no
 def rotate_root(
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
+    no_passphrase: NoPassphrase = False,
     as_json: Json = False,
 ) -> None:
     """Replace the root key; the new root is announced by a statement the old root signs.
+    The new root file is encrypted with the same passphrase (--no-passphrase: unencrypted).
 
     Signers must be certified again under the new root (keys new-signer)."""
     ring = _keyring(keys_dir, passphrase_file)
+    _new_key_passphrase(
+        ring.passphrase,
+        no_passphrase=no_passphrase,
+        token=True if ring.root_token_path.exists() else None,
+        what="new root key",
+        option="--passphrase-file",
+    )
     kid, version = ring.rotate_root()
     emit(
         {"ok": True, "root_key_id": kid, "version": version},
@@ -254,6 +315,14 @@ def remove(
     )
 
 
+def _shown_protection(protection: str) -> str:
+    return {
+        "passphrase": "encrypted",
+        "token": "on a token",
+        "none": "[yellow]unencrypted[/]",
+    }.get(protection, f"[red]{protection}[/]")
+
+
 @keys_app.command("list")
 @reports_errors
 def list_keys(
@@ -272,23 +341,43 @@ def list_keys(
     )
     revoked_ids = {r["keyid"] for r in revoked}
     devices = [d.to_obj() for d in ring.devices()]
+
+    def protection(key_path: Path, token_path: Path) -> str:
+        return "token" if token_path.exists() else key_protection(key_path)
+
+    root_protection = protection(ring.root_key_path, ring.root_token_path)
+    for s in signers:
+        key_path, _ = ring.signer_paths(s["name"])
+        s["protection"] = protection(key_path, key_path.with_name(f"{s['name']}.token.json"))
+    unencrypted = [s["name"] for s in signers if s["protection"] == "none"]
+    if root_protection == "none":
+        unencrypted.insert(0, "root")
     data = {
-        "root": {"key_ids": list(anchor.keys), "version": anchor.version},
+        "root": {
+            "key_ids": list(anchor.keys),
+            "version": anchor.version,
+            "protection": root_protection,
+        },
         "signers": signers,
+        "unencrypted_keys": unencrypted,
         "revoked": revoked,
         "devices": devices,
     }
 
     def render() -> None:
-        out_console.print(f"root v{anchor.version}: {', '.join(k[:16] for k in anchor.keys)}")
-        t = Table("signer", "key id", "roles", "models", "valid until", "status")
+        out_console.print(
+            f"root v{anchor.version}: {', '.join(k[:16] for k in anchor.keys)} "
+            + _shown_protection(root_protection)
+        )
+        t = Table("signer", "key id", "roles", "models", "valid until", "key", "status")
         for s in signers:
             t.add_row(
-                s["name"],
+                untrusted(s["name"]),
                 s["keyid"][:16],
-                ",".join(s["roles"]),
-                ",".join(s["model_patterns"]),
-                s["not_after"],
+                untrusted(",".join(s["roles"])),
+                untrusted(",".join(s["model_patterns"])),
+                untrusted(s["not_after"]),
+                _shown_protection(s["protection"]),
                 "[red]revoked[/]" if s["keyid"] in revoked_ids else "ok",
             )
         out_console.print(t)
@@ -361,47 +450,60 @@ def inspect(
     m = s["manifest"]
 
     def render() -> None:
+        # Every value below is the bundle's own, unverified: printed as text, never markup.
+        u = untrusted
         model = m.get("model", {})
         out_console.print(
-            f"[bold]{bundle}[/] ({s['size']:,} bytes, format v{s['format_version']})"
+            f"[bold]{u(bundle)}[/] ({s['size']:,} bytes, format v{s['format_version']})"
             "  [yellow](not verified: run edgeseal verify)[/]"
         )
         out_console.print(
-            f"model {model.get('name')} v{model.get('version')} "
-            f"({model.get('format')}), bundle {m.get('bundle_id')}"
+            u(
+                f"model {model.get('name')} v{model.get('version')} "
+                f"({model.get('format')}), bundle {m.get('bundle_id')}"
+            )
         )
-        out_console.print(f"created {m.get('created')}, expires {m.get('expires')}")
+        out_console.print(u(f"created {m.get('created')}, expires {m.get('expires')}"))
         tgt = m.get("target", {})
         out_console.print(
-            f"target {','.join(tgt.get('architectures', []))} runtime "
-            f"{tgt.get('runtime')} agent>={tgt.get('min_agent_version')}"
+            u(
+                f"target {','.join(map(str, tgt.get('architectures', [])))} runtime "
+                f"{tgt.get('runtime')} agent>={tgt.get('min_agent_version')}"
+            )
+        )
+        chunk = m.get("chunk_size")
+        out_console.print(
+            u(
+                f"cipher {m.get('cipher')}, chunks of "
+                f"{f'{chunk:,}' if isinstance(chunk, int) else chunk} bytes; "
+                f"key wrap {m.get('key_wrap')}"
+            )
         )
         out_console.print(
-            f"cipher {m.get('cipher')}, chunks of {m.get('chunk_size'):,} bytes; "
-            f"key wrap {m.get('key_wrap')}"
-        )
-        out_console.print(
-            f"signer {s['signer']['name']} ({str(s['signer']['keyid'])[:16]}), "
-            f"roles {s['signer']['roles']}, valid until {s['signer']['not_after']}"
+            u(
+                f"signer {s['signer']['name']} ({str(s['signer']['keyid'])[:16]}), "
+                f"roles {s['signer']['roles']}, valid until {s['signer']['not_after']}"
+            )
         )
         t = Table("section", "plaintext bytes", "chunks", "sha256")
         for sec in m.get("sections", []):
+            size = sec.get("plaintext_size", 0)
             t.add_row(
-                sec.get("name"),
-                f"{sec.get('plaintext_size', 0):,}",
-                str(len(sec.get("chunks", []))),
-                str(sec.get("sha256"))[:16],
+                Text(str(sec.get("name"))),
+                Text(f"{size:,}" if isinstance(size, int) else str(size)),
+                Text(str(len(sec.get("chunks", [])))),
+                Text(str(sec.get("sha256"))[:16]),
             )
         out_console.print(t)
         io = m.get("io", {})
         for kind in ("inputs", "outputs"):
             for tensor in io.get(kind, []):
                 out_console.print(
-                    f"{kind[:-1]} {tensor['name']}: {tensor['dtype']} {tensor['shape']}"
+                    u(f"{kind[:-1]} {tensor['name']}: {tensor['dtype']} {tensor['shape']}")
                 )
         rec = m["recipients"]
         shown = ", ".join(str(r["device"]) for r in rec[:8])
-        out_console.print(f"{len(rec)} recipient(s): {shown}{' ...' if len(rec) > 8 else ''}")
+        out_console.print(u(f"{len(rec)} recipient(s): {shown}{' ...' if len(rec) > 8 else ''}"))
 
     emit(s, as_json=as_json, render=render)
 
@@ -426,10 +528,19 @@ def verify(
         str | None,
         typer.Option(help="Verify as of this UTC time (2026-01-31T12:00:00Z) instead of now."),
     ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="Check the signature chain only, not the sealed payload's chunk digests.",
+        ),
+    ] = False,
     config: Config = None,
     as_json: Json = False,
 ) -> None:
-    """Check a bundle's trust chain, signature, expiry and, with --device-key, its contents."""
+    """Check a bundle's trust chain, signature, expiry and its sealed payload against the
+    signed chunk digests (no key needed; --quick skips it); with --device-key also
+    decrypt every section and check its digest."""
     cfg = load_config(config)
     now = parse_time(at, "--at") if at else utcnow()
     anchor = TrustAnchor.from_pem_files([p.read_bytes() for p in root])
@@ -446,6 +557,10 @@ def verify(
     ]
     with BundleFile.open(bundle) as bf:
         vb = bf.verify(policy)
+        if device_key is None and not quick:
+            # V13, first half: every sealed chunk is the one the signed manifest lists.
+            bf.check_chunk_digests(vb)
+            steps.append("V13 chunk digests (sealed payload)")
         if device_key is not None:
             ks = InMemoryKey(load_private_key(device_key, passphrase=passphrase_from(None)))
             ckey = unwrap_content_key(vb.manifest, ks)
@@ -469,15 +584,21 @@ def verify(
         "signer_key_id": vb.signer.key_id,
         "root_version": vb.anchor.version,
         "checked": steps,
+        "payload_checked": not quick or device_key is not None,
         "at": format_time(now),
     }
+    verdict = (
+        "[bold green]verified[/]"
+        if data["payload_checked"]
+        else "[bold yellow]signature verified[/] (payload not checked: --quick)"
+    )
     emit(
         data,
         as_json=as_json,
         render=lambda: out_console.print(
             "\n".join(f"[green]✓[/] {s}" for s in steps)
-            + f"\n[bold green]verified[/]: {m.model_name} v{m.version}, signed by "
-            f"{vb.signer.name} ({vb.signer.key_id[:16]})"
+            + f"\n{verdict}: {untrusted(m.model_name)} v{m.version}, signed by "
+            f"{untrusted(vb.signer.name)} ({vb.signer.key_id[:16]})"
         ),
     )
 

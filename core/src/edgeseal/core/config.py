@@ -154,6 +154,20 @@ class AgentConfig:
     #: Request limits: rows per call, request body bytes.
     max_rows: int = 1024
     max_body_bytes: int = 64 * MiB
+    #: Size bounds per call, per model: input elements (a symbolic dimension counts at
+    #: ``profile_dim_factor`` times its size in the model's calibration rows, and in all
+    #: at most ``max_input_elements``); output bytes. Beyond: 413. The request body is
+    #: bounded by what the input bound can need (and by ``max_body_bytes``).
+    max_input_elements: int = 16 * 1024 * 1024
+    max_output_bytes: int = 64 * MiB
+    profile_dim_factor: float = 4.0
+    #: Connections to the local API: at most this many open at once, at most this many
+    #: per caller uid, and the last ``max_connections_reserved`` of them only for callers
+    #: an access rule lists (and root and the agent's uid). The total is also kept below
+    #: the process's file descriptor limit.
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    max_connections_reserved: int = 64
     #: Refuse values further outside the calibrated range than this many spans (0: off).
     range_margin: float = 1.0
     #: A row whose OOD score exceeds this is counted as out of distribution.
@@ -168,7 +182,19 @@ class AgentConfig:
             mode = -1
         if not 0 <= mode <= 0o777:
             raise ConfigError('agent.socket_mode must be octal text such as "0660"')
-        for name in ("audit_flush_every", "max_rows", "max_body_bytes"):
+        if not self.profile_dim_factor >= 1.0:
+            raise ConfigError("agent.profile_dim_factor must be at least 1")
+        if self.max_connections_reserved < 0:
+            raise ConfigError("agent.max_connections_reserved must not be negative")
+        for name in (
+            "audit_flush_every",
+            "max_rows",
+            "max_body_bytes",
+            "max_connections",
+            "max_connections_per_uid",
+            "max_input_elements",
+            "max_output_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"agent.{name} must be at least 1")
 

@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -37,6 +38,7 @@ __all__ = [
     "out_console",
     "progress_bytes",
     "reports_errors",
+    "untrusted",
 ]
 
 EXIT_OK = 0
@@ -49,6 +51,14 @@ err_console = Console(stderr=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def untrusted(value: object) -> str:
+    """``value`` as text that rich prints as written: for every string that does not come
+    from edgeseal itself (a device's status, a bundle's unverified fields, a model name,
+    an error message quoting them). Without it ``"[/]"`` crashes the printer and other
+    markup restyles or hides output."""
+    return escape(str(value))
 
 
 def emit(data: dict[str, Any], *, as_json: bool, render: Callable[[], None]) -> None:
@@ -75,13 +85,13 @@ def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
                     + "\n"
                 )
             err_console.print(
-                f"[bold red]rejected[/]: {type(e).__name__}: {e.diagnostics()}",
+                f"[bold red]rejected[/]: {type(e).__name__}: {untrusted(e.diagnostics())}",
                 highlight=False,
                 markup=True,
             )
             raise typer.Exit(EXIT_REJECTED) from None
         except ValueError as e:
-            err_console.print(f"[bold red]error[/]: {e}", highlight=False)
+            err_console.print(f"[bold red]error[/]: {untrusted(e)}", highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper

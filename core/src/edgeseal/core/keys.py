@@ -42,6 +42,7 @@ __all__ = [
     "SoftwareSigner",
     "generate_private_key",
     "key_id",
+    "key_protection",
     "load_private_key",
     "load_public_key",
     "passphrase_from",
@@ -164,6 +165,16 @@ def write_private_key(
     atomic_write(path, data, mode=0o600)
 
 
+def key_protection(path: Path) -> str:
+    """How a private key file is kept: ``"passphrase"`` (sealed), ``"none"`` (plain PEM)
+    or ``"missing"``."""
+    try:
+        head = path.read_bytes()[:64].lstrip()
+    except FileNotFoundError:
+        return "missing"
+    return "passphrase" if head.startswith(f"-----BEGIN {ENCRYPTED_PEM}-----".encode()) else "none"
+
+
 def write_public_key(path: Path, key: ec.EllipticCurvePublicKey) -> None:
     atomic_write(path, public_key_pem(key).encode("ascii"), mode=0o644)
 
@@ -252,11 +263,19 @@ class SoftwareSigner:
 
 
 def passphrase_from(file: Path | None, *, env: str = "EDGESEAL_PASSPHRASE") -> bytes | None:
-    """A passphrase from a file (first line) or the environment; ``None`` when neither is set."""
+    """A passphrase from a file (first line) or the environment; ``None`` when neither is set.
+    An empty passphrase (an empty file or first line) is an error (ValueError), never
+    "no passphrase": that is asked for explicitly (``--no-passphrase``)."""
     if file is not None:
         try:
-            return file.read_bytes().splitlines()[0] if file.stat().st_size else b""
+            lines = file.read_bytes().splitlines()
         except OSError as e:
             raise KeyFileError(f"cannot read passphrase file {file}: {e.strerror}") from e
+        if not lines or not lines[0].strip():
+            raise ValueError(
+                f"passphrase file {file} is empty: write the passphrase on its first line "
+                "(an unencrypted key needs --no-passphrase)"
+            )
+        return lines[0]
     value = os.environ.get(env)
     return value.encode("utf-8") if value else None

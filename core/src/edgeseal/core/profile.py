@@ -21,6 +21,7 @@ Pure functions over numpy arrays; no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from edgeseal.core.manifest import TensorSpec
 __all__ = [
     "CompiledProfile",
     "InputError",
+    "InputTooLargeError",
     "check_feed",
     "compile_profile",
     "make_profile",
@@ -52,6 +54,13 @@ class InputError(EdgesealError):
     """A request's inputs do not match the model's signed schema or profile."""
 
     hint = "GET the model's info for its inputs: names, dtypes, shapes and value ranges"
+
+
+class InputTooLargeError(InputError):
+    """A request's inputs (or the outputs they would make) exceed the model's size bound
+    (HTTP 413): symbolic dimensions far beyond the calibrated ones."""
+
+    hint = "send fewer rows per call, or raise agent.max_input_elements / max_output_bytes"
 
 
 def _channel_axis(ndim: int) -> int:
@@ -236,18 +245,27 @@ class CompiledProfile:
         *,
         max_rows: int = 1024,
         range_margin: float = 1.0,
+        max_elements: int | None = None,
+        dim_factor: float = 4.0,
     ) -> None:
         self.raw: dict[str, Any] = _arrays(profile or {})
         prof = self.raw.get("inputs", {})
         self.max_rows = max_rows
         self.names = frozenset(s.name for s in specs)
         self.inputs = tuple(_InputCheck(s, prof.get(s.name), range_margin) for s in specs)
+        #: Input elements per call at most: max_rows rows of each input, a symbolic
+        #: dimension counted at ``dim_factor`` times its size in the calibration rows;
+        #: never more than ``max_elements``.
+        self.max_elements = _elements_bound(specs, prof, max_rows, dim_factor, max_elements)
         self.scorers = {name: _Scorer(e) for name, e in prof.items()}
         self.scorers = {n: s for n, s in self.scorers.items() if s.active}
 
     def check(self, feed: Mapping[str, Array]) -> None:
         if len(feed) != len(self.names) or not self.names.issuperset(feed):
             _names_problem(self.names, feed)
+        elements = sum(a.size for a in feed.values())
+        if elements > self.max_elements:
+            self.too_large(elements)
         for c in self.inputs:
             a = feed[c.name]
             if a.dtype != c.dtype:
@@ -265,6 +283,7 @@ class CompiledProfile:
                 raise InputError(
                     f"input {c.name}: {a.shape[0]} rows, at most {self.max_rows} per call"
                 )
+
             if not a.size or not (c.floating or c.ranged):
                 continue
             # Two reductions check finiteness and range at once: NaN propagates through
@@ -281,6 +300,12 @@ class CompiledProfile:
                     f"outside the calibrated range [{lo:.4g}, {hi:.4g}]"
                 )
 
+    def too_large(self, elements: int) -> None:
+        raise InputTooLargeError(
+            f"inputs of {elements} elements, at most {self.max_elements} per call for this "
+            "model (its symbolic dimensions are bounded by the calibrated sizes)"
+        )
+
     def scores(self, feed: Mapping[str, Array]) -> Array | None:
         out: Array | None = None
         for name, scorer in self.scorers.items():
@@ -288,6 +313,36 @@ class CompiledProfile:
                 s = scorer.raw(feed[name])
                 out = s if out is None else np.maximum(out, s)
         return out
+
+
+def _elements_bound(
+    specs: Sequence[TensorSpec],
+    prof: Mapping[str, Any],
+    max_rows: int,
+    dim_factor: float,
+    cap: int | None,
+) -> int:
+    """Input elements a call may carry: per input, ``max_rows`` rows of the schema's fixed
+    dimensions, each symbolic one at ``dim_factor`` times its calibrated size; ``cap``
+    where a symbolic dimension has no calibrated size (and at most ``cap`` always)."""
+    limit = cap if cap is not None else 2**62
+    total = 0
+    for spec in specs:
+        shape = list(spec.shape)[1:]  # the first axis is the rows (max_rows)
+        entry = prof.get(spec.name) or {}
+        calibrated = entry.get("shape")
+        if not isinstance(calibrated, list) or len(calibrated) != len(shape):
+            calibrated = None
+        row = 1
+        for i, w in enumerate(shape):
+            if isinstance(w, int) and w > 0:
+                row *= w
+            elif calibrated is not None and isinstance(calibrated[i], int) and calibrated[i] > 0:
+                row *= max(1, math.ceil(calibrated[i] * dim_factor))
+            else:
+                return limit
+        total += max_rows * row
+    return min(total, limit) if specs else limit
 
 
 def _names_problem(names: frozenset[str], feed: Mapping[str, Array]) -> None:
@@ -316,9 +371,18 @@ def compile_profile(
     *,
     max_rows: int = 1024,
     range_margin: float = 1.0,
+    max_elements: int | None = None,
+    dim_factor: float = 4.0,
 ) -> CompiledProfile:
     """The profile (and the signed input schema ``specs``) compiled once per model."""
-    return CompiledProfile(profile, specs, max_rows=max_rows, range_margin=range_margin)
+    return CompiledProfile(
+        profile,
+        specs,
+        max_rows=max_rows,
+        range_margin=range_margin,
+        max_elements=max_elements,
+        dim_factor=dim_factor,
+    )
 
 
 def raw_scores(profile: Mapping[str, Any], feed: Mapping[str, Array]) -> dict[str, Array]:

@@ -19,10 +19,18 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from edgeseal.agent.device import DeviceHome
 from edgeseal.core.config import load_config
-from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console, reports_errors
+from edgeseal.core.console import (
+    EXIT_REJECTED,
+    emit,
+    err_console,
+    out_console,
+    reports_errors,
+    untrusted,
+)
 from edgeseal.core.encoding import canonical_json, format_time
 from edgeseal.core.errors import KeyFileError
 from edgeseal.core.files import atomic_write
@@ -457,7 +465,7 @@ _PHASE_COLUMNS = (
 
 
 def _status_table(report: dict[str, Any]) -> Table:
-    title = (
+    title = untrusted(
         f"{report['rollout']}: {report['model']} v{report['version']} to {report['group']} "
         f"[{report['state']}]"
     )
@@ -466,7 +474,7 @@ def _status_table(report: dict[str, Any]) -> Table:
         phases = w["phases"]
         cells = [str(sum(phases.get(p, 0) for p in ps) or "") for _, ps in _PHASE_COLUMNS]
         verdict = w["verdict"] or ("open" if w["opened_at"] else "waiting")
-        table.add_row(str(w["wave"]), str(w["devices"]), *cells, verdict)
+        table.add_row(str(w["wave"]), str(w["devices"]), *cells, untrusted(verdict))
     return table
 
 
@@ -572,7 +580,7 @@ def _drive(ctl: Controller, st: RolloutStore, rollout_id: str, *, as_json: bool)
     emit(
         {"ok": final.state == "done", **report},
         as_json=as_json,
-        render=lambda: out_console.print(_summary(report), highlight=False),
+        render=lambda: out_console.print(_summary(report), highlight=False, markup=False),
     )
     if final.state != "done":
         raise typer.Exit(EXIT_REJECTED)
@@ -600,7 +608,7 @@ def status(
 
     def render() -> None:
         out_console.print(_status_table(report))
-        out_console.print(_summary(report), highlight=False)
+        out_console.print(_summary(report), highlight=False, markup=False)
 
     emit({"ok": True, **report}, as_json=as_json, render=render)
 
@@ -792,7 +800,8 @@ def devices_cmd(
             "device", "last seen", "model", "active", "state", "key store", "agent", "OOD"
         )
         for r in rows:
-            table.add_row(*(("" if r[k] is None else str(r[k])) for k in r))
+            # Every cell is what a device reported: plain text, never markup.
+            table.add_row(*(Text("" if r[k] is None else str(r[k])) for k in r))
         out_console.print(table)
 
     emit({"ok": True, "devices": rows}, as_json=as_json, render=render)
