@@ -4,6 +4,7 @@ onnx.helper; nothing is downloaded."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgeseal.packager.golden import InputSynthesisError
 from edgeseal.packager.onnx_model import ModelError, fold_constants
 from edgeseal.packager.pack import PackOptions
 from edgeseal.packager.quantize import QuantizeMode
+from helpers import run
 
 OPSET = 13
 
@@ -134,6 +136,27 @@ def test_pack_in_an_empty_directory_leaves_only_the_bundle(fleet, tmp_path, monk
     )
     assert [p.name for p in work.iterdir()] == ["m.esb"]
     assert list(temp.iterdir()) == []
+
+
+def test_what_incomplete_shape_inference_writes_stays_in_the_private_folder(
+    fleet, tmp_path, monkeypatch
+):
+    """ONNX Runtime's symbolic shape inference, when it cannot infer every shape, saves
+    ``sym_shape_infer_temp.onnx`` with its weights in ``<uuid>.data`` into the current
+    directory before it raises (its code, run here on a model it can infer)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    def incomplete(in_mp, *args, **kwargs):
+        onnx.save_model(in_mp, "sym_shape_infer_temp.onnx", save_as_external_data=True)
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(incomplete))
+    model = _write(tmp_path, "conv.onnx", conv_with_bias(hw="H"))
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    fleet.pack(model, out=work / "m.esb", options=PackOptions(quantize=QuantizeMode.DYNAMIC_INT8))
+    assert [p.name for p in work.iterdir()] == ["m.esb"]
 
 
 # --- items 2-4: no exit 3 for ordinary model problems --------------------------------
@@ -329,3 +352,62 @@ def test_output_shapes_are_recorded_from_running_the_model_not_its_declaration(f
     (spec,) = result.manifest.outputs
     assert spec.shape == (3, "N", 5)
     assert _device_golden(fleet, bundle) == []
+
+
+# --- the command: exit 1 with the reason, 2 for a bound it cannot check, never 3 -------
+
+
+def test_the_command_refuses_with_exit_1_or_2_and_says_why(tmp_path):
+    env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
+    run("keys", "init-root", env=env)
+    run("keys", "new-signer", "release", "--models", "*", env=env)
+    run(
+        "agent",
+        "provision",
+        "--home",
+        str(tmp_path / "dev"),
+        "--root",
+        str(tmp_path / "keys/root.pub"),
+        "--device-id",
+        "cam-01",
+        env=env,
+    )
+    run("keys", "add-device", "cam-01", str(tmp_path / "dev/device.pub.json"), env=env)
+    base = ["--version", "1", "--signer", "release", "--to", "cam-01"]
+    vad = _write(tmp_path, "vad.onnx", stateful_model())
+    refused = run(
+        "pack", str(vad), "--name", "vad", *base, "-o", str(tmp_path / "x.esb"), env=env, check=1
+    )
+    assert "sr" in refused.stderr and "--sample-inputs" in refused.stderr
+    conv = _write(tmp_path, "conv.onnx", conv_with_bias())
+    x = np.random.default_rng(10).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    bound = [*base, "--quantize", "dynamic-int8", "--eval", str(tmp_path / "eval.npz")]
+    usage = run(
+        "pack",
+        str(conv),
+        "--name",
+        "c",
+        *bound,
+        "--max-accuracy-drop",
+        "1%",
+        "-o",
+        str(tmp_path / "never.esb"),
+        env=env,
+        check=2,
+    )
+    assert "abs=" in usage.stderr
+    ok = run(
+        "pack",
+        str(conv),
+        "--name",
+        "c",
+        *bound,
+        "--max-accuracy-drop",
+        "abs=10",
+        "-o",
+        str(tmp_path / "c.esb"),
+        env=env,
+    )
+    assert "8 rows of user data" in ok.stdout and "gate passed" in ok.stdout
+    assert not (tmp_path / "x.esb").exists() and not (tmp_path / "never.esb").exists()
