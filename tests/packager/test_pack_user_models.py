@@ -282,6 +282,45 @@ def test_fp16_on_an_already_int8_model_is_refused_naming_why(fleet, tmp_path):
         fleet.pack(tmp_path / "int8.onnx", options=PackOptions(quantize=QuantizeMode.FP16))
 
 
+def test_a_model_the_quantizer_takes_only_folded_is_quantized_folded_and_says_so(
+    fleet, tmp_path, monkeypatch
+):
+    """Weights behind an Identity: a quantizer that insists on initializers (as ONNX
+    Runtime's does for some graphs: "Expected W to be an initializer") gets the model with
+    its constant subgraphs folded, after pre-processing and the model as given failed."""
+    from onnxruntime import quantization
+    from onnxruntime.quantization import shape_inference
+
+    real = quantization.quantize_dynamic
+
+    def strict(model_input, *args, **kwargs):
+        if "Identity" in {n.op_type for n in onnx.load(str(model_input)).graph.node}:
+            raise ValueError("Expected W to be an initializer")
+        return real(model_input, *args, **kwargs)
+
+    def cannot_infer(*args, **kwargs):
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", strict)
+    monkeypatch.setattr(shape_inference, "quant_pre_process", cannot_infer)
+    rng = np.random.default_rng(11)
+    model = _model(
+        [
+            helper.make_node("Identity", ["W0"], ["W"]),
+            helper.make_node("Conv", ["x", "W"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 6, 6])],
+        {"W0": rng.standard_normal((16, 3, 3, 3)).astype(np.float32)},
+    )
+    bundle, result = fleet.pack(
+        _write(tmp_path, "idw.onnx", model),
+        options=PackOptions(quantize=QuantizeMode.DYNAMIC_INT8),
+    )
+    assert any("constant subgraphs folded first" in n for n in result.report.notes)
+    assert _device_golden(fleet, bundle) == []
+
+
 def test_a_third_party_failure_during_pack_is_a_model_error_naming_the_stage(
     fleet, tmp_path, monkeypatch
 ):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -22,7 +22,7 @@ import numpy.typing as npt
 import onnx
 
 from edgeseal.packager.datasets import InputData
-from edgeseal.packager.onnx_model import ModelError
+from edgeseal.packager.onnx_model import ModelError, fold_constants
 
 __all__ = [
     "CalibrationMethod",
@@ -215,6 +215,34 @@ def quantize(
         )
 
 
+def _first_that_quantizes(
+    run: Callable[[Path], None],
+    attempts: list[tuple[Callable[[], Path | None], str]],
+    notes: list[str],
+    mode: QuantizeMode,
+) -> None:
+    """Quantize the first of ``attempts`` (a model maker, and how it differs) that the
+    quantizer takes; a note says which when it is not the first."""
+    failures: list[str] = []
+    for make, how in attempts:
+        model = make()
+        if model is None:
+            continue
+        try:
+            run(model)
+        except Exception as e:  # ORT's quantizer raises assorted types
+            log.warning("quantization failed (%s)%s", e, f"; {how}" if how else "")
+            failures.append(str(e)[:300])
+            continue
+        if how:
+            notes.append(f"quantized {how} (before: {'; '.join(failures)})")
+        return
+    raise ModelError(
+        f"{mode.value} quantization failed: {failures[0]}"
+        + (f" (also {'; '.join(failures[1:])})" if failures[1:] else "")
+    )
+
+
 def _quantize(
     src: Path,
     workdir: Path,
@@ -277,14 +305,22 @@ def _quantize(
                 }[method],
             )
 
-        try:
-            run(pre)
-        except Exception as e:  # ORT's quantizer raises assorted types
-            if pre == src:
-                raise
-            log.warning("quantizing the pre-processed model failed (%s); retrying without", e)
-            notes.append(f"quantized without ONNX Runtime's pre-processing ({str(e)[:200]})")
-            run(src)
+        # Pre-processed first; then the model as given; then with its constant subgraphs
+        # folded (weights computed from constants, e.g. a Transpose over an initializer,
+        # become initializers, which the quantizer requires of weights).
+        def folded() -> Path | None:
+            model, count = fold_constants(onnx.load(str(src)))
+            if not count:
+                return None
+            path = workdir / f"{src.stem}.folded.onnx"
+            onnx.save(model, str(path))
+            return path
+
+        attempts: list[tuple[Callable[[], Path | None], str]] = [(lambda: pre, "")]
+        if pre != src:
+            attempts.append((lambda: src, "without ONNX Runtime's pre-processing"))
+        attempts.append((folded, "with its constant subgraphs folded first"))
+        _first_that_quantizes(run, attempts, notes, mode)
         return Quantized(out, tuple(notes))
     except ModelError:
         raise
