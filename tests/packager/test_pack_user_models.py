@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeseal.agent.guard import ServingModel
 from edgeseal.agent.opener import open_bundle
 from edgeseal.core.config import Config, RuntimeConfig
 from edgeseal.core.golden import check_golden
@@ -215,9 +216,22 @@ def test_sample_inputs_pack_a_model_with_a_scalar_and_a_state_input(fleet, tmp_p
     )
     bundle, result = fleet.pack(model, options=PackOptions(sample_inputs=tmp_path / "samples.npz"))
     assert result.golden_vectors == 6
-    assert _device_golden(fleet, bundle) == []
     golden = fleet.extras(bundle)["golden"]["vectors"][0]["inputs"]
     assert golden["state"]["shape"] == [2, 1, 8] and golden["sr"]["shape"] == []
+    opened = open_bundle(
+        bundle, key_store=fleet.devices["dev-a"], policy=fleet.policy(), config=Config()
+    )
+    serving = ServingModel.start(opened, Config().agent)  # refuses unless golden passes
+    try:
+        feed = {
+            "audio": rng.standard_normal((3, 16)).astype(np.float32),
+            "state": rng.standard_normal((2, 3, 8)).astype(np.float32),
+            "sr": np.array(16001, np.int64),
+        }
+        result_ = serving.infer(feed)
+        assert result_.outputs["out"].shape == (3, 8) and len(result_.ood) == 3
+    finally:
+        serving.close()
 
 
 def windowed_model(batch: int | str = "N") -> bytes:

@@ -116,14 +116,6 @@ class InputData:
     def head(self, n: int) -> dict[str, npt.NDArray[np.generic]]:
         return self.feed(0, n)
 
-    def batched(self) -> dict[str, npt.NDArray[np.generic]]:
-        """The batched inputs with rows on axis 0 (what an input profile describes)."""
-        return {
-            k: np.moveaxis(v, axis, 0)
-            for k, v in self.inputs.items()
-            if (axis := self.axis(k)) is not None
-        }
-
 
 def load_inputs(path: Path, specs: tuple[TensorSpec, ...]) -> InputData:
     """Load and check data for a model with inputs ``specs``: a batched input holds rows

@@ -596,8 +596,9 @@ def synthetic_inputs(
 
 def input_profile(data: InputData) -> dict[str, Any]:
     """The profile the agent checks requests against (``edgeseal.core.profile``), of the
-    batched inputs (rows on axis 0); inputs fed whole are checked by the schema only."""
-    return make_profile(data.batched())
+    inputs whose rows run along axis 0, as the agent scores them; the others (fed whole,
+    or a state with rows on another axis) are checked by the schema only."""
+    return make_profile({k: v for k, v in data.inputs.items() if data.axis(k) == 0})
 
 
 def _version(dist: str) -> str | None:

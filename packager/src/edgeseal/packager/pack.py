@@ -351,12 +351,9 @@ def _pack_onnx(
         "golden_data": golden_data.source,
     }
     real_data = real_data or evaluation or samples
-    profile_data = real_data.batched() if real_data else {}
     extras = {
         "golden": golden,
-        "profile": input_profile(real_data)
-        if real_data and profile_data
-        else {"inputs": {}, "rows": 0},
+        "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
         "provenance": provenance(
             source=model_path,
             final=final,
@@ -478,9 +475,7 @@ def _pack_tflite(
     )
     extras = {
         "golden": golden,
-        "profile": input_profile(real_data)
-        if real_data and real_data.batched()
-        else {"inputs": {}, "rows": 0},
+        "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
         "provenance": provenance(
             source=model_path,
             final=model_path,
