@@ -263,6 +263,21 @@ def test_synthesized_inputs_fit_symbolic_spatial_dims_and_scalars(fleet, tmp_pat
         assert result.report.metric == "output error only"
 
 
+def test_a_symbolic_dim_the_weights_fix_is_derived_from_them(fleet, tmp_path):
+    """x is declared [N, 'features']; the MatMul weight [80, 4] makes features 80, a
+    size no fixed list of guesses holds."""
+    rng = np.random.default_rng(12)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "features"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {"W": rng.standard_normal((80, 4)).astype(np.float32)},
+    )
+    bundle, _ = fleet.pack(_write(tmp_path, "mlp.onnx", model))
+    assert fleet.extras(bundle)["golden"]["vectors"][0]["inputs"]["x"]["shape"] == [1, 80]
+    assert _device_golden(fleet, bundle) == []
+
+
 def test_static_int8_calibrates_a_fixed_batch_1_model_one_row_per_feed(fleet, tmp_path):
     model = _write(tmp_path, "conv1.onnx", conv_with_bias(batch=1))
     x = np.random.default_rng(6).standard_normal((10, 3, 8, 8)).astype(np.float32)

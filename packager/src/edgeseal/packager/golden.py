@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -525,13 +525,16 @@ def synthetic_inputs(
     rows: int = 16,
     seed: int = 0,
     probe: Runner | None = None,
+    hints: Mapping[str, int] | None = None,
 ) -> InputData:
     """Inputs drawn from the model's own input specs, when no data was given.
 
     Rows run along each input's batch axis (:func:`batch_layout`); a fixed-batch model
     gets ``rows`` batches. Dimensions sharing a name get one size; the batch dimension
-    is the row count; other symbolic dimensions take the first of
-    :data:`DIM_CANDIDATES` that ``probe`` (the model, run on one batch) accepts. Floats
+    is the row count; a dimension the weights imply (``hints``, by dim name or
+    ``input:axis``: :func:`edgeseal.packager.onnx_model.dim_hints`) takes that size;
+    other symbolic dimensions take the first of :data:`DIM_CANDIDATES` that ``probe``
+    (the model, run on one batch) accepts. Floats
     are N(0, 1), integers 0..7, booleans either. Raises :class:`InputSynthesisError`,
     naming the inputs, when the model accepts none."""
     layout = batch_layout(specs)
@@ -542,7 +545,7 @@ def synthetic_inputs(
             d
             for s in specs
             for i, d in enumerate(s.shape)
-            if isinstance(d, str) and i != layout.axes.get(s.name) and d != layout.name
+            if isinstance(d, str) and d not in ("?", layout.name) and i != layout.axes.get(s.name)
         }
         | {
             f"{s.name}:{i}"
@@ -551,6 +554,9 @@ def synthetic_inputs(
             if (d == "?" or (isinstance(d, int) and d <= 0)) and i != layout.axes.get(s.name)
         }
     )
+
+    known = dict(hints or {})
+    others = [o for o in others if o not in known]
 
     def build(size: int) -> InputData:
         rng = np.random.default_rng(seed)
@@ -566,7 +572,8 @@ def synthetic_inputs(
                 elif d == layout.name:
                     shape.append(batch)
                 else:
-                    shape.append(size)
+                    key = d if isinstance(d, str) and d != "?" else f"{s.name}:{i}"
+                    shape.append(known.get(key, size))
             inputs[s.name] = _draw(rng, np.dtype(s.dtype), tuple(shape))
         return InputData(inputs, None, dict(layout.axes), SYNTHETIC)
 

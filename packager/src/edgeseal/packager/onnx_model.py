@@ -33,6 +33,7 @@ from edgeseal.core.weights import DTYPE_SIZES, PLACEHOLDER_LOCATION, build_weigh
 __all__ = [
     "ModelError",
     "SplitModel",
+    "dim_hints",
     "fold_constants",
     "load_onnx",
     "observed_outputs",
@@ -295,3 +296,39 @@ def with_output_shapes(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) ->
             elif d != "?":
                 dim.dim_param = d
     return out
+
+
+def dim_hints(model: onnx.ModelProto) -> dict[str, int]:
+    """Sizes the model's weights imply for its inputs' symbolic dims, keyed by dim name
+    (or ``input:axis`` for an unnamed one): an input read directly by ``MatMul`` or
+    ``Gemm`` with a weight matrix (its inner dimension), or by ``Conv`` (its channels)."""
+    graph = model.graph
+    weights = {i.name: tuple(i.dims) for i in graph.initializer}
+    ranks = {
+        i.name: list(i.type.tensor_type.shape.dim) for i in graph.input if i.name not in weights
+    }
+    hints: dict[str, int] = {}
+
+    def hint(name: str, axis: int, size: int) -> None:
+        dims = ranks[name]
+        if not -len(dims) <= axis < len(dims) or size <= 0:
+            return
+        d = dims[axis]
+        if not d.HasField("dim_value"):
+            hints.setdefault(d.dim_param or f"{name}:{axis % len(dims)}", size)
+
+    for node in graph.node:
+        if not node.input or node.input[0] not in ranks or len(node.input) < 2:
+            continue
+        w = weights.get(node.input[1])
+        if w is None:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMul" and len(w) >= 2:
+            hint(node.input[0], -1, w[-2])
+        elif node.op_type == "Gemm" and len(w) == 2:
+            inner = w[1] if attrs.get("transB") else w[0]
+            hint(node.input[0], 0 if attrs.get("transA") else 1, inner)
+        elif node.op_type == "Conv" and len(w) >= 3:
+            hint(node.input[0], 1, w[1] * int(attrs.get("group", 1)))
+    return hints

@@ -56,6 +56,7 @@ from edgeseal.packager.golden import (
 )
 from edgeseal.packager.onnx_model import (
     ModelError,
+    dim_hints,
     fold_constants,
     load_onnx,
     observed_outputs,
@@ -300,7 +301,9 @@ def _pack_onnx(
 
     def synthesized() -> InputData:
         if not synthetic:
-            synthetic.append(synthetic_inputs(inputs, probe=_source_runner(model_path)))
+            synthetic.append(
+                synthetic_inputs(inputs, probe=_source_runner(model_path), hints=dim_hints(model))
+            )
         return synthetic[0]
 
     say("quantize")
