@@ -33,7 +33,11 @@ STAGES = {
 
 
 def _report_table(
-    r: AccuracyReport, failures: tuple[str, ...], threshold: Threshold | None
+    r: AccuracyReport,
+    failures: tuple[str, ...],
+    threshold: Threshold | None,
+    *,
+    accepted: bool = True,
 ) -> Table:
     t = Table("", "original", r.mode, title="accuracy report", title_justify="left")
     t.add_row(
@@ -56,7 +60,7 @@ def _report_table(
     for note in r.notes:
         t.add_row("quantizer", "", note)
     t.add_row("measured", f"{r.rows} rows of {r.data_source}", r.metric)
-    status = gate_status(r, threshold, failures)
+    status = gate_status(r, threshold, failures, accepted=accepted)
     colour = "red" if failures else ("green" if threshold is not None else "yellow")
     t.add_row("gate", "", f"[{colour}]{status}[/]")
     return t
@@ -271,7 +275,11 @@ def pack(
                         render=lambda: None,
                     )
                 else:
-                    err_console.print(_report_table(e.report, (str(e),), options.max_accuracy_drop))
+                    err_console.print(
+                        _report_table(
+                            e.report, (str(e),), options.max_accuracy_drop, accepted=False
+                        )
+                    )
             err_console.print(f"[bold red]rejected[/]: {e.diagnostics()}")
             raise typer.Exit(EXIT_REJECTED) from None
     data = _data(result, out)

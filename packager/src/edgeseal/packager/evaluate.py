@@ -225,11 +225,15 @@ def gate(report: AccuracyReport, threshold: Threshold | None, *, accept: bool) -
 
 
 def gate_status(
-    report: AccuracyReport, threshold: Threshold | None, failures: tuple[str, ...]
+    report: AccuracyReport,
+    threshold: Threshold | None,
+    failures: tuple[str, ...],
+    *,
+    accepted: bool = True,
 ) -> str:
     """One line saying what the gate established, and no more."""
     if failures:
-        return "gate failed, accepted: " + "; ".join(failures)
+        return ("gate failed, accepted: " if accepted else "") + "; ".join(failures)
     if threshold is None:
         return "no bound asked (--max-accuracy-drop): figures only"
     return f"gate passed ({report.metric}, {report.rows} rows of {report.data_source})"

@@ -588,12 +588,10 @@ def synthetic_inputs(
             errors.append(f"{str(e).strip().splitlines()[-1][:300]}")
             continue
         return data
-    risky = [
-        s.name
-        for s in specs
-        if not np.issubdtype(np.dtype(s.dtype), np.floating)
-        or any(not (isinstance(d, int) and d > 0) for d in s.shape)
-    ] or [s.name for s in specs]
+    integers = [s.name for s in specs if not np.issubdtype(np.dtype(s.dtype), np.floating)]
+    shaped = [s.name for s in specs if any(not (isinstance(d, int) and d > 0) for d in s.shape)]
+    # Sizes were tried for symbolic dims; integer values (ids, rates, flags) were guessed.
+    risky = integers or shaped or [s.name for s in specs]
     tried = f" (sizes {', '.join(map(str, DIM_CANDIDATES))} for {', '.join(others)})"
     raise InputSynthesisError(
         f"cannot build inputs this model runs with for input(s) {', '.join(risky)}"
