@@ -479,3 +479,27 @@ def test_the_command_refuses_with_exit_1_or_2_and_says_why(tmp_path):
     )
     assert "8 rows of user data" in ok.stdout and "gate passed" in ok.stdout
     assert not (tmp_path / "x.esb").exists() and not (tmp_path / "never.esb").exists()
+
+
+def test_batch_layout_finds_the_batch_axis_of_each_input():
+    from edgeseal.core.manifest import TensorSpec
+    from edgeseal.packager.datasets import batch_layout
+
+    free = batch_layout(
+        (
+            TensorSpec("state", "float32", (2, "batch", 128)),
+            TensorSpec("audio", "float32", ("batch", 512)),
+            TensorSpec("sr", "int64", ()),
+        )
+    )
+    assert dict(free.axes) == {"state": 1, "audio": 0, "sr": None}
+    assert (free.name, free.fixed) == ("batch", None)
+    fixed = batch_layout(
+        (
+            TensorSpec("state", "float32", (2, 1, 128)),
+            TensorSpec("audio", "float32", (1, 512)),
+            TensorSpec("sr", "int64", ()),
+        )
+    )
+    assert dict(fixed.axes) == {"state": None, "audio": 0, "sr": None}
+    assert fixed.fixed == 1

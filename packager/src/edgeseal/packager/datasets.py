@@ -46,8 +46,9 @@ class BatchLayout:
 
 def batch_layout(specs: tuple[TensorSpec, ...]) -> BatchLayout:
     """The batch dimension is the symbolic name most inputs lead with, found at whatever
-    axis each input has it; with every leading dim fixed, the first input's leading dim,
-    and the inputs that lead with the same size. Scalars are never batched."""
+    axis each input has it; with every leading dim fixed, the leading size most inputs
+    share (the smaller on a tie), and the inputs that lead with it. Scalars are never
+    batched."""
     firsts = [s.shape[0] for s in specs if s.shape]
     named = [d for d in firsts if isinstance(d, str)]
     axes: dict[str, int | None] = {}
@@ -61,7 +62,11 @@ def batch_layout(specs: tuple[TensorSpec, ...]) -> BatchLayout:
             else:
                 axes[s.name] = None
         return BatchLayout(axes, None if name == "?" else name, None)
-    fixed = next((d for d in firsts if isinstance(d, int) and d > 0), None)
+    counts = Counter(d for d in firsts if isinstance(d, int) and d > 0)
+    top = max(counts.values(), default=0)
+    # The leading size most inputs share; on a tie the smaller (a state [2, 1, 128]
+    # beside audio [1, 512] leaves the batch at 1).
+    fixed = min((d for d, n in counts.items() if n == top), default=None)
     for s in specs:
         axes[s.name] = 0 if s.shape and fixed is not None and s.shape[0] == fixed else None
     return BatchLayout(axes, None, fixed)
