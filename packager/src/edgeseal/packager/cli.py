@@ -28,6 +28,7 @@ STAGES = {
     "quantize": "quantizing",
     "evaluate": "evaluating",
     "golden": "golden vectors and profile",
+    "device": "opening as the device will",
     "seal": "sealing",
 }
 

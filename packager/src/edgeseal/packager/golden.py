@@ -534,9 +534,9 @@ def synthetic_inputs(
     is the row count; a dimension the weights imply (``hints``, by dim name or
     ``input:axis``: :func:`edgeseal.packager.onnx_model.dim_hints`) takes that size;
     other symbolic dimensions take the first of :data:`DIM_CANDIDATES` that ``probe``
-    (the model, run on one batch) accepts. Floats
-    are N(0, 1), integers 0..7, booleans either. Raises :class:`InputSynthesisError`,
-    naming the inputs, when the model accepts none."""
+    (the model, run on one batch) accepts. Floats are N(0, 1), integers 0..7, booleans
+    either. Raises :class:`InputSynthesisError`, naming the inputs, when the model
+    accepts none."""
     layout = batch_layout(specs)
     batch = layout.fixed or 1
     total = rows * batch
@@ -595,7 +595,7 @@ def synthetic_inputs(
     tried = f" (sizes {', '.join(map(str, DIM_CANDIDATES))} for {', '.join(others)})"
     raise InputSynthesisError(
         f"cannot build inputs this model runs with for input(s) {', '.join(risky)}"
-        f"{tried if others else ''}: {errors[-1] if errors else 'no attempt'}"
+        f"{tried if others else ''}: {errors[0] if errors else 'no attempt'}"
     )
 
 

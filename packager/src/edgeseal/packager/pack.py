@@ -259,6 +259,7 @@ STAGE_NAMES = {
     "quantize": "quantizing",
     "evaluate": "evaluating the quantized model",
     "golden": "making golden vectors",
+    "device": "opening the sealed form as the device will",
     "seal": "sealing",
 }
 
@@ -380,6 +381,7 @@ def _pack_onnx(
     split = split_onnx(final_model)
     # The device's way: the split form, its session options, weights from memory, and
     # the golden vectors it will replay. A model that fails here is not sealed.
+    say("device")
     check_split_onnx(split.graph, split.weights, golden, runtime)
     _add_oms(extras, final, signer, opts, split=(split.graph, split.weights))
     say("seal")
