@@ -109,6 +109,8 @@ class Workstation:
                     return golden
 
                 mp.setattr(pack_module, "make_golden", wrong)
+                # the packager's own device check would refuse to seal it: skip it
+                mp.setattr(pack_module, "check_split_onnx", lambda *a, **kw: None)
             pack_model(
                 self.root / "models" / f"{model}.onnx",
                 out,

@@ -29,7 +29,7 @@ MAX_ARRAY_BYTES = 64 * 1024 * 1024
 def array_to_obj(array: Any) -> dict[str, Any]:
     import numpy as np
 
-    a = np.ascontiguousarray(array)
+    a = np.ascontiguousarray(array).reshape(np.shape(array))  # a scalar stays rank 0
     le = a.astype(a.dtype.newbyteorder("<"), copy=False)
     return {"dtype": a.dtype.name, "shape": list(a.shape), "data": b64e(le.tobytes())}
 

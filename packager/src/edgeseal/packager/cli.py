@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +18,7 @@ from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.targets import TARGETS, get_target
 from edgeseal.packager.advisories import AdvisorySource, OsvFile, PypiService, RuntimeAudit
-from edgeseal.packager.evaluate import AccuracyDropError, AccuracyReport, Threshold
+from edgeseal.packager.evaluate import AccuracyDropError, AccuracyReport, Threshold, gate_status
 from edgeseal.packager.pack import PackOptions, PackResult, pack_model
 from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode
 
@@ -26,11 +28,18 @@ STAGES = {
     "quantize": "quantizing",
     "evaluate": "evaluating",
     "golden": "golden vectors and profile",
+    "device": "opening as the device will",
     "seal": "sealing",
 }
 
 
-def _report_table(r: AccuracyReport, failures: tuple[str, ...]) -> Table:
+def _report_table(
+    r: AccuracyReport,
+    failures: tuple[str, ...],
+    threshold: Threshold | None,
+    *,
+    accepted: bool = True,
+) -> Table:
     t = Table("", "original", r.mode, title="accuracy report", title_justify="left")
     t.add_row(
         "size",
@@ -49,12 +58,18 @@ def _report_table(r: AccuracyReport, failures: tuple[str, ...]) -> Table:
             f"{o.name}: max/mean abs err", "", f"{o.max_abs_error:.4g} / {o.mean_abs_error:.4g}"
         )
         t.add_row(f"{o.name}: cosine", "", f"{o.cosine:.6f}")
-    t.add_row(
-        "evaluated on",
-        f"{r.rows} rows",
-        "[red]" + "; ".join(failures) + "[/]" if failures else "[green]gate passed[/]",
-    )
+    for note in r.notes:
+        t.add_row("quantizer", "", note)
+    t.add_row("measured", f"{r.rows} rows of {r.data_source}", r.metric)
+    status = gate_status(r, threshold, failures, accepted=accepted)
+    colour = "red" if failures else ("green" if threshold is not None else "yellow")
+    t.add_row("gate", "", f"[{colour}]{status}[/]")
     return t
+
+
+def _terminate(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)
 
 
 def _audit_line(a: RuntimeAudit) -> str:
@@ -129,6 +144,16 @@ def pack(
     method: Annotated[CalibrationMethod, typer.Option(help="Static calibration method.")] = (
         CalibrationMethod.MINMAX
     ),
+    sample_inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--sample-inputs",
+            exists=True,
+            help="Sample inputs (.npz or folder of .npy, keyed by input name) for golden "
+            "vectors, the profile and evaluation, when the model's own specs cannot "
+            "describe valid inputs.",
+        ),
+    ] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -178,6 +203,9 @@ def pack(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check, optionally quantize and evaluate, then seal MODEL for the named devices."""
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so the private temp folder is removed.
+        signal.signal(signal.SIGTERM, _terminate)
     cfg = load_config(config)
     ring = Keyring(keys_dir or default_keys_dir())
     sgn, cert = ring.load_signer(
@@ -198,6 +226,7 @@ def pack(
         oms_out=oms_out,
         advisories=_advisory_source(advisories),
         fail_on_advisory=fail_on_advisory,
+        sample_inputs=sample_inputs,
     )
     show = not as_json and err_console.is_terminal
     with Progress(
@@ -230,6 +259,7 @@ def pack(
                 options=options,
                 stage=stage,
                 limits=cfg.limits,
+                runtime=cfg.runtime,
             )
         except AccuracyDropError as e:
             progress.stop()
@@ -246,14 +276,20 @@ def pack(
                         render=lambda: None,
                     )
                 else:
-                    err_console.print(_report_table(e.report, (str(e),)))
+                    err_console.print(
+                        _report_table(
+                            e.report, (str(e),), options.max_accuracy_drop, accepted=False
+                        )
+                    )
             err_console.print(f"[bold red]rejected[/]: {e.diagnostics()}")
             raise typer.Exit(EXIT_REJECTED) from None
     data = _data(result, out)
 
     def render() -> None:
         if result.report:
-            out_console.print(_report_table(result.report, result.gate_failures))
+            out_console.print(
+                _report_table(result.report, result.gate_failures, options.max_accuracy_drop)
+            )
         if result.tensor_types:
             out_console.print(
                 "tensor types: " + ", ".join(f"{k} x{v}" for k, v in result.tensor_types.items())

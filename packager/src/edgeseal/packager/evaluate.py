@@ -18,9 +18,18 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeseal.core.errors import EdgesealError
-from edgeseal.packager.datasets import InputData
+from edgeseal.packager.datasets import USER, InputData
 
-__all__ = ["AccuracyDropError", "AccuracyReport", "Threshold", "evaluate", "gate"]
+__all__ = [
+    "AccuracyDropError",
+    "AccuracyReport",
+    "GateUsageError",
+    "Threshold",
+    "evaluate",
+    "gate",
+    "gate_status",
+    "has_class_scores",
+]
 
 
 class AccuracyDropError(EdgesealError):
@@ -53,6 +62,14 @@ class AccuracyReport:
     accuracy_after: float | None
     latency_ms_before: float
     latency_ms_after: float
+    #: Where the rows came from: user data, or inputs synthesized from the model's specs
+    #: (error figures only: no accuracy claim can be made on them).
+    data_source: str = USER
+    #: What the top-1 figures measure: "accuracy against labels", "top-1 agreement"
+    #: (classifier scores, no labels), or "output error only" (no class scores).
+    metric: str = "output error only"
+    #: What the quantizer did that a reader should know (opset converted, per tensor...).
+    notes: tuple[str, ...] = ()
 
     @property
     def top1_drop(self) -> float | None:
@@ -97,27 +114,43 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _run(session: Any, data: InputData, batch: int = 64) -> tuple[list[npt.NDArray[Any]], float]:
+def _run(
+    session: Any, data: InputData, batch: int = 64, *, exact: bool = False
+) -> tuple[list[npt.NDArray[Any]], float]:
+    """Outputs over ``data`` in feeds of ``batch`` rows (``exact``: only whole feeds, for
+    a model with a fixed batch size), concatenated, and the median feed's latency."""
     outs: list[list[npt.NDArray[Any]]] = []
     times = []
-    for i in range(0, data.rows, batch):
-        feed = {k: v[i : i + batch] for k, v in data.inputs.items()}
+    stop = data.rows - data.rows % batch if exact else data.rows
+    for i in range(0, max(stop, 1), batch):
+        feed = data.feed(i, i + batch)
         t0 = time.perf_counter()
         outs.append(session.run(None, feed))
         times.append((time.perf_counter() - t0) * 1e3)
-    merged = [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+    merged = [np.concatenate([np.atleast_1d(o[j]) for o in outs]) for j in range(len(outs[0]))]
     return merged, statistics.median(times)
 
 
+def has_class_scores(output: npt.NDArray[Any]) -> bool:
+    """A classifier's output: float scores of shape (rows, classes), classes > 1."""
+    return output.ndim == 2 and output.shape[1] > 1 and np.issubdtype(output.dtype, np.floating)
+
+
 def evaluate(
-    original: Path, candidate: Path, data: InputData, *, mode: str, batch: int | None = None
+    original: Path,
+    candidate: Path,
+    data: InputData,
+    *,
+    mode: str,
+    batch: int | None = None,
+    notes: tuple[str, ...] = (),
 ) -> AccuracyReport:
     """Compare on ``data`` in batches of ``batch`` rows (a model's fixed batch size; 64 when
     the batch dimension is free)."""
     a_sess, b_sess = _session(original), _session(candidate)
     names = [o.name for o in a_sess.get_outputs()]
-    a, lat_a = _run(a_sess, data, batch or 64)
-    b, lat_b = _run(b_sess, data, batch or 64)
+    a, lat_a = _run(a_sess, data, batch or 64, exact=batch is not None)
+    b, lat_b = _run(b_sess, data, batch or 64, exact=batch is not None)
     stats = []
     for name, x, y in zip(names, a, b, strict=True):
         x64, y64 = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
@@ -130,13 +163,15 @@ def evaluate(
             )
         )
     agreement = acc_a = acc_b = None
-    first = a[0]
-    if first.ndim == 2 and first.shape[1] > 1 and np.issubdtype(first.dtype, np.floating):
+    metric = "output error only"
+    if has_class_scores(a[0]):
         top_a, top_b = a[0].argmax(axis=1), b[0].argmax(axis=1)
         agreement = float((top_a == top_b).mean())
-        if data.labels is not None:
+        metric = "top-1 agreement"
+        if data.labels is not None and data.labels.shape[0] == top_a.shape[0]:
             acc_a = float((top_a == data.labels).mean())
             acc_b = float((top_b == data.labels).mean())
+            metric = "accuracy against labels"
     return AccuracyReport(
         mode=mode,
         size_before=original.stat().st_size,
@@ -148,14 +183,37 @@ def evaluate(
         accuracy_after=acc_b,
         latency_ms_before=lat_a,
         latency_ms_after=lat_b,
+        data_source=data.source,
+        metric=metric,
+        notes=notes,
     )
 
 
+class GateUsageError(ValueError):
+    """``--max-accuracy-drop`` asks for something this model or this data cannot show."""
+
+
 def gate(report: AccuracyReport, threshold: Threshold | None, *, accept: bool) -> list[str]:
-    """The reasons the report fails ``threshold``; raises unless ``accept``."""
+    """The reasons the report fails ``threshold``; raises unless ``accept``.
+
+    A top-1 bound on a model without class scores, or any bound measured on synthetic
+    inputs, cannot be checked: :class:`GateUsageError` (a usage error), never a pass."""
     reasons = []
     if threshold is not None:
+        if report.data_source != USER:
+            raise GateUsageError(
+                "--max-accuracy-drop needs real data to measure on: give --eval, "
+                "--calibration or --sample-inputs (on synthetic inputs only error figures "
+                "are reported)"
+            )
         drop = report.top1_drop
+        if threshold.top1_drop is not None and drop is None:
+            raise GateUsageError(
+                "--max-accuracy-drop with a percentage bounds the top-1 drop of a classifier "
+                "(a 2-D score output), and this model's first output has no classes: bound "
+                "the output error instead (--max-accuracy-drop abs=0.05), or give no bound "
+                "and read the error figures in the report"
+            )
         if threshold.top1_drop is not None and drop is not None and drop > threshold.top1_drop:
             reasons.append(f"top-1 dropped by {drop:.2%} (limit {threshold.top1_drop:.2%})")
         worst = max((o.max_abs_error for o in report.outputs), default=0.0)
@@ -164,3 +222,18 @@ def gate(report: AccuracyReport, threshold: Threshold | None, *, accept: bool) -
     if reasons and not accept:
         raise AccuracyDropError("accuracy gate failed: " + "; ".join(reasons), report)
     return reasons
+
+
+def gate_status(
+    report: AccuracyReport,
+    threshold: Threshold | None,
+    failures: tuple[str, ...],
+    *,
+    accepted: bool = True,
+) -> str:
+    """One line saying what the gate established, and no more."""
+    if failures:
+        return ("gate failed, accepted: " if accepted else "") + "; ".join(failures)
+    if threshold is None:
+        return "no bound asked (--max-accuracy-drop): figures only"
+    return f"gate passed ({report.metric}, {report.rows} rows of {report.data_source})"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,12 @@ from edgeseal.core.extras import array_to_obj
 from edgeseal.core.golden import numeric_outputs
 from edgeseal.core.manifest import TensorSpec
 from edgeseal.core.profile import make_profile
-from edgeseal.packager.datasets import InputData
+from edgeseal.packager.datasets import SYNTHETIC, InputData, batch_layout
+from edgeseal.packager.onnx_model import ModelError
 
 __all__ = [
     "KERNEL_FAMILIES",
+    "InputSynthesisError",
     "KernelRunner",
     "Runner",
     "fixed_batch",
@@ -499,14 +501,14 @@ def make_golden(
     n = min(count, data.rows // batch)
     if n == 0:
         raise ValueError(f"need at least {batch} rows of data for golden vectors")
-    rows = [{k: v[i * batch : (i + 1) * batch] for k, v in data.inputs.items()} for i in range(n)]
+    rows = [data.feed(i * batch, (i + 1) * batch) for i in range(n)]
     # Real rows are often classified with near-certainty, where a saturated softmax hides
     # any change to the weights. Half the vectors are midpoints of two real rows instead:
     # nearer the decision boundaries, where outputs move with the weights.
     for i in range(n // 2, n):
         a, b = rows[i], rows[(i + 1) % n]
         rows[i] = {
-            k: ((a[k].astype(np.float64) + b[k].astype(np.float64)) / 2).astype(a[k].dtype)
+            k: np.asarray((a[k].astype(np.float64) + b[k].astype(np.float64)) / 2, a[k].dtype)
             if a[k].dtype.kind == "f"
             else a[k]
             for k in a
@@ -611,29 +613,118 @@ def _kernel_families(
 
 
 def fixed_batch(specs: tuple[TensorSpec, ...]) -> int | None:
-    """The batch size a model insists on (a fixed first dimension), or None when free."""
-    first = specs[0].shape[0] if specs and specs[0].shape else None
-    return first if isinstance(first, int) and first > 0 else None
+    """The batch size a model insists on (a fixed batch dimension), or None when free."""
+    return batch_layout(specs).fixed
 
 
-def synthetic_inputs(specs: tuple[TensorSpec, ...], *, rows: int = 16, seed: int = 0) -> InputData:
-    """Inputs drawn from the model's own input specs, when no data was given."""
-    rng = np.random.default_rng(seed)
-    rows *= fixed_batch(specs) or 1
-    inputs: dict[str, npt.NDArray[Any]] = {}
-    for spec in specs:
-        dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
-        dtype = np.dtype(spec.dtype)
-        if np.issubdtype(dtype, np.floating):
-            inputs[spec.name] = rng.standard_normal((rows, *dims)).astype(dtype)
-        else:
-            inputs[spec.name] = rng.integers(0, 8, size=(rows, *dims)).astype(dtype)
-    return InputData(inputs, None)
+#: Sizes tried, in order, for a symbolic dimension other than the batch (an image's
+#: height and width, a sequence length): the first the model runs with is kept.
+DIM_CANDIDATES = (32, 64, 16, 128, 8, 224, 1)
+
+
+class InputSynthesisError(ModelError):
+    """No input this model accepts could be built from its input specs."""
+
+    hint = (
+        "give sample inputs: --sample-inputs FILE.npz (one array per input, named after "
+        "it; batched inputs with rows along their batch axis, other inputs in the model's "
+        "shape), or --calibration / --eval data"
+    )
+
+
+def _draw(rng: np.random.Generator, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(bool)
+    return rng.integers(0, 8, size=shape).astype(dtype)
+
+
+def synthetic_inputs(
+    specs: tuple[TensorSpec, ...],
+    *,
+    rows: int = 16,
+    seed: int = 0,
+    probe: Runner | None = None,
+    hints: Mapping[str, int] | None = None,
+) -> InputData:
+    """Inputs drawn from the model's own input specs, when no data was given.
+
+    Rows run along each input's batch axis (:func:`batch_layout`); a fixed-batch model
+    gets ``rows`` batches. Dimensions sharing a name get one size; the batch dimension
+    is the row count; a dimension the weights imply (``hints``, by dim name or
+    ``input:axis``: :func:`edgeseal.packager.onnx_model.dim_hints`) takes that size;
+    other symbolic dimensions take the first of :data:`DIM_CANDIDATES` that ``probe``
+    (the model, run on one batch) accepts. Floats are N(0, 1), integers 0..7, booleans
+    either. Raises :class:`InputSynthesisError`, naming the inputs, when the model
+    accepts none."""
+    layout = batch_layout(specs)
+    batch = layout.fixed or 1
+    total = rows * batch
+    others = sorted(
+        {
+            d
+            for s in specs
+            for i, d in enumerate(s.shape)
+            if isinstance(d, str) and d not in ("?", layout.name) and i != layout.axes.get(s.name)
+        }
+        | {
+            f"{s.name}:{i}"
+            for s in specs
+            for i, d in enumerate(s.shape)
+            if (d == "?" or (isinstance(d, int) and d <= 0)) and i != layout.axes.get(s.name)
+        }
+    )
+
+    known = dict(hints or {})
+    others = [o for o in others if o not in known]
+
+    def build(size: int) -> InputData:
+        rng = np.random.default_rng(seed)
+        inputs: dict[str, npt.NDArray[Any]] = {}
+        for s in specs:
+            axis = layout.axes.get(s.name)
+            shape = []
+            for i, d in enumerate(s.shape):
+                if i == axis:
+                    shape.append(total)
+                elif isinstance(d, int) and d > 0:
+                    shape.append(d)
+                elif d == layout.name:
+                    shape.append(batch)
+                else:
+                    key = d if isinstance(d, str) and d != "?" else f"{s.name}:{i}"
+                    shape.append(known.get(key, size))
+            inputs[s.name] = _draw(rng, np.dtype(s.dtype), tuple(shape))
+        return InputData(inputs, None, dict(layout.axes), SYNTHETIC)
+
+    if probe is None:
+        return build(DIM_CANDIDATES[0])
+    errors = []
+    for size in DIM_CANDIDATES if others else DIM_CANDIDATES[:1]:
+        data = build(size)
+        try:
+            probe(data.feed(0, batch))
+        except Exception as e:  # the runtime's own error types: try the next size
+            errors.append(f"{str(e).strip().splitlines()[-1][:300]}")
+            continue
+        return data
+    integers = [s.name for s in specs if not np.issubdtype(np.dtype(s.dtype), np.floating)]
+    shaped = [s.name for s in specs if any(not (isinstance(d, int) and d > 0) for d in s.shape)]
+    # Sizes were tried for symbolic dims; integer values (ids, rates, flags) were guessed.
+    risky = integers or shaped or [s.name for s in specs]
+    tried = f" (sizes {', '.join(map(str, DIM_CANDIDATES))} for {', '.join(others)})"
+    raise InputSynthesisError(
+        f"cannot build inputs this model runs with for input(s) {', '.join(risky)}"
+        f"{tried if others else ''}: {errors[0] if errors else 'no attempt'}"
+    )
 
 
 def input_profile(data: InputData) -> dict[str, Any]:
-    """The profile the agent checks requests against (``edgeseal.core.profile``)."""
-    return make_profile(data.inputs)
+    """The profile the agent checks requests against (``edgeseal.core.profile``), of the
+    inputs whose rows run along axis 0, as the agent scores them; the others (fed whole,
+    or a state with rows on another axis) are checked by the schema only."""
+    return make_profile({k: v for k, v in data.inputs.items() if data.axis(k) == 0})
 
 
 def _version(dist: str) -> str | None:

@@ -21,9 +21,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from edgeseal.core.config import Limits
+import onnx
+
+from edgeseal.core.config import Limits, RuntimeConfig
 from edgeseal.core.encoding import b64d, parse_json_object, utcnow
-from edgeseal.core.errors import MissingExtraError, TrustError
+from edgeseal.core.errors import EdgesealError, MissingExtraError, TrustError
 from edgeseal.core.extras import encode_extras, sbom_digest
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keyring import DeviceRecord
@@ -39,9 +41,11 @@ from edgeseal.packager.advisories import (
     VulnerableRuntimeError,
     check_runtime,
 )
-from edgeseal.packager.datasets import InputData, load_inputs
-from edgeseal.packager.evaluate import AccuracyReport, Threshold, evaluate, gate
+from edgeseal.packager.datasets import BatchLayout, InputData, batch_layout, load_inputs
+from edgeseal.packager.devicecheck import check_split_onnx
+from edgeseal.packager.evaluate import AccuracyReport, GateUsageError, Threshold, evaluate, gate
 from edgeseal.packager.golden import (
+    Runner,
     fixed_batch,
     input_profile,
     make_golden,
@@ -50,8 +54,17 @@ from edgeseal.packager.golden import (
     synthetic_inputs,
     tflite_runners,
 )
-from edgeseal.packager.onnx_model import ModelError, onnx_io, split_onnx
-from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode, quantize_onnx
+from edgeseal.packager.onnx_model import (
+    ModelError,
+    dim_hints,
+    fold_constants,
+    load_onnx,
+    observed_outputs,
+    onnx_io,
+    split_onnx,
+    with_output_shapes,
+)
+from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode, quantize
 from edgeseal.packager.safety import check_onnx, refuse_pickle
 from edgeseal.packager.sbom import make_sbom, runtime_floor
 from edgeseal.packager.tflite_model import is_tflite, tflite_io, tflite_tensor_types
@@ -81,6 +94,9 @@ class PackOptions:
     #: a vulnerable runtime on this workstation fails the pack.
     advisories: AdvisorySource | None = None
     fail_on_advisory: bool = False
+    #: Sample inputs (.npz / folder of .npy keyed by input name) for golden vectors, the
+    #: input profile, evaluation and, without --calibration, static calibration.
+    sample_inputs: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +164,11 @@ def pack_model(
     options: PackOptions | None = None,
     stage: Stage | None = None,
     limits: Limits | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> PackResult:
+    """Pack ``model_path`` into the bundle ``out``. ``runtime`` is how the devices build
+    their sessions (the agent's ``[runtime]`` config; default: the agent's defaults): the
+    sealed form is opened and run that way before anything is written."""
     opts = options or PackOptions()
     say = stage or (lambda s: None)
     _check_certificate(signer, certificate, name)
@@ -162,15 +182,54 @@ def pack_model(
     except OSError as e:
         raise ModelError(f"cannot read model {model_path}: {e.strerror}") from e
     refuse_pickle(model_path, data[:8])
-    with tempfile.TemporaryDirectory(prefix="edgeseal-pack-") as tmp:
-        if is_tflite(data):
-            return _pack_tflite(
+    if opts.max_accuracy_drop is not None and not (
+        opts.calibration or opts.evaluation or opts.sample_inputs
+    ):
+        raise GateUsageError(
+            "--max-accuracy-drop needs real data to measure on: give --eval, --calibration "
+            "or --sample-inputs (on synthetic inputs only error figures are reported)"
+        )
+    current = ["load"]
+
+    def stage_(name: str) -> None:
+        current[0] = name
+        say(name)
+
+    # Every temporary file (quantization included) lives in this private (0700) folder,
+    # removed whatever happens; nothing is written outside it but the bundle.
+    with tempfile.TemporaryDirectory(prefix="edgeseal-pack-", ignore_cleanup_errors=True) as tmp:
+        try:
+            if is_tflite(data):
+                return _pack_tflite(
+                    data,
+                    model_path,
+                    out,
+                    name=name,
+                    version=version,
+                    opts=opts,
+                    signer=signer,
+                    certificate=certificate,
+                    devices=devices,
+                    profile=profile,
+                    cipher=cipher,
+                    chunk_size=chunk_size,
+                    validity=validity,
+                    revocations=revocations,
+                    root_rotations=root_rotations,
+                    now=now,
+                    progress=progress,
+                    say=stage_,
+                )
+            return _pack_onnx(
                 data,
                 model_path,
                 out,
+                Path(tmp),
                 name=name,
                 version=version,
                 opts=opts,
+                limits=limits,
+                runtime=runtime or RuntimeConfig(),
                 signer=signer,
                 certificate=certificate,
                 devices=devices,
@@ -182,116 +241,206 @@ def pack_model(
                 root_rotations=root_rotations,
                 now=now,
                 progress=progress,
-                say=say,
+                say=stage_,
             )
-        say("check")
-        model = check_onnx(model_path, allow_custom_ops=opts.allow_custom_ops, limits=limits)
-        inputs, outputs = onnx_io(model)
-        calibration, evaluation, real_data = _data(opts, inputs)
-        say("quantize")
-        final = quantize_onnx(
-            model_path, Path(tmp), opts.quantize, calibration=calibration, method=opts.method
-        )
-        report: AccuracyReport | None = None
-        failures: tuple[str, ...] = ()
-        if opts.quantize is not QuantizeMode.NONE:
-            say("evaluate")
-            report = evaluate(
-                model_path,
-                final,
-                evaluation or synthetic_inputs(inputs),
-                mode=opts.quantize.value,
-                batch=fixed_batch(inputs),
+        except (EdgesealError, GateUsageError):
+            raise
+        except Exception as e:  # a third-party tool's own error types, with the stage
+            raise ModelError(
+                f"packing failed while {STAGE_NAMES.get(current[0], current[0])}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+
+#: What each stage does, for messages.
+STAGE_NAMES = {
+    "load": "loading the model",
+    "check": "checking the model",
+    "quantize": "quantizing",
+    "evaluate": "evaluating the quantized model",
+    "golden": "making golden vectors",
+    "device": "opening the sealed form as the device will",
+    "seal": "sealing",
+}
+
+
+def _source_runner(model_path: Path) -> Runner:
+    """The model as given, run by ONNX Runtime: the probe for synthesized inputs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a rejected guess is expected: no error lines on stderr
+    session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed), strict=True))
+
+
+def _pack_onnx(
+    data: bytes,
+    model_path: Path,
+    out: Path,
+    tmp: Path,
+    *,
+    name: str,
+    version: int,
+    opts: PackOptions,
+    limits: Limits | None,
+    runtime: RuntimeConfig,
+    say: Stage,
+    signer: Signer,
+    certificate: Mapping[str, Any],
+    cipher: str,
+    **seal_args: Any,
+) -> PackResult:
+    say("check")
+    model = check_onnx(model_path, allow_custom_ops=opts.allow_custom_ops, limits=limits)
+    inputs, declared_outputs = onnx_io(model)
+    layout = batch_layout(inputs)
+    calibration, evaluation, real_data = _data(opts, inputs)
+    samples = load_inputs(opts.sample_inputs, inputs) if opts.sample_inputs else None
+    synthetic: list[InputData] = []
+
+    def synthesized() -> InputData:
+        if not synthetic:
+            synthetic.append(
+                synthetic_inputs(inputs, probe=_source_runner(model_path), hints=dim_hints(model))
             )
-            failures = tuple(gate(report, opts.max_accuracy_drop, accept=opts.accept_accuracy_drop))
-        if opts.dry_run:
-            return PackResult(None, len(data), 0, 0, cipher, report, failures)
-        say("golden")
-        golden_data = evaluation or calibration or synthetic_inputs(inputs)
-        reference, variants = onnx_runners(final)
-        golden = make_golden(
-            reference,
-            variants,
-            golden_data,
+        return synthetic[0]
+
+    say("quantize")
+    quantized = quantize(
+        model_path,
+        tmp,
+        opts.quantize,
+        calibration=calibration or samples,
+        method=opts.method,
+        fixed_batch=layout.fixed,
+    )
+    golden_data = evaluation or calibration or samples or synthesized()
+    final, outputs = _sealable(quantized.path, tmp, golden_data, layout, declared_outputs)
+    report: AccuracyReport | None = None
+    failures: tuple[str, ...] = ()
+    if opts.quantize is not QuantizeMode.NONE:
+        say("evaluate")
+        report = evaluate(
+            model_path,
+            final,
+            evaluation or samples or synthesized(),
             mode=opts.quantize.value,
-            count=opts.golden_count,
-            batch=fixed_batch(inputs) or 1,
+            batch=layout.fixed,
+            notes=quantized.notes,
         )
-        final_model = check_onnx(
-            final, allow_custom_ops=(*opts.allow_custom_ops, "com.microsoft"), limits=limits
-        )
-        settings = {
-            "quantize": opts.quantize.value,
-            "calibration_method": opts.method.value,
-            "max_accuracy_drop": str(opts.max_accuracy_drop or ""),
-            "accepted_failures": list(failures),
-        }
-        real_data = real_data or evaluation
-        extras = {
-            "golden": golden,
-            "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
-            "provenance": provenance(
-                source=model_path,
-                final=final,
-                calibration=opts.calibration,
-                evaluation=opts.evaluation,
-                settings=settings,
-                report=report.to_obj() if report else None,
-            ),
-        }
-        audit = _sbom(
-            extras,
-            opts,
-            name=name,
-            version=version,
-            model_format="onnx",
-            model_sha256=hashlib.sha256(final.read_bytes()).hexdigest(),
-            opsets={o.domain: o.version for o in final_model.opset_import},
-            domains=sorted({n.domain for n in final_model.graph.node}),
-            runtime_version=_version("onnxruntime"),
-        )
-        split = split_onnx(final_model)
-        _add_oms(extras, final, signer, opts, split=(split.graph, split.weights))
-        say("seal")
-        sections: dict[str, bytes | bytearray] = {
-            "graph": split.graph,
-            "weights": split.weights,
-            "extras": encode_extras(extras),
-        }
-        manifest = _seal(
-            out,
-            sections,
-            name=name,
-            version=version,
-            fmt="onnx",
-            runtime="onnxruntime",
-            inputs=inputs,
-            outputs=outputs,
-            signer=signer,
-            certificate=certificate,
-            devices=devices,
-            profile=profile,
-            cipher=cipher,
-            chunk_size=chunk_size,
-            validity=validity,
-            revocations=revocations,
-            root_rotations=root_rotations,
-            now=now,
-            progress=progress,
-            quantization=report.to_obj() if report else None,
-            sbom=extras["sbom"],
-        )
-        return PackResult(
-            manifest,
-            len(data),
-            len(split.graph),
-            len(split.weights),
-            cipher,
-            report,
-            failures,
-            golden_vectors=len(golden["vectors"]),
-            audit=audit,
-        )
+        failures = tuple(gate(report, opts.max_accuracy_drop, accept=opts.accept_accuracy_drop))
+    if opts.dry_run:
+        return PackResult(None, len(data), 0, 0, cipher, report, failures)
+    say("golden")
+    reference, variants = onnx_runners(final)
+    golden = make_golden(
+        reference,
+        variants,
+        golden_data,
+        mode=opts.quantize.value,
+        count=opts.golden_count,
+        batch=layout.fixed or 1,
+    )
+    final_model = check_onnx(
+        final, allow_custom_ops=(*opts.allow_custom_ops, "com.microsoft"), limits=limits
+    )
+    settings = {
+        "quantize": opts.quantize.value,
+        "calibration_method": opts.method.value,
+        "max_accuracy_drop": str(opts.max_accuracy_drop or ""),
+        "accepted_failures": list(failures),
+        "quantizer_notes": list(quantized.notes),
+        "golden_data": golden_data.source,
+    }
+    real_data = real_data or evaluation or samples
+    extras = {
+        "golden": golden,
+        "profile": input_profile(real_data) if real_data else {"inputs": {}, "rows": 0},
+        "provenance": provenance(
+            source=model_path,
+            final=final,
+            calibration=opts.calibration,
+            evaluation=opts.evaluation,
+            settings=settings,
+            report=report.to_obj() if report else None,
+        ),
+    }
+    audit = _sbom(
+        extras,
+        opts,
+        name=name,
+        version=version,
+        model_format="onnx",
+        model_sha256=hashlib.sha256(final.read_bytes()).hexdigest(),
+        opsets={o.domain: o.version for o in final_model.opset_import},
+        domains=sorted({n.domain for n in final_model.graph.node}),
+        runtime_version=_version("onnxruntime"),
+    )
+    split = split_onnx(final_model)
+    # The device's way: the split form, its session options, weights from memory, and
+    # the golden vectors it will replay. A model that fails here is not sealed.
+    say("device")
+    check_split_onnx(split.graph, split.weights, golden, runtime)
+    _add_oms(extras, final, signer, opts, split=(split.graph, split.weights))
+    say("seal")
+    sections: dict[str, bytes | bytearray] = {
+        "graph": split.graph,
+        "weights": split.weights,
+        "extras": encode_extras(extras),
+    }
+    manifest = _seal(
+        out,
+        sections,
+        name=name,
+        version=version,
+        fmt="onnx",
+        runtime="onnxruntime",
+        inputs=inputs,
+        outputs=outputs,
+        signer=signer,
+        certificate=certificate,
+        cipher=cipher,
+        quantization=report.to_obj() if report else None,
+        sbom=extras["sbom"],
+        **seal_args,
+    )
+    return PackResult(
+        manifest,
+        len(data),
+        len(split.graph),
+        len(split.weights),
+        cipher,
+        report,
+        failures,
+        golden_vectors=len(golden["vectors"]),
+        audit=audit,
+    )
+
+
+def _sealable(
+    path: Path,
+    tmp: Path,
+    data: InputData,
+    layout: BatchLayout,
+    declared: tuple[TensorSpec, ...],
+) -> tuple[Path, tuple[TensorSpec, ...]]:
+    """The model to seal and its real output specs: constant subgraphs folded (so the
+    device's graph optimizations never compute from weights handed over from memory),
+    and output shapes as observed running it (symbolic where they vary), written into
+    the graph as well. The file is ``path`` itself when nothing changed."""
+    model = load_onnx(path)
+    folded, count = fold_constants(model)
+    outputs = observed_outputs(folded, data, layout, declared)
+    if count == 0 and outputs == declared:
+        return path, outputs
+    sealed = tmp / f"{path.stem}.sealed.onnx"
+    try:
+        onnx.save(with_output_shapes(folded, outputs), str(sealed))
+    except (ValueError, OSError) as e:
+        raise ModelError(f"cannot write the folded model: {e}") from e
+    return sealed, outputs
 
 
 def _pack_tflite(
@@ -314,11 +463,13 @@ def _pack_tflite(
     inputs, outputs = tflite_io(data)
     types = tflite_tensor_types(data)
     calibration, evaluation, real_data = _data(opts, inputs)
+    samples = load_inputs(opts.sample_inputs, inputs) if opts.sample_inputs else None
     if opts.dry_run:
         return PackResult(None, len(data), len(data), 0, seal_args["cipher"], None, (), types)
     say("golden")
     reference, variants = tflite_runners(data)
-    golden_data = evaluation or calibration or synthetic_inputs(inputs)
+    golden_data = evaluation or calibration or samples or synthetic_inputs(inputs, probe=reference)
+    real_data = real_data or samples
     golden = make_golden(
         reference,
         variants,
