@@ -2,7 +2,7 @@
 
 (a) sealed: pack writes the bundle for a provisioned device; the device installs it
     through its model store (pre-flight child, digest and golden self-test) and serves
-    it through the agent's inference path; the answer equals the plain runtime's
+    it on the agent's unix-socket API; the answer equals the plain runtime's
     (onnxruntime.InferenceSession / LiteRT's Interpreter) running the same model, for a
     quantized mode the same quantized model;
 (b) refused: pack refuses before sealing, as the CLI would exit 1 (an ``EdgesealError``),
@@ -31,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from edgeseal.agent.api import ApiServer
+from edgeseal.agent.client import Client
 from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config
@@ -326,11 +328,18 @@ def _run_cell(
         except Exception as e:
             cell.detail = f"sealed, device refuses install: {_oneline(e)}"
             return cell
+        # Served as the daemon serves local apps: the unix-socket API and its client.
+        sock = Path(f"/tmp/es-zoo-{os.getpid()}-{time.monotonic_ns()}.sock")
+        api = ApiServer(agent, sock)
+        api.start()
         try:
-            got = agent.infer(name, feed).outputs
+            with Client(str(sock)) as client:
+                got = client.infer(name, feed).outputs
         except Exception as e:
-            cell.detail = f"sealed and installed, infer fails: {_oneline(e)}"
+            cell.detail = f"sealed and installed, infer over the socket fails: {_oneline(e)}"
             return cell
+        finally:
+            api.stop()
     finally:
         agent.close()
     diff = _same(got, want)
@@ -338,7 +347,7 @@ def _run_cell(
         cell.detail = f"sealed and served, output differs: {diff}"
         return cell
     cell.outcome = "sealed"
-    cell.detail = "installed, golden check passed, output equals the plain runtime"
+    cell.detail = "installed, golden check passed, served output equals the plain runtime"
     return cell
 
 
