@@ -118,6 +118,14 @@ MAGIKA = Dist(
     "a4d1f64f71460f335841c13c3d16cfc2cb21e839c1898a1ae9bd5adc8d66cb2b",
     "Apache-2.0",
 )
+MAGIKA_1 = Dist(
+    "magika",
+    "1.0.3",
+    "magika-1.0.3-py3-none-manylinux_2_28_x86_64.whl",
+    "3e9b49134e8116ee40b431664dcbed9e199413efddcce1a173c734b4e0521529",
+    "Apache-2.0",
+    ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"),
+)
 MEDIAPIPE = Dist(
     "mediapipe",
     "0.10.21",
@@ -235,6 +243,16 @@ ZOO: tuple[ZooModel, ...] = (
         "file-type classifier (byte embedding, dense layers, LayerNorm, GELU); opset 13 + "
         "ai.onnx.ml; dynamic batch; 2-D output",
         {"bytes": Input((1, 1536), low=0, high=256)},
+    ),
+    ZooModel(
+        "magika-v3",
+        MAGIKA_1,
+        "magika/models/standard_v3_3/model.onnx",
+        "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
+        3_163_737,
+        "file-type classifier (byte embedding, Conv, normalization, dense); an int32 "
+        "input (byte values, 256 pads); opset 15 + ai.onnx.ml; dynamic batch; 2-D output",
+        {"bytes": Input((1, 2048), "int32", low=0, high=257)},
     ),
     ZooModel(
         "mp-face-detection",
