@@ -427,8 +427,8 @@ def test_output_shapes_are_recorded_from_running_the_model_not_its_declaration(f
 
 def test_the_command_refuses_with_exit_1_or_2_and_says_why(tmp_path):
     env = {**os.environ, "EDGESEAL_KEYS": str(tmp_path / "keys"), "COLUMNS": "200"}
-    run("keys", "init-root", env=env)
-    run("keys", "new-signer", "release", "--models", "*", env=env)
+    run("keys", "init-root", "--no-passphrase", env=env)
+    run("keys", "new-signer", "release", "--models", "*", "--no-passphrase", env=env)
     run(
         "agent",
         "provision",
