@@ -12,6 +12,7 @@ from rich.table import Table
 
 from edgeseal.core.config import load_config
 from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console, reports_errors
+from edgeseal.core.errors import PathError
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.targets import TARGETS, get_target
@@ -98,6 +99,18 @@ def _data(result: PackResult, out: Path) -> dict[str, Any]:
     return data
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an -o that cannot be written before any work is done (the bundle writer
+    refuses the rest: a read-only or full file system)."""
+    if out.is_dir():
+        raise PathError(f"-o {out} is a directory: give the bundle file to write", path=out)
+    if not out.parent.is_dir():
+        raise PathError(
+            f"cannot write the bundle {out}: its directory {out.parent} does not exist",
+            path=out,
+        )
+
+
 def _advisory_source(spec: str) -> AdvisorySource | None:
     if spec == "off":
         return None
@@ -178,6 +191,13 @@ def pack(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check, optionally quantize and evaluate, then seal MODEL for the named devices."""
+    if quantize is QuantizeMode.STATIC_INT8 and calibration is None:
+        raise ValueError(
+            "--quantize static-int8 needs --calibration (a .npz, or a folder of .npy files, "
+            "keyed by input name)"
+        )
+    if not dry_run:
+        _check_output(out)
     cfg = load_config(config)
     ring = Keyring(keys_dir or default_keys_dir())
     sgn, cert = ring.load_signer(
