@@ -851,7 +851,9 @@ class ApiServer:
                 os.umask(old)
         except OSError as e:
             # The path comes from --socket or [agent] socket: the user's to change.
-            raise PathError.from_os_error(e, self.socket_path, "listen on the socket") from e
+            raise PathError.from_os_error(
+                e, self.socket_path, "listen on the socket", creating=True
+            ) from e
         server.api = self
         server.max_total, server.max_per_uid, server.reserved = _connection_bounds(cfg)
         if cfg.socket_group:

@@ -69,11 +69,16 @@ class PathError(UsageError):
         self.path = path
 
     @classmethod
-    def from_os_error(cls, e: OSError, path: object, doing: str) -> PathError:
+    def from_os_error(
+        cls, e: OSError, path: object, doing: str, *, creating: bool = False
+    ) -> PathError:
         """``e``, raised while ``doing`` (e.g. "read the config") on ``path``, as a
-        message that names the path and says why, in words."""
+        message that names the path and says why, in words. ``creating``: ``path`` is
+        to be made, so a missing one means its directory cannot hold it."""
         why = {
-            errno.ENOENT: "it does not exist",
+            errno.ENOENT: "its directory does not exist or cannot hold new files"
+            if creating
+            else "it does not exist",
             errno.EISDIR: "it is a directory, not a file",
             errno.ENOTDIR: "a part of it is not a directory",
             errno.EACCES: "permission denied",

@@ -197,5 +197,5 @@ def seal_bundle(
             for piece in payload:
                 f.write(piece)
     except OSError as e:
-        raise PathError.from_os_error(e, out, "write the bundle") from e
+        raise PathError.from_os_error(e, out, "write the bundle", creating=True) from e
     return manifest
