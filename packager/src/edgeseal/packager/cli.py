@@ -260,6 +260,7 @@ def pack(
                             "ok": False,
                             "error": type(e).__name__,
                             "message": str(e),
+                            "exit_code": EXIT_REJECTED,
                             "report": e.report.to_obj(),
                         },
                         as_json=True,
