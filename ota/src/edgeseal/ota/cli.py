@@ -32,7 +32,7 @@ from edgeseal.core.console import (
     untrusted,
 )
 from edgeseal.core.encoding import canonical_json, format_time
-from edgeseal.core.errors import KeyFileError
+from edgeseal.core.errors import KeyFileError, UnknownNameError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
@@ -217,7 +217,17 @@ def group_add(
     keys_dir: KeysDir = None,
     as_json: Json = False,
 ) -> None:
-    """Add devices to a group (made when new). Then rewrite the broker ACL."""
+    """Add registered devices (keys add-device) to a group (made when new). Then rewrite
+    the broker ACL."""
+    ring = Keyring(_keys(keys_dir))
+    registered = {d.id for d in ring.devices()}
+    unknown = [d for d in devices if d not in registered]
+    if unknown:
+        # Refused now, not at deploy: a bundle can only be sealed for a registered key.
+        raise UnknownNameError(
+            f"not in the registry of {ring.path}: {', '.join(unknown)} "
+            "(register each first: edgeseal keys add-device ID device.pub.json)"
+        )
     members = GroupRegistry.in_keyring(_keys(keys_dir)).add(group, devices)
     emit(
         {"ok": True, "group": group, "members": list(members)},
@@ -280,7 +290,14 @@ def broker_config(
         typer.Option("--host", help="A name or IP devices reach the broker by (repeat)."),
     ] = None,
     port: Annotated[int, typer.Option(help="TLS port.")] = 8883,
-    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to listen on (default: the one --host given, all addresses for "
+            "several, 127.0.0.1 for none).",
+            show_default=False,
+        ),
+    ] = None,
     controller: Annotated[
         str, typer.Option(help="The controller's certificate CN (full access).")
     ] = CONTROLLER,
@@ -297,6 +314,15 @@ def broker_config(
 ) -> None:
     """Write a Mosquitto broker directory: certificates, mosquitto.conf and the ACL."""
     topics = Topics(prefix or load_config(config).ota.topic_prefix)
+    if bind is None:
+        # Devices reach the broker by --host: listen there, not on loopback only (on
+        # every address for several names).
+        if not host:
+            bind = "127.0.0.1"
+        elif len(host) == 1:
+            bind = host[0]
+        else:
+            bind = "0.0.0.0"  # noqa: S104  # nosec B104
     groups = GroupRegistry.in_keyring(_keys(keys_dir)).groups()
     if acl_only:
         acl = BrokerSetup.acl_path_in(out)
@@ -331,10 +357,13 @@ def broker_config(
             "dir": str(where),
             "files": [str(p) for p in written],
             "groups": len(groups),
+            "bind": None if acl_only else f"{bind}:{port}",
         },
         as_json=as_json,
         render=lambda: out_console.print(
-            f"broker files written to {where} ({len(groups)} groups)\n"
+            f"broker files written to {where} ({len(groups)} groups"
+            + ("" if acl_only else f"; listening on {bind}:{port}")
+            + ")\n"
             + (
                 "reload the ACL: kill -HUP $(pidof mosquitto)"
                 if acl_only
