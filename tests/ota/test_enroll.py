@@ -282,3 +282,27 @@ def test_broker_config_listens_on_loopback_without_hosts_and_everywhere_for_seve
     _cli("ota", "broker-config", "--out", str(tmp_path / "b3"), "--host", "a.lan",
          "--bind", "10.0.0.5", env=env)  # fmt: skip
     assert "listener 8883 10.0.0.5\n" in (tmp_path / "b3/mosquitto.conf").read_text()
+
+
+def test_simulate_adds_devices_to_the_keyring_only_with_register(tmp_path: Path) -> None:
+    """ota simulate never fills a keyring with simulated devices and fleet-CA certificates
+    unasked: without --register it refuses (exit 2) and the keyring and groups stay as
+    they were; with it, the devices are registered and grouped, and say so."""
+    env = {
+        "EDGESEAL_KEYS": str(tmp_path / "keys"),
+        "EDGESEAL_CA_PASSPHRASE": "",
+        "EDGESEAL_PASSPHRASE": "",
+    }
+    _cli("keys", "init-root", "--no-passphrase", env=env)
+    _cli("ota", "ca-init", env=env)
+    sim = ("ota", "simulate", "--devices", "2", "--dir", str(tmp_path / "sim"), "--provision-only")
+    refused = _cli(*sim, "--json", env=env, check=2)
+    assert "--register" in json.loads(refused.stdout)["message"]
+    listed = json.loads(_cli("keys", "list", "--json", env=env).stdout)
+    assert listed["devices"] == [] and not (tmp_path / "sim").exists()
+    made = json.loads(_cli(*sim, "--register", "--json", env=env).stdout)
+    assert made["registered"] == ["sim-0000", "sim-0001"]
+    listed = json.loads(_cli("keys", "list", "--json", env=env).stdout)
+    assert sorted(d["id"] for d in listed["devices"]) == ["sim-0000", "sim-0001"]
+    again = json.loads(_cli(*sim, "--json", env=env).stdout)  # registered: no flag needed
+    assert again["registered"] == [] and again["devices"] == ["sim-0000", "sim-0001"]

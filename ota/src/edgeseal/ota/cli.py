@@ -856,6 +856,13 @@ def simulate(
         float, typer.Option("--for", help="Run this long, then stop (0: until Ctrl-C).")
     ] = 0.0,
     provision_only: Annotated[bool, typer.Option(help="Provision, then exit.")] = False,
+    register: Annotated[
+        bool,
+        typer.Option(
+            help="Register the new simulated devices in the keyring (--keys-dir) and their "
+            "group, and issue them fleet-CA client certificates (a demo or test keyring).",
+        ),
+    ] = False,
     broker: Broker = None,
     ca_file: CaFile = None,
     prefix: Prefix = "edgeseal/v1",
@@ -863,8 +870,20 @@ def simulate(
     passphrase_file: CaPass = None,
     as_json: Json = False,
 ) -> None:
-    """Simulated devices (real agent and update channel) against a real broker."""
+    """Simulated devices (real agent and update channel) against a real broker.
+
+    Their public keys go into the keyring and their TLS certificates come from its fleet
+    CA, so a real rollout can reach them: that happens only with --register (devices
+    already registered need no flag), never silently in the keyring you ship from."""
     ring = Keyring(_keys(keys_dir))
+    known = {d.id for d in ring.devices()}
+    new = [d for d in (f"{id_prefix}-{i:04d}" for i in range(devices)) if d not in known]
+    if new and not register:
+        raise ValueError(
+            f"{len(new)} simulated device(s) ({new[0]}...) are not in the keyring {ring.path}: "
+            "--register adds them, their group and fleet-CA client certificates there "
+            "(a demo or test keyring, --keys-dir, not the one you ship from)"
+        )
     ids = provision_fleet(
         out, devices, ring=ring, ca=_ca(keys_dir, passphrase_file), prefix=id_prefix
     )
@@ -887,10 +906,12 @@ def simulate(
                     time.sleep(0.5)
             del fleet
     emit(
-        {"ok": True, "devices": ids, "group": group, "dir": str(out)},
+        {"ok": True, "devices": ids, "registered": new, "group": group, "dir": str(out)},
         as_json=as_json,
         render=lambda: out_console.print(
-            f"{len(ids)} devices in {out} (group {group}); rewrite the broker ACL for the group:"
+            f"{len(ids)} devices in {out} (group {group}"
+            + (f"; {len(new)} registered in {ring.path}" if new else "")
+            + "); rewrite the broker ACL for the group:"
             " edgeseal ota broker-config --out DIR --acl-only",
             highlight=False,
         ),
