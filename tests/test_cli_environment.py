@@ -32,6 +32,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dic
         **os.environ,
         "EDGESEAL_KEYS": str(tmp / "keys"),
         "EDGESEAL_ADVISORIES": "off",
+        "EDGESEAL_CA_PASSPHRASE": "",
         "COLUMNS": "200",
     }
     for name in ("EDGESEAL_PASSPHRASE", "EDGESEAL_SIGNER_PASSPHRASE", "EDGESEAL_CONFIG"):
@@ -51,6 +52,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dic
         env=env,
     )
     run("keys", "add-device", "cam-01", str(home / "device.pub.json"), env=env)
+    run("ota", "ca-init", env=env)
     (tmp / "m.onnx").write_bytes(make_onnx_classifier(seed=3))
     (tmp / "adir").mkdir()
     (tmp / "afile").write_text("not a directory\n")
@@ -158,6 +160,36 @@ CASES: dict[str, tuple[tuple[str, ...], int, str, bool]] = {
         _pack("-o", "/proc/m.esb"),
         2,
         "/proc/m.esb",
+        True,
+    ),
+    "keys init-root --keys-dir in /proc": (
+        ("keys", "init-root", "--no-passphrase", "--keys-dir", "/proc/edgeseal-keys"),
+        2,
+        "/proc/edgeseal-keys",
+        True,
+    ),
+    "agent provision --home in /proc": (
+        ("agent", "provision", "--home", "/proc/edgeseal-home", "--root", f"{T}/keys/root.pub"),
+        2,
+        "/proc/edgeseal-home",
+        True,
+    ),
+    "ota ca-init --keys-dir in /proc": (
+        ("ota", "ca-init", "--keys-dir", "/proc/edgeseal-keys"),
+        2,
+        "/proc/edgeseal-keys",
+        True,
+    ),
+    "ota csr --out in /proc": (
+        ("ota", "csr", "--home", f"{T}/dev", "--force", "--out", "/proc/cam-01.csr"),
+        2,
+        "/proc/cam-01.csr",
+        True,
+    ),
+    "ota broker-config --out in /proc": (
+        ("ota", "broker-config", "--out", "/proc/edgeseal-broker"),
+        2,
+        "/proc/edgeseal-broker",
         True,
     ),
     # usage errors: names, options and files given on the command line

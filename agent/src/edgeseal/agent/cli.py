@@ -30,6 +30,7 @@ from edgeseal.core.console import (
     untrusted,
 )
 from edgeseal.core.errors import PathError
+from edgeseal.core.files import reported_as_path_error
 from edgeseal.core.keys import passphrase_from
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
@@ -101,13 +102,15 @@ def init(
         pin_file=pin_file if pin_file is not None else dev.pkcs11_pin_file,
         machine_bound=machine_bound,
     )
-    info = DeviceHome(home).init(
-        root_public_keys=[p.read_bytes() for p in root],
-        device_id=device_id,
-        passphrase=passphrase_from(None),
-        store=spec,
-    )
-    (home / "device.pub.json").write_text(json.dumps(info, indent=2))
+    root_public_keys = [p.read_bytes() for p in root]
+    with reported_as_path_error(home, "provision the device home"):
+        info = DeviceHome(home).init(
+            root_public_keys=root_public_keys,
+            device_id=device_id,
+            passphrase=passphrase_from(None),
+            store=spec,
+        )
+        (home / "device.pub.json").write_text(json.dumps(info, indent=2))
     emit(
         info,
         as_json=as_json,

@@ -28,6 +28,7 @@ from edgeseal.core.console import (
 )
 from edgeseal.core.encoding import b64d, format_time, parse_json_object, parse_time, utcnow
 from edgeseal.core.errors import MalformedBundleError
+from edgeseal.core.files import reported_as_path_error
 from edgeseal.core.keyring import Keyring, default_keys_dir, parse_device_public_key
 from edgeseal.core.keys import key_protection, load_private_key, passphrase_from
 from edgeseal.core.keystore import InMemoryKey
@@ -140,7 +141,8 @@ def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not
         what="root key",
         option="--passphrase-file",
     )
-    kid = ring.init_root(force=force, token=token)
+    with reported_as_path_error(ring.path, "create the keyring in"):
+        kid = ring.init_root(force=force, token=token)
     emit(
         {
             "ok": True,

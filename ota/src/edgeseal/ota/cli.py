@@ -33,7 +33,7 @@ from edgeseal.core.console import (
 )
 from edgeseal.core.encoding import canonical_json, format_time
 from edgeseal.core.errors import KeyFileError, UnknownNameError
-from edgeseal.core.files import atomic_write
+from edgeseal.core.files import atomic_write, reported_as_path_error
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.ota.broker import BrokerSetup, acl_text
@@ -99,12 +99,11 @@ def ca_init(
     as_json: Json = False,
 ) -> None:
     """Create the fleet CA (in <keyring>/fleet-ca/) that issues MQTT TLS certificates."""
-    ca = FleetCA.init(
-        default_ca_dir(_keys(keys_dir)),
-        days=days,
-        force=force,
-        passphrase=passphrase_from(passphrase_file, env="EDGESEAL_CA_PASSPHRASE"),
-    )
+    passphrase = passphrase_from(passphrase_file, env="EDGESEAL_CA_PASSPHRASE")
+    with reported_as_path_error(default_ca_dir(_keys(keys_dir)), "create the fleet CA in"):
+        ca = FleetCA.init(
+            default_ca_dir(_keys(keys_dir)), days=days, force=force, passphrase=passphrase
+        )
     emit(
         {"ok": True, "ca_dir": str(ca.path), "ca_file": str(ca.cert_path)},
         as_json=as_json,
@@ -142,7 +141,8 @@ def csr(
         canonical_json({"device_id": device_id, "key": "tls.key", "key_storage": "software"}),
     )
     if out is not None:
-        atomic_write(out, pem)
+        with reported_as_path_error(out, "write the request to"):
+            atomic_write(out, pem)
     emit(
         {
             "ok": True,
@@ -188,7 +188,8 @@ def enroll(
         request.read_bytes(), days=days, expected_id=device_id, registered=registered
     )
     cn = ca.issued()[-1]["cn"]
-    atomic_write(out, cert_pem)
+    with reported_as_path_error(out, "write the certificate to"):
+        atomic_write(out, cert_pem)
     emit(
         {"ok": True, "device_id": cn, "certificate": str(out), "ca_file": str(ca.cert_path)},
         as_json=as_json,
@@ -328,19 +329,21 @@ def broker_config(
         acl = BrokerSetup.acl_path_in(out)
         if not acl.exists():
             raise ValueError(f"{out} holds no broker ACL; run broker-config without --acl-only")
-        atomic_write(acl, acl_text(topics, groups, controller).encode())
+        with reported_as_path_error(acl, "write the broker ACL to"):
+            atomic_write(acl, acl_text(topics, groups, controller).encode())
         written, where = [acl], out
     else:
-        setup = BrokerSetup.write(
-            out,
-            _ca(keys_dir, passphrase_file),
-            groups=groups,
-            topics=topics,
-            hosts=host or (),
-            controller=controller,
-            port=port,
-            bind=bind,
-        )
+        with reported_as_path_error(out, "write the broker directory"):
+            setup = BrokerSetup.write(
+                out,
+                _ca(keys_dir, passphrase_file),
+                groups=groups,
+                topics=topics,
+                hosts=host or (),
+                controller=controller,
+                port=port,
+                bind=bind,
+            )
         written = [
             setup.conf_file,
             setup.settings.acl_file,
