@@ -112,6 +112,7 @@ def test_a_tampered_bundle_exits_1_and_names_the_failure(workspace):
         "ok": False,
         "error": "DigestMismatchError",
         "message": proc.stdout and json.loads(proc.stdout)["message"],
+        "exit_code": 1,
     }
 
 

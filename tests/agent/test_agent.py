@@ -541,3 +541,17 @@ def test_the_daemon_serves_reloads_on_sighup_and_stops_on_sigterm(fleet, trained
         if daemon.poll() is None:
             daemon.kill()
         notify.close()
+
+
+def test_an_input_over_the_agents_body_limit_is_answered_413_naming_the_limit_not_a_broken_pipe(
+    fleet, trained, device, tmp_path
+):
+    """The agent refuses a body over max_body_bytes from the head alone and closes; the
+    client, cut off mid-send, reads that answer instead of reporting a broken pipe."""
+    cfg = "[agent]\nmax_body_bytes = 1048576\n"
+    with _serving(fleet, trained, device, tmp_path, cfg) as (_, _, sock, _):
+        big = np.zeros((1 << 20, 16), np.float32)  # 64 MiB, far over the 1 MiB limit
+        with Client(str(sock)) as c, pytest.raises(AgentError) as e:
+            c.infer("clf", {"input": big})
+    assert e.value.status == 413
+    assert "1048576 bytes" in str(e.value)

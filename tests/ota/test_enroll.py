@@ -249,6 +249,8 @@ def test_the_ota_commands_enroll_a_registered_device_and_write_a_broker(tmp_path
     assert key_storage(cert.read_bytes()) == "software"
     _cli("ota", "group", "add", "lab", "cam-01", env=env)
     _cli("ota", "group", "add", "a/b", "cam-01", env=env, check=2)
+    unknown = _cli("ota", "group", "add", "lab", "cam-01", "cam-02", "--json", env=env, check=2)
+    assert "cam-02" in json.loads(unknown.stdout)["message"]
     listed = json.loads(
         _cli("ota", "group", "list", "--device", "cam-01", "--json", env=env).stdout
     )
@@ -258,6 +260,49 @@ def test_the_ota_commands_enroll_a_registered_device_and_write_a_broker(tmp_path
     assert "user cam-01\ntopic read edgeseal/v1/groups/lab/control" in (broker / "acl").read_text()
     conf = (broker / "mosquitto.conf").read_text()
     assert "require_certificate true" in conf and "use_identity_as_username true" in conf
+    assert "listener 8883 broker.local\n" in conf  # where devices reach it, not loopback
     _cli("ota", "group", "remove", "lab", env=env)
     _cli("ota", "broker-config", "--out", str(broker), "--acl-only", env=env)
     assert "groups/lab" not in (broker / "acl").read_text()
+    assert json.loads(
+        _cli("ota", "group", "list", "--device", "cam-02", "--json", env=env).stdout
+    ) == {"ok": True, "groups": {}}  # the refused add added nobody
+
+
+def test_broker_config_listens_on_loopback_without_hosts_and_everywhere_for_several(
+    tmp_path: Path,
+) -> None:
+    env = {"EDGESEAL_KEYS": str(tmp_path / "keys"), "EDGESEAL_CA_PASSPHRASE": ""}
+    _cli("ota", "ca-init", env=env)
+    _cli("ota", "broker-config", "--out", str(tmp_path / "b1"), env=env)
+    assert "listener 8883 127.0.0.1\n" in (tmp_path / "b1/mosquitto.conf").read_text()
+    _cli("ota", "broker-config", "--out", str(tmp_path / "b2"), "--host", "a.lan",
+         "--host", "10.0.0.5", env=env)  # fmt: skip
+    assert "listener 8883 0.0.0.0\n" in (tmp_path / "b2/mosquitto.conf").read_text()
+    _cli("ota", "broker-config", "--out", str(tmp_path / "b3"), "--host", "a.lan",
+         "--bind", "10.0.0.5", env=env)  # fmt: skip
+    assert "listener 8883 10.0.0.5\n" in (tmp_path / "b3/mosquitto.conf").read_text()
+
+
+def test_simulate_adds_devices_to_the_keyring_only_with_register(tmp_path: Path) -> None:
+    """ota simulate never fills a keyring with simulated devices and fleet-CA certificates
+    unasked: without --register it refuses (exit 2) and the keyring and groups stay as
+    they were; with it, the devices are registered and grouped, and say so."""
+    env = {
+        "EDGESEAL_KEYS": str(tmp_path / "keys"),
+        "EDGESEAL_CA_PASSPHRASE": "",
+        "EDGESEAL_PASSPHRASE": "",
+    }
+    _cli("keys", "init-root", "--no-passphrase", env=env)
+    _cli("ota", "ca-init", env=env)
+    sim = ("ota", "simulate", "--devices", "2", "--dir", str(tmp_path / "sim"), "--provision-only")
+    refused = _cli(*sim, "--json", env=env, check=2)
+    assert "--register" in json.loads(refused.stdout)["message"]
+    listed = json.loads(_cli("keys", "list", "--json", env=env).stdout)
+    assert listed["devices"] == [] and not (tmp_path / "sim").exists()
+    made = json.loads(_cli(*sim, "--register", "--json", env=env).stdout)
+    assert made["registered"] == ["sim-0000", "sim-0001"]
+    listed = json.loads(_cli("keys", "list", "--json", env=env).stdout)
+    assert sorted(d["id"] for d in listed["devices"]) == ["sim-0000", "sim-0001"]
+    again = json.loads(_cli(*sim, "--json", env=env).stdout)  # registered: no flag needed
+    assert again["registered"] == [] and again["devices"] == ["sim-0000", "sim-0001"]

@@ -47,7 +47,7 @@ from edgeseal.agent.audit import AuditError, AuditLog
 from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError, ServingModel
 from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
-from edgeseal.core.errors import EdgesealError
+from edgeseal.core.errors import EdgesealError, PathError
 from edgeseal.core.profile import InputError, InputTooLargeError
 
 __all__ = [
@@ -671,11 +671,16 @@ class _Handler:
             self.close_connection = True
             return None
         n = self._content_length()
-        limit = self.api.agent.config.agent.max_body_bytes
+        limit = cap_free = self.api.agent.config.agent.max_body_bytes
         if cap is not None:
             limit = min(limit, cap)
         if n is None or n > limit:
-            self._error(413, "TooLarge", f"body of {length[:40]} bytes exceeds the limit")
+            which = "agent.max_body_bytes" if limit == cap_free else "what the model's inputs need"
+            self._error(
+                413,
+                "TooLarge",
+                f"body of {length[:40]} bytes exceeds the limit of {limit} bytes ({which})",
+            )
             self.close_connection = True
             return None
         if before is not None:
@@ -835,14 +840,20 @@ class ApiServer:
 
     def start(self) -> None:
         cfg = self.agent.config.agent
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        old = os.umask(0o177)
         try:
-            server = _UnixServer(str(self.socket_path), socketserver.BaseRequestHandler)
-        finally:
-            os.umask(old)
+            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            old = os.umask(0o177)
+            try:
+                server = _UnixServer(str(self.socket_path), socketserver.BaseRequestHandler)
+            finally:
+                os.umask(old)
+        except OSError as e:
+            # The path comes from --socket or [agent] socket: the user's to change.
+            raise PathError.from_os_error(
+                e, self.socket_path, "listen on the socket", creating=True
+            ) from e
         server.api = self
         server.max_total, server.max_per_uid, server.reserved = _connection_bounds(cfg)
         if cfg.socket_group:

@@ -29,6 +29,8 @@ from edgeseal.core.console import (
     reports_errors,
     untrusted,
 )
+from edgeseal.core.errors import PathError
+from edgeseal.core.files import reported_as_path_error
 from edgeseal.core.keys import passphrase_from
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
@@ -100,13 +102,15 @@ def init(
         pin_file=pin_file if pin_file is not None else dev.pkcs11_pin_file,
         machine_bound=machine_bound,
     )
-    info = DeviceHome(home).init(
-        root_public_keys=[p.read_bytes() for p in root],
-        device_id=device_id,
-        passphrase=passphrase_from(None),
-        store=spec,
-    )
-    (home / "device.pub.json").write_text(json.dumps(info, indent=2))
+    root_public_keys = [p.read_bytes() for p in root]
+    with reported_as_path_error(home, "provision the device home"):
+        info = DeviceHome(home).init(
+            root_public_keys=root_public_keys,
+            device_id=device_id,
+            passphrase=passphrase_from(None),
+            store=spec,
+        )
+        (home / "device.pub.json").write_text(json.dumps(info, indent=2))
     emit(
         info,
         as_json=as_json,
@@ -127,10 +131,18 @@ def _load_input(
     seed: int,
 ) -> dict[str, np.ndarray]:
     if path is not None:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        return {names[0]: np.load(path, allow_pickle=False)}
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            return {names[0]: np.load(path, allow_pickle=False)}
+        except OSError as e:
+            raise PathError.from_os_error(e, path, "read the input") from e
+        except (ValueError, EOFError) as e:
+            # numpy's own words (allow_pickle, "No data left in file") name no file.
+            raise PathError(
+                f"cannot read the input {path}: not a .npy or .npz array file", path=path
+            ) from e
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape, dtype in zip(names, shapes, dtypes, strict=False):
@@ -187,6 +199,11 @@ def infer(
     locked memory, check golden vectors), or on a model through the running daemon."""
     cfg = load_config(config)
     bundle = Path(target)
+    if bundle.is_dir():
+        raise PathError(f"{bundle} is a directory, not a bundle file", path=bundle)
+    if not bundle.is_file() and (bundle.suffix == ".esb" or len(bundle.parts) > 1):
+        # A path, not a model name (names have no "/"; bundles end in .esb).
+        raise PathError(f"bundle {bundle} does not exist", path=bundle)
     if bundle.is_file():
         with contextlib.closing(_open_direct(bundle, home, cfg, as_json)) as sm:
             m = sm.opened.manifest

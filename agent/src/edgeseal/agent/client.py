@@ -30,16 +30,54 @@ from edgeseal.agent.api import (
 from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
 from edgeseal.core.errors import EdgesealError
 
-__all__ = ["AgentError", "Client", "InferResponse"]
+__all__ = [
+    "AgentConnectionError",
+    "AgentError",
+    "AgentTimeoutError",
+    "Client",
+    "InferResponse",
+]
 
 DEFAULT_SOCKET = "/run/edgeseal/agent.sock"
 
 
 class AgentError(EdgesealError):
+    """The agent answered with an error status (the message is its own)."""
+
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(f"{status} {kind}: {message}")
         self.status = status
         self.kind = kind
+
+
+class AgentConnectionError(EdgesealError, ConnectionError):
+    """The agent could not be reached on its socket, or broke the exchange off: no agent
+    running, a stale socket file, no permission, a connection closed mid-answer. The
+    message names the socket. Still a ``ConnectionError`` for callers matching that."""
+
+    def __init__(self, message: str, *, socket_path: str) -> None:
+        super().__init__(message)
+        self.socket_path = socket_path
+
+
+class AgentTimeoutError(AgentConnectionError, TimeoutError):
+    """The agent did not answer in time (still a ``TimeoutError``)."""
+
+
+def _unreachable(e: OSError, path: str) -> AgentConnectionError:
+    """A failure to connect to the agent at ``path``, in words that say what to check."""
+    if isinstance(e, FileNotFoundError):
+        why = "the socket does not exist: is the agent running (edgeseal agent run)?"
+    elif isinstance(e, ConnectionRefusedError):
+        why = "nothing listens on it (a socket left behind by an agent that stopped)"
+    elif isinstance(e, PermissionError):
+        why = "permission denied: run as a user the agent's [access] rules allow"
+    else:
+        why = e.strerror or str(e)
+    return AgentConnectionError(
+        f"cannot reach the agent at {path}: {why} (--socket or [agent] socket sets the path)",
+        socket_path=path,
+    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +175,12 @@ class Client:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.settimeout(self.timeout)
-                s.connect(self.socket_path)
+                try:
+                    s.connect(self.socket_path)
+                except (TimeoutError, BlockingIOError):
+                    raise
+                except OSError as e:
+                    raise _unreachable(e, self.socket_path) from e
                 # The kernel bounds each recv and send: one system call each (sockio);
                 # where it cannot, Python's timeout stays.
                 if self.timeout is not None and not kernel_timeouts(
@@ -167,8 +210,15 @@ class Client:
         sock = self._connect()
         try:
             send_all(sock, parts)
-        except BrokenPipeError as e:
-            raise _StaleConnectionError(str(e)) from e
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # The agent stopped reading: a kept-alive connection it had closed (resend),
+            # or a request it refused before reading the body (413 over a limit), whose
+            # answer is waiting: read it.
+            try:
+                while self._buf.find(b"\r\n\r\n") < 0:
+                    self._fill(sock, not self._buf)
+            except (OSError, _StaleConnectionError):
+                raise _StaleConnectionError(str(e)) from e
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
             if len(self._buf) > self.MAX_HEAD_BYTES:
                 raise ConnectionError("the agent's answer head is too long")
@@ -241,12 +291,25 @@ class Client:
             try:
                 resp = self._exchange(message, infer)
                 break
-            except _StaleConnectionError:
+            except _StaleConnectionError as e:
                 self.close()
                 if attempt:
-                    raise
-            except BaseException:
+                    raise AgentConnectionError(
+                        f"the agent at {self.socket_path} closed the connection: {e}",
+                        socket_path=self.socket_path,
+                    ) from e
+            except BaseException as e:
                 self.close()  # the stream is out of step: start over next time
+                if isinstance(e, TimeoutError) and not isinstance(e, EdgesealError):
+                    raise AgentTimeoutError(
+                        f"the agent at {self.socket_path} did not answer in time "
+                        f"({self.timeout} s)",
+                        socket_path=self.socket_path,
+                    ) from e
+                if isinstance(e, ConnectionError) and not isinstance(e, EdgesealError):
+                    raise AgentConnectionError(
+                        f"the agent at {self.socket_path}: {e}", socket_path=self.socket_path
+                    ) from e
                 raise
         data = resp.body
         if resp.status >= 400 and resp.status not in answers:

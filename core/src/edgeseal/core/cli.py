@@ -18,15 +18,17 @@ from rich.text import Text
 
 from edgeseal.core.config import load_config
 from edgeseal.core.console import (
-    EXIT_INTERNAL,
+    EXIT_USAGE,
     emit,
     err_console,
     out_console,
+    report_error,
     reports_errors,
     untrusted,
 )
 from edgeseal.core.encoding import b64d, format_time, parse_json_object, parse_time, utcnow
 from edgeseal.core.errors import MalformedBundleError
+from edgeseal.core.files import reported_as_path_error
 from edgeseal.core.keyring import Keyring, default_keys_dir, parse_device_public_key
 from edgeseal.core.keys import key_protection, load_private_key, passphrase_from
 from edgeseal.core.keystore import InMemoryKey
@@ -139,7 +141,8 @@ def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not
         what="root key",
         option="--passphrase-file",
     )
-    kid = ring.init_root(force=force, token=token)
+    with reported_as_path_error(ring.path, "create the keyring in"):
+        kid = ring.init_root(force=force, token=token)
     emit(
         {
             "ok": True,
@@ -615,18 +618,19 @@ def _register_parts() -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. Errors the commands do not report themselves (bad options,
+    missing arguments, a bug) are reported here, as JSON too when ``--json`` was given."""
     _register_parts()
     try:
-        app()
-    except SystemExit:
-        raise
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(EXIT_USAGE)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
     except Exception as e:
-        err_console.print(
-            f"[bold red]internal error[/]: {type(e).__name__}: {e} "
-            "(this is a bug in edgeseal: please report it)"
-        )
-        sys.exit(EXIT_INTERNAL)
+        sys.exit(report_error(e, as_json="--json" in sys.argv[1:]))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

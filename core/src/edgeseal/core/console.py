@@ -1,8 +1,10 @@
 """What every edgeseal command shares: output, errors, exit codes, progress. Stable API.
 
 Exit codes (docs/cli.md): 0 ok; 1 rejected or verification failed (any
-:class:`EdgesealError`); 2 usage error (bad options, missing files named on the command
-line); 3 an unexpected internal error (a bug: please report it).
+:class:`EdgesealError` but a :class:`UsageError`); 2 usage error (bad options or values, a
+:class:`UsageError`: config, a path or a name given on the command line); 3 an unexpected
+internal error (a bug, and nothing else: please report it). With ``--json`` every error,
+whatever its exit code, is also one JSON document on stdout (:func:`error_document`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from edgeseal.core.errors import EdgesealError
+from edgeseal.core.errors import EdgesealError, UsageError
 
 __all__ = [
     "EXIT_INTERNAL",
@@ -35,8 +37,11 @@ __all__ = [
     "EXIT_USAGE",
     "emit",
     "err_console",
+    "error_document",
+    "exit_code_for",
     "out_console",
     "progress_bytes",
+    "report_error",
     "reports_errors",
     "untrusted",
 ]
@@ -69,30 +74,71 @@ def emit(data: dict[str, Any], *, as_json: bool, render: Callable[[], None]) -> 
         render()
 
 
+def exit_code_for(e: BaseException) -> int:
+    """The exit code an exception that reached the CLI stands for (docs/cli.md)."""
+    if isinstance(e, typer.TyperException):  # click's errors: bad options, a missing file
+        return int(getattr(e, "exit_code", EXIT_USAGE))
+    if isinstance(e, UsageError | ValueError):
+        return EXIT_USAGE
+    if isinstance(e, EdgesealError):
+        return EXIT_REJECTED
+    return EXIT_INTERNAL
+
+
+def error_document(e: BaseException, exit_code: int) -> dict[str, Any]:
+    """What ``--json`` prints on stdout for an error: its type, its message, the exit code
+    (and the hint, where the error has one)."""
+    message = str(getattr(e, "format_message", e.__str__)())
+    doc: dict[str, Any] = {
+        "ok": False,
+        "error": type(e).__name__,
+        "message": message or type(e).__name__,
+        "exit_code": exit_code,
+    }
+    if isinstance(e, EdgesealError) and e.hint:
+        doc["hint"] = e.hint
+    return doc
+
+
+def report_error(e: BaseException, *, as_json: bool) -> int:
+    """Tell the user about ``e`` (on stderr; also as JSON on stdout with ``as_json``) and
+    return the exit code for it."""
+    code = exit_code_for(e)
+    if as_json:
+        sys.stdout.write(json.dumps(error_document(e, code), indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    if isinstance(e, typer.TyperException):
+        getattr(e, "show", lambda: err_console.print(untrusted(e)))()
+    elif isinstance(e, EdgesealError):
+        label = "error" if code == EXIT_USAGE else "rejected"
+        err_console.print(
+            f"[bold red]{label}[/]: {type(e).__name__}: {untrusted(e.diagnostics())}",
+            highlight=False,
+        )
+    elif code == EXIT_USAGE:
+        err_console.print(f"[bold red]error[/]: {untrusted(e)}", highlight=False)
+    else:
+        err_console.print(
+            f"[bold red]internal error[/]: {untrusted(f'{type(e).__name__}: {e}')} "
+            "(this is a bug in edgeseal: please report it)",
+            highlight=False,
+        )
+    return code
+
+
 def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn edgeseal errors into a clear message and exit code 1 (JSON with ``--json``)."""
+    """Turn errors into a clear message and the exit code docs/cli.md gives them: 1 for an
+    :class:`EdgesealError`, 2 for a :class:`UsageError` or ``ValueError``, 3 for anything
+    else (a bug); with ``--json`` also one JSON document on stdout."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except EdgesealError as e:
-            if kwargs.get("as_json"):
-                sys.stdout.write(
-                    json.dumps(
-                        {"ok": False, "error": type(e).__name__, "message": str(e)}, indent=2
-                    )
-                    + "\n"
-                )
-            err_console.print(
-                f"[bold red]rejected[/]: {type(e).__name__}: {untrusted(e.diagnostics())}",
-                highlight=False,
-                markup=True,
-            )
-            raise typer.Exit(EXIT_REJECTED) from None
-        except ValueError as e:
-            err_console.print(f"[bold red]error[/]: {untrusted(e)}", highlight=False)
-            raise typer.Exit(EXIT_USAGE) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as e:
+            raise typer.Exit(report_error(e, as_json=bool(kwargs.get("as_json")))) from None
 
     return wrapper
 

@@ -7,9 +7,16 @@ errors into exit codes.
 
 Caller mistakes stay ``ValueError``/``TypeError``; calling things in the wrong order is
 ``RuntimeError``.
+
+:class:`UsageError` marks the errors the person at the terminal fixes by changing what
+they typed (a config file, a path, a name given on the command line): the CLI exits 2 for
+them and 1 for every other :class:`EdgesealError`. An ``OSError`` is wrapped where it
+enters, naming the path (:class:`PathError`), never left to reach the CLI.
 """
 
 from __future__ import annotations
+
+import errno
 
 __all__ = [
     "BundleError",
@@ -23,12 +30,16 @@ __all__ = [
     "MalformedBundleError",
     "MissingExtraError",
     "NotARecipientError",
+    "PassphraseFileError",
+    "PathError",
     "RollbackError",
     "RuntimeBackendError",
     "SignatureError",
     "TargetMismatchError",
     "TrustError",
+    "UnknownNameError",
     "UnsupportedFormatError",
+    "UsageError",
 ]
 
 
@@ -44,7 +55,41 @@ class EdgesealError(Exception):
         return f"{text}\n  hint: {self.hint}" if self.hint else text
 
 
-class ConfigError(EdgesealError):
+class UsageError(EdgesealError):
+    """What the command line says, or a file or name it gives, is wrong; the person at the
+    terminal fixes it by changing the command (the CLI exits 2)."""
+
+
+class PathError(UsageError):
+    """A file or directory named by the user cannot be used: missing, a directory where a
+    file is expected (or the reverse), unreadable or unwritable. The message names it."""
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def from_os_error(
+        cls, e: OSError, path: object, doing: str, *, creating: bool = False
+    ) -> PathError:
+        """``e``, raised while ``doing`` (e.g. "read the config") on ``path``, as a
+        message that names the path and says why, in words. ``creating``: ``path`` is
+        to be made, so a missing one means its directory cannot hold it."""
+        why = {
+            errno.ENOENT: "its directory does not exist or cannot hold new files"
+            if creating
+            else "it does not exist",
+            errno.EISDIR: "it is a directory, not a file",
+            errno.ENOTDIR: "a part of it is not a directory",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted",
+            errno.ENOSPC: "no space left on the device",
+            errno.EROFS: "the file system is read-only",
+        }.get(e.errno or 0, e.strerror or str(e))
+        return cls(f"cannot {doing} {path}: {why}", path=path)
+
+
+class ConfigError(UsageError):
     """A configuration file or value is invalid."""
 
     hint = "see docs/configuration.md for the schema and its defaults"
@@ -56,6 +101,14 @@ class MissingExtraError(EdgesealError):
 
 class KeyFileError(EdgesealError):
     """A key file is missing, unreadable, wrongly protected or has a wrong passphrase."""
+
+
+class PassphraseFileError(KeyFileError, PathError):
+    """A passphrase file named on the command line is missing, unreadable or empty."""
+
+
+class UnknownNameError(KeyFileError, UsageError):
+    """A name given on the command line (a signer, a device) is not in the keyring."""
 
 
 class KeyStoreError(EdgesealError):

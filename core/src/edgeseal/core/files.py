@@ -17,12 +17,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from edgeseal.core.errors import PathError
+
 __all__ = [
     "atomic_write",
     "atomic_writer",
     "describe_os_error",
     "fsync_dir",
     "leftover_temps",
+    "reported_as_path_error",
     "synced_temp",
     "temp_path_for",
 ]
@@ -39,6 +42,30 @@ def describe_os_error(e: OSError) -> str:
     if e.errno in _NO_SPACE:
         return "no space left on the device"
     return e.strerror or str(e)
+
+
+def _concerns(failed: Path, path: Path) -> bool:
+    """Whether an OS error on ``failed`` is about ``path``: the path itself, a directory on
+    the way to it, something inside it, or the temporary file written beside it."""
+    return (
+        failed == path
+        or failed in path.parents
+        or path in failed.parents
+        or (failed.parent == path.parent and failed.name.startswith(f".{path.name}."))
+    )
+
+
+@contextlib.contextmanager
+def reported_as_path_error(path: Path, doing: str) -> Iterator[None]:
+    """For a path the user gave (``--out``, ``--home``, ``--keys-dir``): an ``OSError``
+    about it inside the block becomes a :class:`PathError` naming it ("cannot ``doing``
+    PATH: why"). OS errors about other files pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or not _concerns(Path(os.fsdecode(e.filename)), Path(path)):
+            raise
+        raise PathError.from_os_error(e, path, doing, creating=True) from e
 
 
 def fsync_dir(directory: Path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeseal.core.encoding import b64d, canonical_json, format_time, parse_json_object, utcnow
-from edgeseal.core.errors import EdgesealError, KeyFileError, SignatureError
+from edgeseal.core.errors import EdgesealError, KeyFileError, SignatureError, UnknownNameError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keys import (
     Signer,
@@ -272,6 +272,9 @@ class Keyring:
         self, name: str, *, signer_passphrase: bytes | None = None
     ) -> tuple[Signer, dict[str, Any]]:
         key_path, cert_path = self.signer_paths(name)
+        if not cert_path.exists() and self.root_pub_path.exists():
+            known = ", ".join(self.signer_names()) or "none yet: edgeseal keys new-signer"
+            raise UnknownNameError(f"no signer {name!r} in {self.path} (known: {known})")
         cert = json.loads(self._read(cert_path))
         signer = self._load_key(key_path, self._signer_token_path(name), signer_passphrase)
         return signer, cert
@@ -372,7 +375,9 @@ class Keyring:
         for d in self.devices():
             if d.id == dev_id:
                 return d
-        raise KeyFileError(f"device {dev_id!r} is not in the registry (edgeseal keys add-device)")
+        raise UnknownNameError(
+            f"device {dev_id!r} is not in the registry (edgeseal keys add-device)"
+        )
 
     def add_device(
         self,

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from edgeseal.core.encoding import b64d, b64e, canonical_json, parse_json_object
-from edgeseal.core.errors import KeyFileError
+from edgeseal.core.errors import KeyFileError, PassphraseFileError
 from edgeseal.core.files import atomic_write
 
 __all__ = [
@@ -270,7 +270,9 @@ def passphrase_from(file: Path | None, *, env: str = "EDGESEAL_PASSPHRASE") -> b
         try:
             lines = file.read_bytes().splitlines()
         except OSError as e:
-            raise KeyFileError(f"cannot read passphrase file {file}: {e.strerror}") from e
+            raise PassphraseFileError(
+                f"cannot read passphrase file {file}: {e.strerror}", path=file
+            ) from e
         if not lines or not lines[0].strip():
             raise ValueError(
                 f"passphrase file {file} is empty: write the passphrase on its first line "

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgeseal.core import _hpke
 from edgeseal.core._stream import AES_256_GCM, CIPHERS, KEY_LEN, SectionCipher
 from edgeseal.core.encoding import canonical_json
+from edgeseal.core.errors import PathError
 from edgeseal.core.files import atomic_writer
 from edgeseal.core.keys import Signer, key_id
 from edgeseal.core.layout import FORMAT_VERSION, SIGNATURE_LEN, Header
@@ -187,11 +188,14 @@ def seal_bundle(
         FORMAT_VERSION, len(manifest_bytes), len(trust_bytes), SIGNATURE_LEN, offset
     ).to_bytes()
     signature = signer.sign(signed_message(header, manifest_bytes, trust_bytes))
-    with atomic_writer(out) as f:
-        f.write(header)
-        f.write(manifest_bytes)
-        f.write(trust_bytes)
-        f.write(signature)
-        for piece in payload:
-            f.write(piece)
+    try:
+        with atomic_writer(out) as f:
+            f.write(header)
+            f.write(manifest_bytes)
+            f.write(trust_bytes)
+            f.write(signature)
+            for piece in payload:
+                f.write(piece)
+    except OSError as e:
+        raise PathError.from_os_error(e, out, "write the bundle", creating=True) from e
     return manifest

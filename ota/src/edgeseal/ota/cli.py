@@ -32,8 +32,8 @@ from edgeseal.core.console import (
     untrusted,
 )
 from edgeseal.core.encoding import canonical_json, format_time
-from edgeseal.core.errors import KeyFileError
-from edgeseal.core.files import atomic_write
+from edgeseal.core.errors import KeyFileError, UnknownNameError
+from edgeseal.core.files import atomic_write, reported_as_path_error
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.ota.broker import BrokerSetup, acl_text
@@ -99,12 +99,11 @@ def ca_init(
     as_json: Json = False,
 ) -> None:
     """Create the fleet CA (in <keyring>/fleet-ca/) that issues MQTT TLS certificates."""
-    ca = FleetCA.init(
-        default_ca_dir(_keys(keys_dir)),
-        days=days,
-        force=force,
-        passphrase=passphrase_from(passphrase_file, env="EDGESEAL_CA_PASSPHRASE"),
-    )
+    passphrase = passphrase_from(passphrase_file, env="EDGESEAL_CA_PASSPHRASE")
+    with reported_as_path_error(default_ca_dir(_keys(keys_dir)), "create the fleet CA in"):
+        ca = FleetCA.init(
+            default_ca_dir(_keys(keys_dir)), days=days, force=force, passphrase=passphrase
+        )
     emit(
         {"ok": True, "ca_dir": str(ca.path), "ca_file": str(ca.cert_path)},
         as_json=as_json,
@@ -142,7 +141,8 @@ def csr(
         canonical_json({"device_id": device_id, "key": "tls.key", "key_storage": "software"}),
     )
     if out is not None:
-        atomic_write(out, pem)
+        with reported_as_path_error(out, "write the request to"):
+            atomic_write(out, pem)
     emit(
         {
             "ok": True,
@@ -188,7 +188,8 @@ def enroll(
         request.read_bytes(), days=days, expected_id=device_id, registered=registered
     )
     cn = ca.issued()[-1]["cn"]
-    atomic_write(out, cert_pem)
+    with reported_as_path_error(out, "write the certificate to"):
+        atomic_write(out, cert_pem)
     emit(
         {"ok": True, "device_id": cn, "certificate": str(out), "ca_file": str(ca.cert_path)},
         as_json=as_json,
@@ -217,7 +218,17 @@ def group_add(
     keys_dir: KeysDir = None,
     as_json: Json = False,
 ) -> None:
-    """Add devices to a group (made when new). Then rewrite the broker ACL."""
+    """Add registered devices (keys add-device) to a group (made when new). Then rewrite
+    the broker ACL."""
+    ring = Keyring(_keys(keys_dir))
+    registered = {d.id for d in ring.devices()}
+    unknown = [d for d in devices if d not in registered]
+    if unknown:
+        # Refused now, not at deploy: a bundle can only be sealed for a registered key.
+        raise UnknownNameError(
+            f"not in the registry of {ring.path}: {', '.join(unknown)} "
+            "(register each first: edgeseal keys add-device ID device.pub.json)"
+        )
     members = GroupRegistry.in_keyring(_keys(keys_dir)).add(group, devices)
     emit(
         {"ok": True, "group": group, "members": list(members)},
@@ -280,7 +291,14 @@ def broker_config(
         typer.Option("--host", help="A name or IP devices reach the broker by (repeat)."),
     ] = None,
     port: Annotated[int, typer.Option(help="TLS port.")] = 8883,
-    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to listen on (default: the one --host given, all addresses for "
+            "several, 127.0.0.1 for none).",
+            show_default=False,
+        ),
+    ] = None,
     controller: Annotated[
         str, typer.Option(help="The controller's certificate CN (full access).")
     ] = CONTROLLER,
@@ -297,24 +315,35 @@ def broker_config(
 ) -> None:
     """Write a Mosquitto broker directory: certificates, mosquitto.conf and the ACL."""
     topics = Topics(prefix or load_config(config).ota.topic_prefix)
+    if bind is None:
+        # Devices reach the broker by --host: listen there, not on loopback only (on
+        # every address for several names).
+        if not host:
+            bind = "127.0.0.1"
+        elif len(host) == 1:
+            bind = host[0]
+        else:
+            bind = "0.0.0.0"  # noqa: S104  # nosec B104
     groups = GroupRegistry.in_keyring(_keys(keys_dir)).groups()
     if acl_only:
         acl = BrokerSetup.acl_path_in(out)
         if not acl.exists():
             raise ValueError(f"{out} holds no broker ACL; run broker-config without --acl-only")
-        atomic_write(acl, acl_text(topics, groups, controller).encode())
+        with reported_as_path_error(acl, "write the broker ACL to"):
+            atomic_write(acl, acl_text(topics, groups, controller).encode())
         written, where = [acl], out
     else:
-        setup = BrokerSetup.write(
-            out,
-            _ca(keys_dir, passphrase_file),
-            groups=groups,
-            topics=topics,
-            hosts=host or (),
-            controller=controller,
-            port=port,
-            bind=bind,
-        )
+        with reported_as_path_error(out, "write the broker directory"):
+            setup = BrokerSetup.write(
+                out,
+                _ca(keys_dir, passphrase_file),
+                groups=groups,
+                topics=topics,
+                hosts=host or (),
+                controller=controller,
+                port=port,
+                bind=bind,
+            )
         written = [
             setup.conf_file,
             setup.settings.acl_file,
@@ -331,10 +360,13 @@ def broker_config(
             "dir": str(where),
             "files": [str(p) for p in written],
             "groups": len(groups),
+            "bind": None if acl_only else f"{bind}:{port}",
         },
         as_json=as_json,
         render=lambda: out_console.print(
-            f"broker files written to {where} ({len(groups)} groups)\n"
+            f"broker files written to {where} ({len(groups)} groups"
+            + ("" if acl_only else f"; listening on {bind}:{port}")
+            + ")\n"
             + (
                 "reload the ACL: kill -HUP $(pidof mosquitto)"
                 if acl_only
@@ -827,6 +859,13 @@ def simulate(
         float, typer.Option("--for", help="Run this long, then stop (0: until Ctrl-C).")
     ] = 0.0,
     provision_only: Annotated[bool, typer.Option(help="Provision, then exit.")] = False,
+    register: Annotated[
+        bool,
+        typer.Option(
+            help="Register the new simulated devices in the keyring (--keys-dir) and their "
+            "group, and issue them fleet-CA client certificates (a demo or test keyring).",
+        ),
+    ] = False,
     broker: Broker = None,
     ca_file: CaFile = None,
     prefix: Prefix = "edgeseal/v1",
@@ -834,8 +873,20 @@ def simulate(
     passphrase_file: CaPass = None,
     as_json: Json = False,
 ) -> None:
-    """Simulated devices (real agent and update channel) against a real broker."""
+    """Simulated devices (real agent and update channel) against a real broker.
+
+    Their public keys go into the keyring and their TLS certificates come from its fleet
+    CA, so a real rollout can reach them: that happens only with --register (devices
+    already registered need no flag), never silently in the keyring you ship from."""
     ring = Keyring(_keys(keys_dir))
+    known = {d.id for d in ring.devices()}
+    new = [d for d in (f"{id_prefix}-{i:04d}" for i in range(devices)) if d not in known]
+    if new and not register:
+        raise ValueError(
+            f"{len(new)} simulated device(s) ({new[0]}...) are not in the keyring {ring.path}: "
+            "--register adds them, their group and fleet-CA client certificates there "
+            "(a demo or test keyring, --keys-dir, not the one you ship from)"
+        )
     ids = provision_fleet(
         out, devices, ring=ring, ca=_ca(keys_dir, passphrase_file), prefix=id_prefix
     )
@@ -858,10 +909,12 @@ def simulate(
                     time.sleep(0.5)
             del fleet
     emit(
-        {"ok": True, "devices": ids, "group": group, "dir": str(out)},
+        {"ok": True, "devices": ids, "registered": new, "group": group, "dir": str(out)},
         as_json=as_json,
         render=lambda: out_console.print(
-            f"{len(ids)} devices in {out} (group {group}); rewrite the broker ACL for the group:"
+            f"{len(ids)} devices in {out} (group {group}"
+            + (f"; {len(new)} registered in {ring.path}" if new else "")
+            + "); rewrite the broker ACL for the group:"
             " edgeseal ota broker-config --out DIR --acl-only",
             highlight=False,
         ),

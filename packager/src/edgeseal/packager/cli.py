@@ -14,6 +14,7 @@ from rich.table import Table
 
 from edgeseal.core.config import load_config
 from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console, reports_errors
+from edgeseal.core.errors import PathError
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.targets import TARGETS, get_target
@@ -113,6 +114,18 @@ def _data(result: PackResult, out: Path) -> dict[str, Any]:
     return data
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an -o that cannot be written before any work is done (the bundle writer
+    refuses the rest: a read-only or full file system)."""
+    if out.is_dir():
+        raise PathError(f"-o {out} is a directory: give the bundle file to write", path=out)
+    if not out.parent.is_dir():
+        raise PathError(
+            f"cannot write the bundle {out}: its directory {out.parent} does not exist",
+            path=out,
+        )
+
+
 def _advisory_source(spec: str) -> AdvisorySource | None:
     if spec == "off":
         return None
@@ -206,6 +219,13 @@ def pack(
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the private temp folder is removed.
         signal.signal(signal.SIGTERM, _terminate)
+    if quantize is QuantizeMode.STATIC_INT8 and calibration is None and sample_inputs is None:
+        raise ValueError(
+            "--quantize static-int8 needs --calibration (a .npz, or a folder of .npy files, "
+            "keyed by input name) or --sample-inputs"
+        )
+    if not dry_run:
+        _check_output(out)
     cfg = load_config(config)
     ring = Keyring(keys_dir or default_keys_dir())
     sgn, cert = ring.load_signer(
@@ -270,6 +290,7 @@ def pack(
                             "ok": False,
                             "error": type(e).__name__,
                             "message": str(e),
+                            "exit_code": EXIT_REJECTED,
                             "report": e.report.to_obj(),
                         },
                         as_json=True,

@@ -1,0 +1,322 @@
+"""Exit 3 means a bug and nothing else (docs/cli.md): every command, run against an
+environment that is wrong (a missing file, a directory where a file belongs, no agent, a
+stale socket, an output it cannot write, a bad config), exits 1 or 2 and names the path
+or the limit; with --json the error is one JSON document on stdout with the same code."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import typer
+
+from edgeseal.core.console import reports_errors
+from edgeseal.packager.samples import make_onnx_classifier
+from helpers import run
+
+#: Stands for the per-test paths in the table below.
+T = "{tmp}"
+MISSING_SOCK = "{missing_sock}"
+STALE_SOCK = "{stale_sock}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict[str, str]]:
+    """A keyring with a signer, a provisioned device, a model, a directory, a plain file,
+    a socket file nobody listens on, and a few broken configs."""
+    tmp = tmp_path_factory.mktemp("env")
+    env = {
+        **os.environ,
+        "EDGESEAL_KEYS": str(tmp / "keys"),
+        "EDGESEAL_ADVISORIES": "off",
+        "EDGESEAL_CA_PASSPHRASE": "",
+        "COLUMNS": "200",
+    }
+    for name in ("EDGESEAL_PASSPHRASE", "EDGESEAL_SIGNER_PASSPHRASE", "EDGESEAL_CONFIG"):
+        env.pop(name, None)
+    run("keys", "init-root", "--no-passphrase", env=env)
+    run("keys", "new-signer", "release", "--models", "cls-*", "--no-passphrase", env=env)
+    home = tmp / "dev"
+    run(
+        "agent",
+        "provision",
+        "--home",
+        str(home),
+        "--root",
+        str(tmp / "keys/root.pub"),
+        "--device-id",
+        "cam-01",
+        env=env,
+    )
+    run("keys", "add-device", "cam-01", str(home / "device.pub.json"), env=env)
+    run("ota", "ca-init", env=env)
+    (tmp / "m.onnx").write_bytes(make_onnx_classifier(seed=3))
+    (tmp / "adir").mkdir()
+    (tmp / "afile").write_text("not a directory\n")
+    (tmp / "unknown-table.toml").write_text("[agnet]\nsocket = '/tmp/x.sock'\n")
+    (tmp / "unknown-key.toml").write_text("[agent]\nsockett = '/tmp/x.sock'\n")
+    (tmp / "bad.toml").write_text("[agent\n")
+    stale = Path(f"/tmp/es-stale-{os.getpid()}.sock")
+    stale.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nothing listens: connect() is refused
+    paths = {
+        "tmp": str(tmp),
+        "missing_sock": f"/tmp/es-missing-{os.getpid()}.sock",
+        "stale_sock": str(stale),
+    }
+    yield env, paths
+    stale.unlink(missing_ok=True)
+
+
+def _pack(*extra: str) -> tuple[str, ...]:
+    return (
+        "pack",
+        f"{T}/m.onnx",
+        "--name",
+        "cls-a",
+        "--version",
+        "1",
+        "--signer",
+        "release",
+        "--to",
+        "cam-01",
+        *extra,
+    )
+
+
+_OUT = ("-o", f"{T}/m.esb")
+
+#: id -> (command, exit code, text the error must name, takes --json)
+CASES: dict[str, tuple[tuple[str, ...], int, str, bool]] = {
+    # no agent running: the socket does not exist
+    "agent status, no daemon": (
+        ("agent", "status", "--socket", MISSING_SOCK),
+        1,
+        MISSING_SOCK,
+        True,
+    ),
+    "agent infer MODEL, no daemon": (
+        ("agent", "infer", "cls-a", "--socket", MISSING_SOCK),
+        1,
+        MISSING_SOCK,
+        True,
+    ),
+    # a socket file left behind by an agent that stopped
+    "agent status, stale socket": (
+        ("agent", "status", "--socket", STALE_SOCK),
+        1,
+        STALE_SOCK,
+        True,
+    ),
+    "agent infer MODEL, stale socket": (
+        ("agent", "infer", "cls-a", "--socket", STALE_SOCK),
+        1,
+        STALE_SOCK,
+        True,
+    ),
+    # bundle paths that are not bundle files
+    "agent infer, missing bundle": (
+        ("agent", "infer", f"{T}/missing.esb", "--home", f"{T}/dev"),
+        2,
+        f"{T}/missing.esb",
+        True,
+    ),
+    "agent infer, a directory": (("agent", "infer", f"{T}/adir"), 2, f"{T}/adir", True),
+    "agent infer, a path through a file": (
+        ("agent", "infer", f"{T}/afile/m.esb"),
+        2,
+        f"{T}/afile/m.esb",
+        True,
+    ),
+    "agent install, a directory": (
+        ("agent", "install", f"{T}/adir", "--home", f"{T}/dev"),
+        2,
+        f"{T}/adir",
+        True,
+    ),
+    "inspect, missing bundle": (("inspect", f"{T}/missing.esb"), 2, "missing.esb", True),
+    # a socket the daemon cannot listen on
+    "agent run, socket in /proc": (
+        ("agent", "run", "--home", f"{T}/dev", "--socket", "/proc/edgeseal.sock"),
+        2,
+        "/proc/edgeseal.sock",
+        False,
+    ),
+    # outputs that cannot be written
+    "pack -o a directory": (_pack("-o", f"{T}/adir"), 2, f"{T}/adir", True),
+    "pack -o in a missing directory": (
+        _pack("-o", f"{T}/no/such/m.esb"),
+        2,
+        f"{T}/no/such",
+        True,
+    ),
+    "pack -o through a file": (_pack("-o", f"{T}/afile/m.esb"), 2, f"{T}/afile", True),
+    "pack -o on a file system that holds no files": (
+        _pack("-o", "/proc/m.esb"),
+        2,
+        "/proc/m.esb",
+        True,
+    ),
+    "keys init-root --keys-dir in /proc": (
+        ("keys", "init-root", "--no-passphrase", "--keys-dir", "/proc/edgeseal-keys"),
+        2,
+        "/proc/edgeseal-keys",
+        True,
+    ),
+    "agent provision --home in /proc": (
+        ("agent", "provision", "--home", "/proc/edgeseal-home", "--root", f"{T}/keys/root.pub"),
+        2,
+        "/proc/edgeseal-home",
+        True,
+    ),
+    "ota ca-init --keys-dir in /proc": (
+        ("ota", "ca-init", "--keys-dir", "/proc/edgeseal-keys"),
+        2,
+        "/proc/edgeseal-keys",
+        True,
+    ),
+    "ota csr --out in /proc": (
+        ("ota", "csr", "--home", f"{T}/dev", "--force", "--out", "/proc/cam-01.csr"),
+        2,
+        "/proc/cam-01.csr",
+        True,
+    ),
+    "ota broker-config --out in /proc": (
+        ("ota", "broker-config", "--out", "/proc/edgeseal-broker"),
+        2,
+        "/proc/edgeseal-broker",
+        True,
+    ),
+    # usage errors: names, options and files given on the command line
+    "pack --signer nobody": (
+        ("pack", f"{T}/m.onnx", "--name", "cls-a", "--version", "1", "--signer", "nobody", *_OUT),
+        2,
+        "nobody",
+        True,
+    ),
+    "pack --quantize static-int8 without --calibration": (
+        _pack("--quantize", "static-int8", *_OUT),
+        2,
+        "--calibration",
+        True,
+    ),
+    "pack, missing --signer-passphrase-file": (
+        _pack("--signer-passphrase-file", f"{T}/no.pass", *_OUT),
+        2,
+        f"{T}/no.pass",
+        True,
+    ),
+    "pack --to an unregistered device": (_pack("--to", "cam-99", *_OUT), 2, "cam-99", True),
+    "pack, missing model file": (
+        ("pack", f"{T}/no.onnx", "--name", "a", "--version", "1", "--signer", "release", *_OUT),
+        2,
+        "no.onnx",
+        True,
+    ),
+    "keys init-root, missing --passphrase-file": (
+        ("keys", "init-root", "--keys-dir", f"{T}/k2", "--passphrase-file", f"{T}/no.pass"),
+        2,
+        f"{T}/no.pass",
+        True,
+    ),
+    "keys add-device, a directory": (
+        ("keys", "add-device", "cam-02", f"{T}/adir"),
+        2,
+        "adir",
+        True,
+    ),
+    # config files
+    "pack --config missing": (_pack("--config", f"{T}/no.toml", *_OUT), 2, f"{T}/no.toml", True),
+    "pack --config a directory": (_pack("--config", f"{T}/adir", *_OUT), 2, f"{T}/adir", True),
+    "agent status, config with an unknown table": (
+        ("agent", "status", "--config", f"{T}/unknown-table.toml"),
+        2,
+        "[agnet]",
+        True,
+    ),
+    "agent status, config with an unknown key": (
+        ("agent", "status", "--config", f"{T}/unknown-key.toml"),
+        2,
+        "sockett",
+        True,
+    ),
+    "agent status, config that is not TOML": (
+        ("agent", "status", "--config", f"{T}/bad.toml"),
+        2,
+        f"{T}/bad.toml",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_environment_failure_exits_1_or_2_naming_what_is_wrong_never_3(world, case):
+    env, paths = world
+    command, code, named, takes_json = CASES[case]
+    args = [a.format(**paths) for a in command]
+    named = named.format(**paths)
+    proc = run(*args, env=env, check=None)
+    assert proc.returncode == code, f"{case}: exit {proc.returncode}\n{proc.stderr}"
+    said = " ".join(proc.stderr.split())  # rich wraps long lines
+    assert named in said, f"{case}: {named!r} not named in:\n{proc.stderr}"
+    assert "internal error" not in said and "Traceback" not in said
+    if takes_json:
+        proc = run(*args, "--json", env=env, check=None)
+        assert proc.returncode == code
+        doc = json.loads(proc.stdout)
+        assert doc["ok"] is False and doc["exit_code"] == code
+        assert doc["error"] and named in doc["message"], doc
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("agent", "infer", f"{T}/unreadable.esb", "--home", f"{T}/dev"),
+        _pack("--config", f"{T}/unreadable.toml", *_OUT),
+        _pack("--signer-passphrase-file", f"{T}/unreadable.pass", *_OUT),
+    ],
+    ids=["agent infer", "pack --config", "pack --signer-passphrase-file"],
+)
+def test_an_unreadable_file_exits_1_or_2_naming_it(world, command):
+    env, paths = world
+    tmp = Path(paths["tmp"])
+    for name in ("unreadable.esb", "unreadable.toml", "unreadable.pass"):
+        (tmp / name).write_text("x\n")
+        (tmp / name).chmod(0)
+    proc = run(*(a.format(**paths) for a in command), env=env, check=None)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "unreadable." in " ".join(proc.stderr.split())
+
+
+def test_an_option_click_refuses_is_exit_2_and_json_with_json(world):
+    env, _ = world
+    proc = run("verify", "x.esb", "--root", "y.pub", "--json", env=env, check=None)
+    assert proc.returncode == 2
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and "y.pub" in doc["message"]
+
+
+def test_a_bug_is_exit_3_and_a_json_error_with_json(capsys):
+    """The one case exit 3 is for: an exception nobody meant."""
+
+    @reports_errors
+    def command(as_json: bool = False) -> None:
+        raise KeyError("oops")
+
+    with pytest.raises(typer.Exit) as e:
+        command(as_json=True)
+    assert e.value.exit_code == 3
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {
+        "ok": False,
+        "error": "KeyError",
+        "message": "'oops'",
+        "exit_code": 3,
+    }
+    assert "this is a bug in edgeseal" in err
