@@ -72,6 +72,9 @@ class ZooModel:
     size: int
     covers: str
     inputs: dict[str, Input] = field(default_factory=dict)
+    #: Packed with ``--sample-inputs`` (one feed of ``inputs``), as its user would: the
+    #: model takes values no synthesizer can guess (silero's sample rate: 8000 or 16000).
+    samples: bool = False
 
     @property
     def format(self) -> str:
@@ -233,6 +236,7 @@ ZOO: tuple[ZooModel, ...] = (
             "state": Input((2, 1, 128), value=0.0),
             "sr": Input((), "int64", value=16000),
         },
+        samples=True,
     ),
     ZooModel(
         "magika",

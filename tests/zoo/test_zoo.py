@@ -52,76 +52,11 @@ MODES = tuple(QuantizeMode)
 CALIBRATION_ROWS = 4
 
 #: Cells that fail today, with the exact failure (issue 17). Keyed by (model id, mode).
-XFAIL: dict[tuple[str, str], str] = {
-    ("ppocr-det", "dynamic-int8"): "pack exit 1 with ONNX Runtime's raw error, no reason: "
-    "ModelError: dynamic-int8 quantization failed: Expected conv2d_394.w_0 to be an "
-    "initializer (the model's weights are Constant nodes, not initializers)",
-    ("ppocr-rec", "dynamic-int8"): "pack exit 1 with ONNX Runtime's raw error, no reason: "
-    "ModelError: dynamic-int8 quantization failed: Expected conv2d_157.w_0 to be an "
-    "initializer (the model's weights are Constant nodes, not initializers)",
-    ("ddddocr-ocr", "static-int8"): "pack exit 1 with ONNX Runtime's raw error: static-int8 "
-    "quantization failed: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions "
-    "for input: input1 ... index: 0 Got: 2 Expected: 1 (calibration feeds several rows to a "
-    "fixed-batch-1 model)",
-    ("ddddocr-ocr", "fp16"): "pack exit 3: InvalidGraph: [ONNXRuntimeError] : 10 : "
-    "INVALID_GRAPH : Load model from .../common_old.fp16.onnx failed: Type 'tensor(float16)' "
-    "of input parameter (graph_input_cast_0) of operator (DynamicQuantizeLinear) in node "
-    "(input1_QuantizeLinear) is invalid (fp16 on an already-int8 model)",
-    ("ddddocr-det", "dynamic-int8"): "pack exit 0, device refuses install: ModelRejectedError: "
-    "model refused by the pre-flight check: ONNX Runtime refuses it: ... "
-    "OptimizerExecutionFrame::Info::Info ... env.cc:538 OpenRandomAccessFile Random-access "
-    "reads require a regular file: /dev/null (constant folding reads the split form's "
-    "external-data placeholder)",
-    ("ddddocr-det", "static-int8"): "pack exit 1 with ONNX Runtime's raw error: static-int8 "
-    "quantization failed: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions "
-    "for input: images ... index: 0 Got: 2 Expected: 1 (calibration feeds several rows to a "
-    "fixed-batch-1 model)",
-    ("nudenet-yolov8n", "none"): "pack exit 3 (golden vectors on synthesized inputs with "
-    "height/width set to 1): Fail: Non-zero status code returned while running Resize node. "
-    "Name:'/model.10/Resize' ... Shape mismatch attempting to re-use buffer. {1,256,1,1} != "
-    "{1,256,2,2}",
-    ("nudenet-yolov8n", "dynamic-int8"): "pack exit 3 (the gate on synthesized inputs with "
-    "height/width set to 1): Fail: Non-zero status code returned while running Concat node. "
-    "Name:'/model.11/Concat' ... Non concat axis dimensions must match: Axis 2 has mismatched "
-    "dimensions of 1 and 2",
-    ("nudenet-yolov8n", "fp16"): "pack exit 3 (the gate on synthesized inputs with "
-    "height/width set to 1): Fail: Non-zero status code returned while running Concat node. "
-    "Name:'/model.11/Concat' ... Non concat axis dimensions must match: Axis 2 has mismatched "
-    "dimensions of 1 and 2",
-    ("silero-vad", "none"): "pack exit 3 (golden inputs synthesized with state batch 1): "
-    "InvalidArgument: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for "
-    "input: state for the following indices index: 0 Got: 1 Expected: 2",
-    ("silero-vad", "dynamic-int8"): "pack exit 3 (the gate's synthesized inputs): "
-    "InvalidArgument: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for "
-    "input: state for the following indices index: 0 Got: 16 Expected: 2",
-    ("silero-vad", "fp16"): "pack exit 3 (the gate's synthesized inputs): InvalidArgument: "
-    "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: state for "
-    "the following indices index: 0 Got: 16 Expected: 2",
-    ("magika", "fp16"): "pack exit 2 (a ValueError, as if a usage error): ValueError: Out of "
-    "range float values are not JSON compliant (fp16 overflows to inf/nan in the report)",
-    ("micro-wakeword", "none"): "sealed and served, output differs: StatefulPartitionedCall:0: "
-    "max abs difference 5 from the plain runtime (a stateful model, resource variables: the "
-    "device's golden self-test calls change the state its first served call sees)",
-}
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 #: What each failing cell's detail contains today (a cell failing otherwise fails).
-SIGNATURE: dict[tuple[str, str], str] = {
-    ("ppocr-det", "dynamic-int8"): "Expected conv2d_394.w_0 to be an initializer",
-    ("ppocr-rec", "dynamic-int8"): "Expected conv2d_157.w_0 to be an initializer",
-    ("ddddocr-ocr", "static-int8"): "input: input1 for the following indices index: 0 Got: 2",
-    ("ddddocr-ocr", "fp16"): "pack exit 3: InvalidGraph",
-    ("ddddocr-det", "dynamic-int8"): "Random-access reads require a regular file: /dev/null",
-    ("ddddocr-det", "static-int8"): "input: images for the following indices index: 0 Got: 2",
-    ("nudenet-yolov8n", "none"): "pack exit 3: Fail",
-    ("nudenet-yolov8n", "dynamic-int8"): "pack exit 3: Fail",
-    ("nudenet-yolov8n", "fp16"): "pack exit 3: Fail",
-    ("silero-vad", "none"): "pack exit 3: InvalidArgument",
-    ("silero-vad", "dynamic-int8"): "pack exit 3: InvalidArgument",
-    ("silero-vad", "fp16"): "pack exit 3: InvalidArgument",
-    ("magika", "fp16"): "pack exit 2: ValueError: Out of range float values are not JSON compliant",
-    ("micro-wakeword", "none"): "sealed and served, output differs",
-}
+SIGNATURE: dict[tuple[str, str], str] = {}
 
 
 class DocumentedCellError(AssertionError):
@@ -173,6 +108,12 @@ def _calibration(model: ZooModel, path: Path) -> Path:
         for name in model.inputs
     }
     np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def _samples(model: ZooModel, path: Path) -> Path:
+    """One feed of the model's own inputs, in the model's shapes (``--sample-inputs``)."""
+    np.savez(path, **model.feed(seed=100))  # type: ignore[arg-type]
     return path
 
 
@@ -242,8 +183,9 @@ def _run_cell(
     opts = PackOptions(
         quantize=mode,
         calibration=_calibration(model, tmp / "calib.npz")
-        if mode is QuantizeMode.STATIC_INT8
+        if mode is QuantizeMode.STATIC_INT8 and not model.samples
         else None,
+        sample_inputs=_samples(model, tmp / "samples.npz") if model.samples else None,
         oms="off",
     )
     # A device: provisioned, its key registered in the workstation's registry.

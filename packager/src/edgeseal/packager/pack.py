@@ -67,7 +67,12 @@ from edgeseal.packager.onnx_model import (
 from edgeseal.packager.quantize import CalibrationMethod, QuantizeMode, quantize
 from edgeseal.packager.safety import check_onnx, refuse_pickle
 from edgeseal.packager.sbom import make_sbom, runtime_floor
-from edgeseal.packager.tflite_model import is_tflite, tflite_io, tflite_tensor_types
+from edgeseal.packager.tflite_model import (
+    is_tflite,
+    refuse_stateful,
+    tflite_io,
+    tflite_tensor_types,
+)
 
 __all__ = ["PackOptions", "PackResult", "pack_model"]
 
@@ -461,6 +466,7 @@ def _pack_tflite(
         )
     say("check")
     inputs, outputs = tflite_io(data)
+    refuse_stateful(data)
     types = tflite_tensor_types(data)
     calibration, evaluation, real_data = _data(opts, inputs)
     samples = load_inputs(opts.sample_inputs, inputs) if opts.sample_inputs else None

@@ -10,7 +10,7 @@ from edgeseal.core.errors import MissingExtraError
 from edgeseal.core.manifest import TensorSpec
 from edgeseal.packager.onnx_model import ModelError
 
-__all__ = ["is_tflite", "tflite_io"]
+__all__ = ["StatefulModelError", "is_tflite", "refuse_stateful", "tflite_io"]
 
 
 def is_tflite(data: bytes) -> bool:
@@ -40,6 +40,34 @@ def tflite_io(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
         tuple(spec(d) for d in interp.get_input_details()),
         tuple(spec(d) for d in interp.get_output_details()),
     )
+
+
+#: LiteRT ops that keep state in resource variables between invocations.
+STATEFUL_OPS = frozenset({"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"})
+
+
+class StatefulModelError(ModelError):
+    """The model keeps state between calls, which the device's checks would disturb."""
+
+    hint = (
+        "export the model with its state as explicit inputs and outputs (the caller passes "
+        "the state back in), as streaming ONNX models such as silero-vad do"
+    )
+
+
+def refuse_stateful(data: bytes) -> None:
+    """Refuse a model that keeps state in resource variables: each answer depends on every
+    call before it, so the golden self-tests the device runs at install and periodically
+    would change what applications get, and no golden vector can be replayed."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    ops = {str(o["op_name"]) for o in Interpreter(model_content=data)._get_ops_details()}
+    found = sorted(ops & STATEFUL_OPS)
+    if found:
+        raise StatefulModelError(
+            "this TFLite model keeps state between calls in resource variables "
+            f"({', '.join(found)}): the device's golden self-tests would change its answers"
+        )
 
 
 def tflite_tensor_types(data: bytes) -> dict[str, int]:
