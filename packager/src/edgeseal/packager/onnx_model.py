@@ -332,3 +332,39 @@ def dim_hints(model: onnx.ModelProto) -> dict[str, int]:
         elif node.op_type == "Conv" and len(w) >= 3:
             hint(node.input[0], 1, w[1] * int(attrs.get("group", 1)))
     return hints
+
+
+#: Beyond this a model cannot be saved as one protobuf for ONNX Runtime to optimize.
+_MAX_OFFLINE_BYTES = 1 << 30
+
+
+def optimize_offline(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
+    """``model`` after ONNX Runtime's basic graph optimizations (constant folding, and
+    fusions such as Conv with BatchNormalization, Add or Mul), computed once here.
+
+    The device builds its session from the graph with the weights handed over from
+    memory; at "basic" ONNX Runtime would rerun these optimizations there, and the ones
+    that rewrite weights read them from the graph's external-data placeholder instead
+    (the device refused such models, or pack did). Sealing the optimized graph leaves
+    the device's basic pass nothing to rewrite. Basic optimizations use standard
+    operators only, so the graph stays portable across CPUs and providers. A model too
+    large for one protobuf is returned as it is."""
+    if model.ByteSize() > _MAX_OFFLINE_BYTES:
+        return model
+    import onnxruntime as ort
+
+    src, dst = work / "offline-in.onnx", work / "offline-out.onnx"
+    try:
+        onnx.save(model, str(src))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        return onnx.load(str(dst))
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelError(f"ONNX Runtime cannot optimize the model: {e}") from e
+    finally:
+        src.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
+

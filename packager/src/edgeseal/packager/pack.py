@@ -61,6 +61,7 @@ from edgeseal.packager.onnx_model import (
     load_onnx,
     observed_outputs,
     onnx_io,
+    optimize_offline,
     split_onnx,
     with_output_shapes,
 )
@@ -431,15 +432,14 @@ def _sealable(
     layout: BatchLayout,
     declared: tuple[TensorSpec, ...],
 ) -> tuple[Path, tuple[TensorSpec, ...]]:
-    """The model to seal and its real output specs: constant subgraphs folded (so the
-    device's graph optimizations never compute from weights handed over from memory),
-    and output shapes as observed running it (symbolic where they vary), written into
-    the graph as well. The file is ``path`` itself when nothing changed."""
+    """The model to seal and its real output specs: constant subgraphs folded and ONNX
+    Runtime's basic optimizations applied (``optimize_offline``: so the device's graph
+    optimizations never compute from weights handed over from memory), and output
+    shapes as observed running it (symbolic where they vary), written into the graph."""
     model = load_onnx(path)
-    folded, count = fold_constants(model)
+    folded, _ = fold_constants(model)
+    folded = optimize_offline(folded, tmp)
     outputs = observed_outputs(folded, data, layout, declared)
-    if count == 0 and outputs == declared:
-        return path, outputs
     sealed = tmp / f"{path.stem}.sealed.onnx"
     try:
         onnx.save(with_output_shapes(folded, outputs), str(sealed))
