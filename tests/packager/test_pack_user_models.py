@@ -108,6 +108,7 @@ def test_folding_removes_the_reshape_quantize_dynamic_puts_over_the_bias(tmp_pat
 
 def test_without_folding_the_device_check_refuses_and_writes_nothing(fleet, tmp_path, monkeypatch):
     monkeypatch.setattr(pack_module, "fold_constants", lambda m: (m, 0))
+    monkeypatch.setattr(pack_module, "optimize_offline", lambda m, _work: m)
     model = _write(tmp_path, "conv.onnx", conv_with_bias())
     out = tmp_path / "never.esb"
     with pytest.raises(DeviceCheckError, match="graph_optimization = 'basic'"):

@@ -27,7 +27,7 @@ from edgeseal.core.golden import check_golden
 from edgeseal.core.weights import PLACEHOLDER_DIR, parse_weights_index
 from edgeseal.packager.onnx_model import ModelError
 
-__all__ = ["DeviceCheckError", "check_split_onnx"]
+__all__ = ["DeviceCheckError", "check_split_onnx", "split_onnx_opens"]
 
 #: The agent's names for ONNX Runtime's optimization levels (edgeseal.agent.runtimes).
 OPT_LEVELS = {
@@ -48,6 +48,16 @@ class DeviceCheckError(ModelError):
     )
 
 
+def split_onnx_opens(graph: bytes, weights: bytes | bytearray, runtime: RuntimeConfig) -> bool:
+    """Whether ONNX Runtime builds the session from the sealed form as the agent does
+    (without running it): pack's cheap probe before it decides to optimize offline."""
+    try:
+        _session(graph, weights, runtime)
+    except DeviceCheckError:
+        return False
+    return True
+
+
 def check_split_onnx(
     graph: bytes,
     weights: bytes | bytearray,
@@ -56,6 +66,29 @@ def check_split_onnx(
 ) -> None:
     """Build the session as the agent does and replay ``golden``; raises
     :class:`DeviceCheckError` naming the optimization level and why."""
+    session, where, _keep = _session(graph, weights, runtime)
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feed: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        return dict(zip(names, session.run(None, feed), strict=True))
+
+    try:
+        problems = check_golden(run, golden)
+    except Exception as e:  # ORT raises its own Fail/InvalidArgument/... types
+        raise DeviceCheckError(
+            f"the sealed model fails to run its golden vectors {where}: {_short(e)}"
+        ) from e
+    if problems:
+        raise DeviceCheckError(
+            f"the sealed model fails its golden check {where}: " + "; ".join(problems[:3])
+        )
+
+
+def _session(
+    graph: bytes, weights: bytes | bytearray, runtime: RuntimeConfig
+) -> tuple[Any, str, list[tuple[npt.NDArray[Any], Any]]]:
+    """The session the agent builds, where it was built (for messages), and the arrays
+    and OrtValues it was given, which the caller keeps alive as long as the session."""
     import onnxruntime as ort
 
     level = runtime.graph_optimization
@@ -88,21 +121,7 @@ def check_split_onnx(
         raise DeviceCheckError(
             f"ONNX Runtime cannot build the sealed model {where}: {_short(e)}"
         ) from e
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feed: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        return dict(zip(names, session.run(None, feed), strict=True))
-
-    try:
-        problems = check_golden(run, golden)
-    except Exception as e:  # ORT raises its own Fail/InvalidArgument/... types
-        raise DeviceCheckError(
-            f"the sealed model fails to run its golden vectors {where}: {_short(e)}"
-        ) from e
-    if problems:
-        raise DeviceCheckError(
-            f"the sealed model fails its golden check {where}: " + "; ".join(problems[:3])
-        )
+    return session, where, keep
 
 
 def _short(e: BaseException) -> str:

@@ -367,4 +367,3 @@ def optimize_offline(model: onnx.ModelProto, work: Path) -> onnx.ModelProto:
     finally:
         src.unlink(missing_ok=True)
         dst.unlink(missing_ok=True)
-

@@ -42,7 +42,7 @@ from edgeseal.packager.advisories import (
     check_runtime,
 )
 from edgeseal.packager.datasets import BatchLayout, InputData, batch_layout, load_inputs
-from edgeseal.packager.devicecheck import check_split_onnx
+from edgeseal.packager.devicecheck import check_split_onnx, split_onnx_opens
 from edgeseal.packager.evaluate import AccuracyReport, GateUsageError, Threshold, evaluate, gate
 from edgeseal.packager.golden import (
     Runner,
@@ -323,7 +323,7 @@ def _pack_onnx(
         fixed_batch=layout.fixed,
     )
     golden_data = evaluation or calibration or samples or synthesized()
-    final, outputs = _sealable(quantized.path, tmp, golden_data, layout, declared_outputs)
+    final, outputs = _sealable(quantized.path, tmp, golden_data, layout, declared_outputs, runtime)
     report: AccuracyReport | None = None
     failures: tuple[str, ...] = ()
     if opts.quantize is not QuantizeMode.NONE:
@@ -431,14 +431,21 @@ def _sealable(
     data: InputData,
     layout: BatchLayout,
     declared: tuple[TensorSpec, ...],
+    runtime: RuntimeConfig,
 ) -> tuple[Path, tuple[TensorSpec, ...]]:
-    """The model to seal and its real output specs: constant subgraphs folded and ONNX
-    Runtime's basic optimizations applied (``optimize_offline``: so the device's graph
-    optimizations never compute from weights handed over from memory), and output
-    shapes as observed running it (symbolic where they vary), written into the graph."""
+    """The model to seal and its real output specs: constant subgraphs folded and, when
+    the sealed form would not open as the device opens it, ONNX Runtime's basic
+    optimizations applied here (``optimize_offline``), so the device's graph
+    optimizations never compute from weights handed over from memory; and output shapes
+    as observed running it (symbolic where they vary), written into the graph."""
     model = load_onnx(path)
     folded, _ = fold_constants(model)
-    folded = optimize_offline(folded, tmp)
+    split = split_onnx(folded)
+    if not split_onnx_opens(split.graph, split.weights, runtime):
+        # Fusions at the device's level (Conv with BatchNormalization, ...) would rewrite
+        # weights it hands over from memory: seal the graph they produce instead.
+        folded = optimize_offline(folded, tmp)
+    del split
     outputs = observed_outputs(folded, data, layout, declared)
     sealed = tmp / f"{path.stem}.sealed.onnx"
     try:
