@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeseal.core.extras import array_to_obj
-from edgeseal.core.golden import numeric_outputs
+from edgeseal.core.golden import FORMAT, draw_input, numeric_outputs, sample_indices
 from edgeseal.core.manifest import TensorSpec
 from edgeseal.core.profile import make_profile
 from edgeseal.packager.datasets import SYNTHETIC, InputData, batch_layout
@@ -57,6 +57,17 @@ __all__ = [
     "tflite_runners",
 ]
 
+#: The default seed of golden inputs and output samples (any fixed value: it is stored).
+GOLDEN_SEED = 0
+#: Inputs of at most this many elements per vector are stored verbatim; larger ones are
+#: drawn on the device from the golden seed.
+VERBATIM_MAX_ELEMENTS = 256
+#: Sampled output values kept over all vectors, outputs and expectations (4 bytes each
+#: for float32, a third more in base64): the golden data's share of issue 17's bound.
+SAMPLE_BUDGET = 6144
+#: Elements of each output kept per vector: at most (all when fewer), and at least.
+MAX_SAMPLES = 256
+MIN_SAMPLES = 16
 #: Spread multiplier for float rounding noise (float32, fp16 models).
 SAFETY_FACTOR = 16.0
 #: Spread multiplier for int8 models, whose spread includes every integer kernel family.
@@ -491,13 +502,23 @@ def make_golden(
     mode: str,
     count: int = 8,
     batch: int = 1,
+    seed: int = GOLDEN_SEED,
 ) -> dict[str, Any]:
-    """Record the outputs for ``count`` feeds of ``batch`` rows (a model with a fixed batch
-    dimension takes exactly that many) and derive per-output tolerances from the spread.
+    """Golden data (format 2, compact) for ``count`` feeds of ``batch`` rows (a model with
+    a fixed batch dimension takes exactly that many), with per-output tolerances derived
+    from the spread.
+
+    An input of at most :data:`VERBATIM_MAX_ELEMENTS` per feed is stored as it is (data
+    rows, half of them midpoints of two); a larger one is described by its dtype, shape
+    and the data's statistics, and drawn from ``seed`` by
+    :func:`edgeseal.core.golden.draw_input`, here and on the device. Each output keeps
+    its shape and a seeded sample of its elements (:func:`_samples_per_output`); the
+    tolerances are measured on those elements.
 
     For an int8 model whose runners (:class:`KernelRunner`) cover both kernel families,
     each vector also gets ``expected_by_kernel`` and the golden data ``kernel_tolerances``:
-    per family, its expected outputs and a tolerance from the spread within the family."""
+    per family, its expected outputs (same samples) and a tolerance from the spread within
+    the family."""
     n = min(count, data.rows // batch)
     if n == 0:
         raise ValueError(f"need at least {batch} rows of data for golden vectors")
@@ -513,26 +534,55 @@ def make_golden(
             else a[k]
             for k in a
         }
+    specs = {name: _input_spec([r[name] for r in rows]) for name in rows[0]}
+    feeds = [
+        {
+            name: row[name]
+            if spec["draw"] == "verbatim"
+            else draw_input(spec, seed=seed, vector=i, name=name)
+            for name, spec in specs.items()
+        }
+        for i, row in enumerate(rows)
+    ]
     runners = [reference, *variants]
-    # runs[r][v]: runner r's numeric outputs on vector v
-    runs = [[numeric_outputs(r(feed)) for feed in rows] for r in runners]
-    names = list(runs[0][0])
+    # full[r][v]: runner r's numeric outputs on vector v; runs[r][v]: their samples
+    full = [[numeric_outputs(r(feed)) for feed in feeds] for r in runners]
+    names = list(full[0][0])
+    int8 = mode.endswith("int8")
+    both = {getattr(r, "kernel", None) for r in runners} >= set(KERNEL_FAMILIES)
+    per_output = _samples_per_output(
+        n, len(names), 1 + (len(KERNEL_FAMILIES) if int8 and both else 0)
+    )
+    index = [
+        {
+            name: sample_indices(out[name].size, per_output, seed=seed, vector=v, name=name)
+            for name in names
+        }
+        for v, out in enumerate(full[0])
+    ]
+    runs = [
+        [{name: out[v][name].reshape(-1)[index[v][name]] for name in names} for v in range(n)]
+        for out in full
+    ]
+
+    def kept(r: int, v: int) -> dict[str, Any]:
+        return {
+            name: {"shape": list(full[r][v][name].shape), "values": array_to_obj(runs[r][v][name])}
+            for name in names
+        }
+
     spreads = {
         name: max(_distance(run[v], runs[0][v], name) for run in runs for v in range(n))
         for name in names
     }
-    vectors: list[dict[str, Any]] = [
-        {
-            "inputs": {k: array_to_obj(v) for k, v in feed.items()},
-            "outputs": {k: array_to_obj(v) for k, v in runs[0][i].items()},
-        }
-        for i, feed in enumerate(rows)
-    ]
+    for spec in specs.values():
+        if spec["draw"] == "verbatim":
+            spec["values"] = [array_to_obj(a) for a in spec["values"]]
+    vectors: list[dict[str, Any]] = [{"outputs": kept(0, v)} for v in range(n)]
     scales = {
         name: max(float(np.abs(runs[0][v][name]).max(initial=0.0)) for v in range(n))
         for name in names
     }
-    int8 = mode.endswith("int8")
     factor = KERNEL_FACTOR if int8 else SAFETY_FACTOR
     tolerances = {
         name: {
@@ -544,15 +594,21 @@ def make_golden(
         }
         for name in names
     }
-    golden: dict[str, Any] = {"vectors": vectors, "tolerances": tolerances, "mode": mode}
+    golden: dict[str, Any] = {
+        "format": FORMAT,
+        "seed": seed,
+        "inputs": specs,
+        "vectors": vectors,
+        "tolerances": tolerances,
+        "mode": mode,
+    }
     families = _kernel_families(runners, runs, names) if int8 else None
     if families is not None:
         expected, family_spreads = families
         steps: dict[str, float] = getattr(reference, "steps", {})
         for v, vector in enumerate(vectors):
             vector["expected_by_kernel"] = {
-                kernel: {k: array_to_obj(a) for k, a in runs[first][v].items()}
-                for kernel, first in expected.items()
+                kernel: kept(first, v) for kernel, first in expected.items()
             }
         golden["kernel_tolerances"] = {
             kernel: {
@@ -566,6 +622,40 @@ def make_golden(
             for kernel in expected
         }
     return golden
+
+
+def _samples_per_output(vectors: int, outputs: int, expectations: int) -> int:
+    """How many elements of each output each vector keeps: :data:`SAMPLE_BUDGET` values
+    shared by every vector, output and expectation (an int8 model has one per kernel
+    family besides its own), within [:data:`MIN_SAMPLES`, :data:`MAX_SAMPLES`]."""
+    share = SAMPLE_BUDGET // max(vectors * outputs * expectations, 1)
+    return max(MIN_SAMPLES, min(MAX_SAMPLES, share))
+
+
+def _input_spec(values: list[npt.NDArray[Any]]) -> dict[str, Any]:
+    """How golden data holds one input, given its value in every vector: verbatim
+    (``values``, turned into array objects by the caller) when small, of varying shape
+    or not finite; else how to draw it (:func:`edgeseal.core.golden.draw_input`), from
+    the statistics of these values."""
+    first = values[0]
+    large = first.size > VERBATIM_MAX_ELEMENTS and all(v.shape == first.shape for v in values)
+    if not large or first.dtype.kind not in "biuf":
+        return {"draw": "verbatim", "values": values}
+    base = {"dtype": first.dtype.name, "shape": list(first.shape)}
+    if first.dtype.kind == "f":
+        stack = np.stack(values).astype(np.float64)
+        if not np.isfinite(stack).all():
+            return {"draw": "verbatim", "values": values}
+        return {
+            **base,
+            "draw": "normal",
+            "mean": float(stack.mean()),
+            "std": float(stack.std()),
+            "min": float(stack.min()),
+            "max": float(stack.max()),
+        }
+    stack = np.stack(values)
+    return {**base, "draw": "integers", "low": int(stack.min()), "high": int(stack.max())}
 
 
 def _family_atol(spread: float, scale: float, step: float | None) -> float:
