@@ -66,7 +66,7 @@ VERBATIM_MAX_ELEMENTS = 256
 #: for float32, a third more in base64): the golden data's share of issue 17's bound.
 SAMPLE_BUDGET = 6144
 #: Elements of each output kept per vector: at most (all when fewer), and at least.
-MAX_SAMPLES = 256
+MAX_SAMPLES = 1024
 MIN_SAMPLES = 16
 #: Spread multiplier for float rounding noise (float32, fp16 models).
 SAFETY_FACTOR = 16.0
