@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeseal.core.encoding import canonical_json
 from edgeseal.core.errors import MalformedBundleError
+from edgeseal.core.extras import array_from_obj, array_to_obj
 from edgeseal.core.golden import (
     FORMAT,
     check_golden,
@@ -27,6 +28,7 @@ from edgeseal.core.golden import (
     sample_indices,
 )
 from edgeseal.packager.golden import (
+    EXTREMES,
     MAX_SAMPLES,
     SAMPLE_BUDGET,
     VERBATIM_MAX_ELEMENTS,
@@ -133,7 +135,9 @@ def test_a_large_output_is_sampled_and_a_changed_weight_still_fails(tmp_path: Pa
     for v in vectors:
         mask = v.outputs["mask"]
         assert mask.shape == (1, 4, 64, 64) and mask.index is not None
-        assert mask.values.size == _samples_per_output(8, 1, 1) <= MAX_SAMPLES
+        # the seeded sample, and the largest elements it missed (their indices stored)
+        assert mask.values.size == _samples_per_output(8, 1, 1) + EXTREMES
+        assert _samples_per_output(8, 1, 1) <= MAX_SAMPLES
     assert len(canonical_json(golden)) < 4 * SAMPLE_BUDGET * 4 / 3 + 8192
     assert check_golden(onnx_runners(tmp_path / "seg.onnx")[0], golden) == []
     tweaked = _tweak(tmp_path / "seg.onnx", tmp_path / "tweaked.onnx", "K")
@@ -185,3 +189,13 @@ def test_the_bundle_overhead_of_the_sample_models_is_within_issue_17s_bound(
     overhead = bundle.stat().st_size - sealed
     assert overhead <= 65536 + math.floor(0.02 * sealed), (sample, overhead)
     assert fleet.extras(bundle)["golden"]["format"] == FORMAT
+
+
+def test_extremes_out_of_range_are_malformed(tmp_path: Path) -> None:
+    onnx.save(_segmenter(size=16), str(tmp_path / "seg.onnx"))
+    golden = _golden(tmp_path / "seg.onnx")
+    extremes = golden["vectors"][0]["outputs"]["mask"]["extremes"]
+    bad = np.array([16 * 16 * 4], np.int64)  # one past the last element
+    extremes["index"] = array_to_obj(np.concatenate([bad, array_from_obj(extremes["index"])[1:]]))
+    with pytest.raises(MalformedBundleError, match="out of range"):
+        golden_vectors(golden)

@@ -41,7 +41,7 @@ from edgeseal.core.keyring import Keyring
 from edgeseal.core.keys import load_public_key
 from edgeseal.packager import pack as pack_module
 from edgeseal.packager.pack import PackOptions, pack_model
-from edgeseal.packager.quantize import QuantizeMode, quantize_onnx
+from edgeseal.packager.quantize import Quantized, QuantizeMode, quantize
 from helpers import NOW
 from zoo.models import ZOO, ZooModel, fetch
 
@@ -262,13 +262,13 @@ def _run_cell(
     name = f"{model.id}-{mode.value}"
     sealed: dict[str, Path] = {}
 
-    def spy(source: Path, workdir: Path, *args: Any, **kw: Any) -> Path:
-        final: Path = quantize_onnx(source, workdir, *args, **kw)
-        if final != source:
-            sealed["model"] = Path(shutil.copy(final, tmp / final.name))
-        return final
+    def spy(source: Path, workdir: Path, *args: Any, **kw: Any) -> Quantized:
+        done = quantize(source, workdir, *args, **kw)
+        if done.path != source:
+            sealed["model"] = Path(shutil.copy(done.path, tmp / done.path.name))
+        return done
 
-    monkeypatch.setattr(pack_module, "quantize_onnx", spy)
+    monkeypatch.setattr(pack_module, "quantize", spy)
     start = time.perf_counter()
     try:
         result = pack_model(

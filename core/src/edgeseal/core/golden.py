@@ -156,18 +156,33 @@ def _full(obj: Any) -> Expected:
 
 
 def _sampled(obj: Any, *, seed: int, vector: int, name: str) -> Expected:
+    """A format 2 output: ``values`` at :func:`sample_indices`, and optionally
+    ``extremes``: ``{"index": flat indices, "values"}`` (the packer's largest-magnitude
+    elements outside the sample, where a changed weight shows most)."""
     try:
         shape = tuple(int(d) for d in obj["shape"])
         values = array_from_obj(obj["values"]).reshape(-1)
         size = math.prod(shape)
         if any(d < 0 for d in shape) or values.size > size:
             raise ValueError("more sampled values than elements")
-    except (KeyError, TypeError, ValueError) as e:
+        extremes = obj.get("extremes")
+        if extremes is not None:
+            extra = array_from_obj(extremes["index"]).reshape(-1)
+            extra_values = array_from_obj(extremes["values"]).reshape(-1)
+            if extra.dtype.kind not in "iu" or extra.size != extra_values.size:
+                raise ValueError("extremes: one integer index per value")
+            if extra.size and not 0 <= int(extra.min()) <= int(extra.max()) < size:
+                raise ValueError("extremes: index out of range")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MalformedBundleError(f"extras: malformed golden output {name!r}: {e}") from e
-    if values.size == size:
-        return Expected(shape, values)
     index = sample_indices(size, values.size, seed=seed, vector=vector, name=name)
-    return Expected(shape, values, index)
+    if extremes is None:
+        return Expected(shape, values, None if values.size == size else index)
+    return Expected(
+        shape,
+        np.concatenate([values, extra_values.astype(values.dtype)]),
+        np.concatenate([index, extra.astype(np.int64)]),
+    )
 
 
 def golden_vectors(golden: Mapping[str, Any]) -> list[GoldenVector]:

@@ -68,6 +68,9 @@ SAMPLE_BUDGET = 6144
 #: Elements of each output kept per vector: at most (all when fewer), and at least.
 MAX_SAMPLES = 1024
 MIN_SAMPLES = 16
+#: Besides the seeded sample, each output of each vector keeps its largest-magnitude
+#: elements (with their indices): at most this many.
+EXTREMES = 32
 #: Spread multiplier for float rounding noise (float32, fp16 models).
 SAFETY_FACTOR = 16.0
 #: Spread multiplier for int8 models, whose spread includes every integer kernel family.
@@ -553,23 +556,42 @@ def make_golden(
     per_output = _samples_per_output(
         n, len(names), 1 + (len(KERNEL_FAMILIES) if int8 and both else 0)
     )
-    index = [
+    sampled = [
         {
             name: sample_indices(out[name].size, per_output, seed=seed, vector=v, name=name)
             for name in names
         }
         for v, out in enumerate(full[0])
     ]
+    extremes = [
+        {name: _extremes(out[name], sampled[v][name]) for name in names}
+        for v, out in enumerate(full[0])
+    ]
     runs = [
-        [{name: out[v][name].reshape(-1)[index[v][name]] for name in names} for v in range(n)]
+        [
+            {
+                name: out[v][name].reshape(-1)[
+                    np.concatenate([sampled[v][name], extremes[v][name]])
+                ]
+                for name in names
+            }
+            for v in range(n)
+        ]
         for out in full
     ]
 
     def kept(r: int, v: int) -> dict[str, Any]:
-        return {
-            name: {"shape": list(full[r][v][name].shape), "values": array_to_obj(runs[r][v][name])}
-            for name in names
-        }
+        result = {}
+        for name in names:
+            values, count = runs[r][v][name], sampled[v][name].size
+            obj = {"shape": list(full[r][v][name].shape), "values": array_to_obj(values[:count])}
+            if extremes[v][name].size:
+                obj["extremes"] = {
+                    "index": array_to_obj(extremes[v][name]),
+                    "values": array_to_obj(values[count:]),
+                }
+            result[name] = obj
+        return result
 
     spreads = {
         name: max(_distance(run[v], runs[0][v], name) for run in runs for v in range(n))
@@ -622,6 +644,17 @@ def make_golden(
             for kernel in expected
         }
     return golden
+
+
+def _extremes(output: npt.NDArray[Any], sampled: npt.NDArray[np.int64]) -> Any:
+    """The flat indices (int64, sorted) of the :data:`EXTREMES` largest-magnitude elements
+    of a reference output that the seeded sample missed: a softmax moves most where it
+    is large, and a random sample of a large output mostly holds near-zero values."""
+    flat = np.abs(output.astype(np.float64).reshape(-1))
+    if flat.size <= sampled.size:
+        return np.empty(0, np.int64)
+    top = np.argsort(-flat, kind="stable")[: EXTREMES + sampled.size]
+    return np.sort(top[~np.isin(top, sampled)][:EXTREMES]).astype(np.int64)
 
 
 def _samples_per_output(vectors: int, outputs: int, expectations: int) -> int:
