@@ -199,3 +199,17 @@ def test_extremes_out_of_range_are_malformed(tmp_path: Path) -> None:
     extremes["index"] = array_to_obj(np.concatenate([bad, array_from_obj(extremes["index"])[1:]]))
     with pytest.raises(MalformedBundleError, match="out of range"):
         golden_vectors(golden)
+
+
+@pytest.mark.parametrize("outputs", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("expectations", [1, 3])
+def test_sampled_outputs_stay_within_the_golden_share_of_the_bound(
+    outputs: int, expectations: int
+) -> None:
+    """Sampled values (4 bytes for float32) and extremes (an int64 index and a value),
+    base64-encoded, over 8 vectors: at most 48 KiB of issue 17's 64 KiB for up to 8
+    outputs, int8 models' per-family expectations included."""
+    k = _samples_per_output(8, outputs, expectations)
+    extremes = min(EXTREMES, k // 8)
+    raw = 8 * outputs * expectations * (4 * k + 12 * extremes)
+    assert raw * 4 / 3 <= 48 * 1024

@@ -69,7 +69,7 @@ SAMPLE_BUDGET = 6144
 MAX_SAMPLES = 1024
 MIN_SAMPLES = 16
 #: Besides the seeded sample, each output of each vector keeps its largest-magnitude
-#: elements (with their indices): at most this many.
+#: elements (with their indices): at most this many, and an eighth of the sample.
 EXTREMES = 32
 #: Spread multiplier for float rounding noise (float32, fp16 models).
 SAFETY_FACTOR = 16.0
@@ -564,7 +564,7 @@ def make_golden(
         for v, out in enumerate(full[0])
     ]
     extremes = [
-        {name: _extremes(out[name], sampled[v][name]) for name in names}
+        {name: _extremes(out[name], sampled[v][name], per_output // 8) for name in names}
         for v, out in enumerate(full[0])
     ]
     runs = [
@@ -646,15 +646,17 @@ def make_golden(
     return golden
 
 
-def _extremes(output: npt.NDArray[Any], sampled: npt.NDArray[np.int64]) -> Any:
-    """The flat indices (int64, sorted) of the :data:`EXTREMES` largest-magnitude elements
-    of a reference output that the seeded sample missed: a softmax moves most where it
-    is large, and a random sample of a large output mostly holds near-zero values."""
+def _extremes(output: npt.NDArray[Any], sampled: npt.NDArray[np.int64], share: int) -> Any:
+    """The flat indices (int64, sorted) of the largest-magnitude elements of a reference
+    output that the seeded sample missed, at most :data:`EXTREMES` and ``share`` (an
+    eighth of the sample: within the budget): a softmax moves most where it is large,
+    and a random sample of a large output mostly holds near-zero values."""
+    count = min(EXTREMES, share)
     flat = np.abs(output.astype(np.float64).reshape(-1))
-    if flat.size <= sampled.size:
+    if flat.size <= sampled.size or count <= 0:
         return np.empty(0, np.int64)
-    top = np.argsort(-flat, kind="stable")[: EXTREMES + sampled.size]
-    return np.sort(top[~np.isin(top, sampled)][:EXTREMES]).astype(np.int64)
+    top = np.argsort(-flat, kind="stable")[: count + sampled.size]
+    return np.sort(top[~np.isin(top, sampled)][:count]).astype(np.int64)
 
 
 def _samples_per_output(vectors: int, outputs: int, expectations: int) -> int:
