@@ -63,10 +63,13 @@ GOLDEN_SEED = 0
 #: drawn on the device from the golden seed.
 VERBATIM_MAX_ELEMENTS = 256
 #: Sampled output values kept over all vectors, outputs and expectations (4 bytes each
-#: for float32, a third more in base64): the golden data's share of issue 17's bound.
+#: for float32, a third more in base64): the golden data's share of issue 17's fixed
+#: 64 KiB; and one more value per :data:`BYTES_PER_SAMPLE` bytes of the model, from its
+#: 2 % (under 1 % of the model with base64 and extremes).
 SAMPLE_BUDGET = 6144
+BYTES_PER_SAMPLE = 800
 #: Elements of each output kept per vector: at most (all when fewer), and at least.
-MAX_SAMPLES = 1024
+MAX_SAMPLES = 4096
 MIN_SAMPLES = 16
 #: Besides the seeded sample, each output of each vector keeps its largest-magnitude
 #: elements (with their indices): at most this many, and an eighth of the sample.
@@ -506,6 +509,7 @@ def make_golden(
     count: int = 8,
     batch: int = 1,
     seed: int = GOLDEN_SEED,
+    model_bytes: int = 0,
 ) -> dict[str, Any]:
     """Golden data (format 2, compact) for ``count`` feeds of ``batch`` rows (a model with
     a fixed batch dimension takes exactly that many), with per-output tolerances derived
@@ -515,8 +519,10 @@ def make_golden(
     rows, half of them midpoints of two); a larger one is described by its dtype, shape
     and the data's statistics, and drawn from ``seed`` by
     :func:`edgeseal.core.golden.draw_input`, here and on the device. Each output keeps
-    its shape and a seeded sample of its elements (:func:`_samples_per_output`); the
-    tolerances are measured on those elements.
+    its shape and a seeded sample of its elements (:func:`_samples_per_output`: more for
+    a larger model, ``model_bytes``, as issue 17's bound allows 2 % of it), and its
+    largest elements the sample missed (:func:`_extremes`); the tolerances are measured
+    on those elements.
 
     For an int8 model whose runners (:class:`KernelRunner`) cover both kernel families,
     each vector also gets ``expected_by_kernel`` and the golden data ``kernel_tolerances``:
@@ -554,7 +560,7 @@ def make_golden(
     int8 = mode.endswith("int8")
     both = {getattr(r, "kernel", None) for r in runners} >= set(KERNEL_FAMILIES)
     per_output = _samples_per_output(
-        n, len(names), 1 + (len(KERNEL_FAMILIES) if int8 and both else 0)
+        n, len(names), 1 + (len(KERNEL_FAMILIES) if int8 and both else 0), model_bytes
     )
     sampled = [
         {
@@ -659,11 +665,13 @@ def _extremes(output: npt.NDArray[Any], sampled: npt.NDArray[np.int64], share: i
     return np.sort(top[~np.isin(top, sampled)][:count]).astype(np.int64)
 
 
-def _samples_per_output(vectors: int, outputs: int, expectations: int) -> int:
-    """How many elements of each output each vector keeps: :data:`SAMPLE_BUDGET` values
-    shared by every vector, output and expectation (an int8 model has one per kernel
-    family besides its own), within [:data:`MIN_SAMPLES`, :data:`MAX_SAMPLES`]."""
-    share = SAMPLE_BUDGET // max(vectors * outputs * expectations, 1)
+def _samples_per_output(vectors: int, outputs: int, expectations: int, model_bytes: int = 0) -> int:
+    """How many elements of each output each vector keeps: :data:`SAMPLE_BUDGET` values,
+    and one per :data:`BYTES_PER_SAMPLE` bytes of the model, shared by every vector,
+    output and expectation (an int8 model has one per kernel family besides its own),
+    within [:data:`MIN_SAMPLES`, :data:`MAX_SAMPLES`]."""
+    budget = SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE
+    share = budget // max(vectors * outputs * expectations, 1)
     return max(MIN_SAMPLES, min(MAX_SAMPLES, share))
 
 
