@@ -165,6 +165,8 @@ def test_golden_data_whose_drawn_input_was_swapped_fails(tmp_path: Path) -> None
     golden = _golden(tmp_path / "cnn.onnx")
     run = onnx_runners(tmp_path / "cnn.onnx")[0]
     assert check_golden(run, dict(golden, seed=golden["seed"] + 1))
+    with pytest.raises(MalformedBundleError, match="seed"):
+        check_golden(run, dict(golden, seed=-1))
 
 
 SAMPLES = {

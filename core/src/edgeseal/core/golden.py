@@ -208,6 +208,8 @@ def golden_vectors(golden: Mapping[str, Any]) -> list[GoldenVector]:
         if fmt != FORMAT:
             raise ValueError(f"unknown golden format {fmt!r}")
         seed = int(golden["seed"])
+        if not 0 <= seed < 1 << 64:
+            raise ValueError("seed must be an unsigned 64-bit integer")
         inputs: Mapping[str, Any] = golden["inputs"]
         for name, spec in inputs.items():
             if spec["draw"] == "verbatim" and len(spec["values"]) != len(vectors):
