@@ -25,8 +25,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeseal.core.extras import array_from_obj, array_to_obj
-from edgeseal.core.golden import check_golden
+from edgeseal.core.extras import array_to_obj
+from edgeseal.core.golden import check_golden, golden_vectors
 from edgeseal.packager.datasets import InputData
 from edgeseal.packager.golden import (
     EXACT,
@@ -181,18 +181,13 @@ def test_this_machines_own_kernels_match_the_emulation_of_its_family(
     reference, variants = onnx_runners(model)
     (own,) = [r for r in variants if isinstance(r, KernelRunner) and r.host]
     golden = make_golden(reference, variants, _data(model), mode=mode.value)
-    got = [
-        own({k: array_from_obj(v) for k, v in vec["inputs"].items()}) for vec in golden["vectors"]
-    ]
+    vectors = golden_vectors(golden)
+    got = [own(vec.feed) for vec in vectors]
 
     def distance(kernel: str) -> float:
         return max(
-            float(
-                np.abs(
-                    g["probs"] - array_from_obj(vec["expected_by_kernel"][kernel]["probs"])
-                ).max()
-            )
-            for g, vec in zip(got, golden["vectors"], strict=True)
+            vec.by_kernel[kernel]["probs"].error(g["probs"])
+            for g, vec in zip(got, vectors, strict=True)
         )
 
     other = next(k for k in KERNEL_FAMILIES if k != family)
@@ -266,13 +261,11 @@ def _with_int8_weight(model: Path, out: Path, change: Callable[[int], int]) -> P
 def _max_error(golden: dict[str, Any], model: Path) -> float:
     """The smallest, over kernel families, of the largest error over the vectors."""
     run = onnx_runners(model)[0]
-    got = [
-        run({k: array_from_obj(v) for k, v in vec["inputs"].items()}) for vec in golden["vectors"]
-    ]
+    vectors = golden_vectors(golden)
+    got = [run(vec.feed) for vec in vectors]
     return min(
         max(
-            float(np.abs(g["probs"] - array_from_obj(vec["expected_by_kernel"][k]["probs"])).max())
-            for g, vec in zip(got, golden["vectors"], strict=True)
+            vec.by_kernel[k]["probs"].error(g["probs"]) for g, vec in zip(got, vectors, strict=True)
         )
         for k in KERNEL_FAMILIES
     )
@@ -318,19 +311,16 @@ def test_outputs_mixing_kernel_families_across_vectors_are_refused(
     golden = make_golden(reference, variants, _data(model), mode="dynamic-int8")
     exact = next(r for r in variants if getattr(r, "kernel", None) == EXACT)
     saturating = next(r for r in variants if getattr(r, "kernel", None) == PAIRSUM16)
-    vectors = golden["vectors"]
+    vectors = golden_vectors(golden)
     # The sample's families differ on some vectors by more than the family tolerance.
     differs = [
         i
         for i, v in enumerate(vectors)
-        if np.abs(
-            array_from_obj(v["expected_by_kernel"][EXACT]["probs"])
-            - array_from_obj(v["expected_by_kernel"][PAIRSUM16]["probs"])
-        ).max()
+        if np.abs(v.by_kernel[EXACT]["probs"].values - v.by_kernel[PAIRSUM16]["probs"].values).max()
         > golden["kernel_tolerances"][EXACT]["probs"]["atol"]
     ]
     assert len(differs) >= 2
-    first = vectors[differs[0]]["inputs"]["input"]["data"]
+    first = array_to_obj(vectors[differs[0]].feed["input"])["data"]
 
     def mixed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Exact kernels on the first vector where the families differ, else saturating."""

@@ -2,8 +2,12 @@
 
 Canonical JSON, sealed like every section::
 
-    {"golden":     {"vectors": [{"inputs": {name: array}, "outputs": {name: array}}],
+    {"golden":     {"format": 2, "seed": int,
+                    "inputs": {name: {"draw": "verbatim", "values": [array]} | draw spec},
+                    "vectors": [{"outputs": {name: {"shape": [...], "values": array}}}],
                     "tolerances": {output: {"atol": float}}},
+                   (format 1, no "format": vectors of full "inputs" and "outputs";
+                    edgeseal.core.golden reads both)
      "profile":    {"inputs": {name: {"dtype", "shape", "min", "max", "axis",
                                       "mean": [...], "std": [...]}}},
      "provenance": {...},

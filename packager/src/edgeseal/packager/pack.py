@@ -348,6 +348,7 @@ def _pack_onnx(
         mode=opts.quantize.value,
         count=opts.golden_count,
         batch=layout.fixed or 1,
+        model_bytes=final.stat().st_size,
     )
     final_model = check_onnx(
         final, allow_custom_ops=(*opts.allow_custom_ops, "com.microsoft"), limits=limits
@@ -490,6 +491,7 @@ def _pack_tflite(
         mode="none",
         batch=fixed_batch(inputs) or 1,
         count=opts.golden_count,
+        model_bytes=len(data),
     )
     extras = {
         "golden": golden,
