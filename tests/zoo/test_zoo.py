@@ -319,7 +319,7 @@ def test_zoo_model_packs_and_serves_or_is_refused_before_sealing(
     world: World, model: ZooModel, mode: QuantizeMode, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    # The packager must write nothing outside -o; until it does, keep its litter here.
+    # Pack runs here: whatever it writes outside -o is found (and fails the cell).
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -332,6 +332,10 @@ def test_zoo_model_packs_and_serves_or_is_refused_before_sealing(
         if p.name != "model.esb"
     )
     RESULTS.append(cell)
+    # Issue 17: pack writes nothing outside -o, and a bundle carries at most 64 KiB + 2 %
+    # of its model beyond the model (golden vectors, profile, SBOM, provenance, framing).
+    assert not cell.litter, f"pack left files outside -o: {cell.litter}"
+    assert "over" not in cell.overhead, f"bundle overhead {cell.overhead}"
     if cell.outcome in ("sealed", "refused"):
         return
     signature = SIGNATURE.get((model.id, mode.value))
