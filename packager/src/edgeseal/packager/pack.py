@@ -448,7 +448,9 @@ def _sealable(
         folded = optimize_offline(folded, tmp)
     del split
     outputs = observed_outputs(folded, data, layout, declared)
-    sealed = tmp / f"{path.stem}.sealed.onnx"
+    # The model's own file name: the OpenSSF model-signing statement names the model by it.
+    sealed = tmp / "sealed" / path.name
+    sealed.parent.mkdir(exist_ok=True)
     try:
         onnx.save(with_output_shapes(folded, outputs), str(sealed))
     except (ValueError, OSError) as e:
