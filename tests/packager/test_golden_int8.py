@@ -43,7 +43,7 @@ from edgeseal.packager.golden import (
     synthetic_inputs,
 )
 from edgeseal.packager.onnx_model import onnx_io
-from edgeseal.packager.quantize import QuantizeMode, quantize_onnx
+from edgeseal.packager.quantize import QuantizeMode, quantize
 from edgeseal.packager.samples import make_onnx_classifier
 
 
@@ -126,7 +126,7 @@ def _data(model: Path) -> InputData:
 
 def _quantize(src: Path, work: Path, mode: QuantizeMode) -> Path:
     work.mkdir()
-    return quantize_onnx(src, work, mode, calibration=_data(src))
+    return quantize(src, work, mode, calibration=_data(src)).path
 
 
 #: Where the golden data is made: this machine, or as if on a machine of each family.

@@ -205,49 +205,33 @@ def pack_model(
     # removed whatever happens; nothing is written outside it but the bundle.
     with tempfile.TemporaryDirectory(prefix="edgeseal-pack-", ignore_cleanup_errors=True) as tmp:
         try:
+            common: dict[str, Any] = {
+                "name": name,
+                "version": version,
+                "opts": opts,
+                "signer": signer,
+                "certificate": certificate,
+                "devices": devices,
+                "profile": profile,
+                "cipher": cipher,
+                "chunk_size": chunk_size,
+                "validity": validity,
+                "revocations": revocations,
+                "root_rotations": root_rotations,
+                "now": now,
+                "progress": progress,
+                "say": stage_,
+            }
             if is_tflite(data):
-                return _pack_tflite(
-                    data,
-                    model_path,
-                    out,
-                    name=name,
-                    version=version,
-                    opts=opts,
-                    signer=signer,
-                    certificate=certificate,
-                    devices=devices,
-                    profile=profile,
-                    cipher=cipher,
-                    chunk_size=chunk_size,
-                    validity=validity,
-                    revocations=revocations,
-                    root_rotations=root_rotations,
-                    now=now,
-                    progress=progress,
-                    say=stage_,
-                )
+                return _pack_tflite(data, model_path, out, **common)
             return _pack_onnx(
                 data,
                 model_path,
                 out,
                 Path(tmp),
-                name=name,
-                version=version,
-                opts=opts,
                 limits=limits,
                 runtime=runtime or RuntimeConfig(),
-                signer=signer,
-                certificate=certificate,
-                devices=devices,
-                profile=profile,
-                cipher=cipher,
-                chunk_size=chunk_size,
-                validity=validity,
-                revocations=revocations,
-                root_rotations=root_rotations,
-                now=now,
-                progress=progress,
-                say=stage_,
+                **common,
             )
         except (EdgesealError, GateUsageError):
             raise

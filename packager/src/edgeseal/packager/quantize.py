@@ -31,7 +31,6 @@ __all__ = [
     "is_int8",
     "private_workdir",
     "quantize",
-    "quantize_onnx",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,29 +160,6 @@ def private_workdir(workdir: Path) -> Iterator[None]:
     finally:
         tempfile.tempdir = tmp
         os.chdir(cwd)
-
-
-def quantize_onnx(
-    src: Path,
-    workdir: Path,
-    mode: QuantizeMode,
-    *,
-    calibration: InputData | None = None,
-    method: CalibrationMethod = CalibrationMethod.MINMAX,
-    per_channel: bool = True,
-    fixed_batch: int | None = None,
-) -> Path:
-    """Quantize ``src`` into ``workdir``; the path of the model to seal (:func:`quantize`
-    also returns the notes for the report)."""
-    return quantize(
-        src,
-        workdir,
-        mode,
-        calibration=calibration,
-        method=method,
-        per_channel=per_channel,
-        fixed_batch=fixed_batch,
-    ).path
 
 
 def quantize(
