@@ -425,7 +425,11 @@ def test_an_ood_rise_halts_the_soaking_wave_and_auto_fallback_orders_it_back(
         runner.join(30)
     r = ctl.store.rollout(r.id)
     assert r.state == "halted" and r.reason.startswith("R2"), r.reason
-    wait_for(lambda: all(_active(f, d) == 1 for d in canaries), what="ordered back to v1")
+    wait_for(
+        lambda: all(_active(f, d) == 1 for d in canaries),
+        what="ordered back to v1",
+        detail=lambda: {d: f.devices[d].model_status("clf") for d in canaries},
+    )
     assert all(ctl.store.phases(r.id)[d].phase == "fallen-back" for d in canaries)
 
 
@@ -447,11 +451,12 @@ def test_offline_devices_get_their_offer_when_they_come_back(world, fleet, contr
     strict = Policy(parse_waves("100%"), wave_timeout=3)
     r = _deploy(ctl, world, "v2", strict, group_offer=False)
     final = ctl.run(r.id, poll=0.1)
-    assert final.state == "halted" and final.reason.startswith("R5")
+    assert final.state == "halted" and final.reason.startswith("R5"), final.reason
     assert ctl.store.phases(r.id)[off].phase == "timed-out"
     f.bring_online(off)
     ctl.resume(r.id, policy=Policy(parse_waves("100%"), wave_timeout=60))
-    assert ctl.run(r.id, poll=0.1).state == "done"
+    final = ctl.run(r.id, poll=0.1)
+    assert final.state == "done", (final.reason, ctl.store.phases(r.id))
     assert all(_active(f, d) == 2 for d in world.ids)
 
 

@@ -93,6 +93,25 @@ def test_dynamic_int8_conv_with_bias_runs_on_the_device_at_its_default_optimizat
         assert _device_golden(fleet, bundle, config) == []
 
 
+@pytest.mark.parametrize("mode", [QuantizeMode.DYNAMIC_INT8, QuantizeMode.FP16])
+@pytest.mark.parametrize("level", ["extended", "all"])
+def test_a_model_packed_for_a_level_above_basic_opens_there_with_weights_in_the_graph(
+    fleet, tmp_path, mode, level
+):
+    """Above basic the optimizers need the weights (fp16 Conv: the CPU provider's casts;
+    all: the NCHWc layout): they go into the graph, pack's check passes, and the device
+    at that level installs, passes its golden check and says it handed them over so."""
+    model = _write(tmp_path, "conv.onnx", conv_with_bias())
+    runtime = RuntimeConfig(graph_optimization=level)
+    bundle, _ = fleet.pack(model, options=PackOptions(quantize=mode), runtime=runtime)
+    config = Config(runtime=runtime)
+    assert _device_golden(fleet, bundle, config) == []
+    with open_bundle(
+        bundle, key_store=fleet.devices["dev-a"], policy=fleet.policy(), config=config
+    ) as opened:
+        assert "into the graph" in opened.status()["weights_handed_over"]
+
+
 def test_folding_removes_the_reshape_quantize_dynamic_puts_over_the_bias(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -232,6 +251,9 @@ def test_sample_inputs_pack_a_model_with_a_scalar_and_a_state_input(fleet, tmp_p
         }
         result_ = serving.infer(feed)
         assert result_.outputs["out"].shape == (3, 8) and len(result_.ood) == 3
+        # The scalar first: rows are still counted on the batch axis of the others.
+        serving.infer({"sr": feed["sr"], "audio": feed["audio"], "state": feed["state"]})
+        assert serving.counters.rows == 6
     finally:
         serving.close()
 

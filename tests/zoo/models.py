@@ -53,6 +53,9 @@ class Input:
     low: float = 0.0
     high: float = 1.0
     value: float | None = None
+    #: Fed whole, not per row (a state whose first dim is fixed, not the batch): calibration
+    #: data holds it once instead of one row per sample.
+    whole: bool = False
 
     def make(self, rng: np.random.Generator) -> npt.NDArray[np.generic]:
         if self.value is not None:
@@ -162,6 +165,20 @@ OPEN_WAKEWORD = Dist(
     "Apache-2.0",
     ("--platform", "manylinux_2_35_x86_64", "--python-version", "3.11"),
 )
+FASTER_WHISPER = Dist(
+    "faster-whisper",
+    "1.2.1",
+    "faster_whisper-1.2.1-py3-none-any.whl",
+    "79a66ad50688c0b794dd501dc340a736992a6342f7f95e5811be60b5224a26a7",
+    "MIT",
+)
+PIPECAT = Dist(
+    "pipecat-ai",
+    "1.14.0",
+    "pipecat_ai-1.14.0-py3-none-any.whl",
+    "0352f504b44e78bdf524e45af4bc759601c835b9b7dc195efe5e03384b974a44",
+    "BSD-2-Clause",
+)
 
 ZOO: tuple[ZooModel, ...] = (
     ZooModel(
@@ -237,6 +254,32 @@ ZOO: tuple[ZooModel, ...] = (
             "sr": Input((), "int64", value=16000),
         },
         samples=True,
+    ),
+    ZooModel(
+        "silero-vad-v6",
+        FASTER_WHISPER,
+        "faster_whisper/assets/silero_vad_v6.onnx",
+        "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2",
+        1_245_151,
+        "voice-activity model (Silero VAD v6 as faster-whisper ships it): Conv front end, "
+        "LSTM with state inputs h and c fixed at (1, 1, 128) beside a dynamic window "
+        "count; opset 18; 1-D output",
+        {
+            "input": Input((4, 576), low=-0.1, high=0.1),
+            "h": Input((1, 1, 128), value=0.0, whole=True),
+            "c": Input((1, 1, 128), value=0.0, whole=True),
+        },
+    ),
+    ZooModel(
+        "smart-turn",
+        PIPECAT,
+        "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+        "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+        8_679_182,
+        "end-of-turn classifier: a Whisper-style transformer encoder (self-attention, "
+        "LayerNorm, GELU) over 80x800 log-mel features, already int8 (QDQ); opset 18; "
+        "dynamic batch; 2-D output",
+        {"input_features": Input((1, 80, 800), low=-1.0, high=1.0)},
     ),
     ZooModel(
         "magika",

@@ -35,10 +35,11 @@ from edgeseal.agent.api import ApiServer
 from edgeseal.agent.client import Client
 from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.service import Agent
-from edgeseal.core.config import Config
+from edgeseal.core.config import Config, RuntimeConfig
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.keyring import Keyring
 from edgeseal.core.keys import load_public_key
+from edgeseal.core.ortsession import OPT_LEVELS
 from edgeseal.packager import pack as pack_module
 from edgeseal.packager.pack import PackOptions, pack_model
 from edgeseal.packager.quantize import Quantized, QuantizeMode, quantize
@@ -48,6 +49,10 @@ from zoo.models import ZOO, ZooModel, fetch
 pytestmark = pytest.mark.zoo
 
 MODES = tuple(QuantizeMode)
+#: The agent's default ``[runtime] graph_optimization``; every ONNX model is also packed
+#: for, and served by, a device at ``all`` in these modes.
+DEFAULT_LEVEL = RuntimeConfig().graph_optimization
+LEVEL_MODES = (QuantizeMode.NONE, QuantizeMode.FP16)
 #: Calibration rows made for static-int8 (each row one input of the model's own shape).
 CALIBRATION_ROWS = 4
 
@@ -101,11 +106,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 def _calibration(model: ZooModel, path: Path) -> Path:
     """``CALIBRATION_ROWS`` inputs of the model's own shapes, joined on the first axis
-    (the packager's convention: rows on axis 0; a scalar input becomes a vector)."""
+    (the packager's convention: rows on axis 0; a scalar input becomes a vector; an input
+    fed whole, once)."""
     feeds = [model.feed(seed=100 + i) for i in range(CALIBRATION_ROWS)]
     arrays = {
-        name: np.concatenate([f[name].reshape(f[name].shape or (1,)) for f in feeds])
-        for name in model.inputs
+        name: feeds[0][name]
+        if spec.whole
+        else np.concatenate([f[name].reshape(f[name].shape or (1,)) for f in feeds])
+        for name, spec in model.inputs.items()
     }
     np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
@@ -117,12 +125,12 @@ def _samples(model: ZooModel, path: Path) -> Path:
     return path
 
 
-def _plain_onnx(model: Path, feed: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+def _plain_onnx(model: Path, feed: dict[str, Any], level: str) -> dict[str, npt.NDArray[Any]]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    # The device's default (Config().runtime.graph_optimization): the same arithmetic.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # The device's optimization level: the same arithmetic.
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feed), strict=True))
@@ -177,9 +185,12 @@ def _run_cell(
     mode: QuantizeMode,
     tmp: Path,
     monkeypatch: pytest.MonkeyPatch,
+    level: str,
 ) -> Cell:
     src = fetch(model)
-    cell = Cell(model.id, mode.value, "FAIL", size_before=src.stat().st_size)
+    label = mode.value if level == DEFAULT_LEVEL else f"{mode.value}, {level}"
+    cell = Cell(model.id, label, "FAIL", size_before=src.stat().st_size)
+    runtime = RuntimeConfig(graph_optimization=level)
     opts = PackOptions(
         quantize=mode,
         calibration=_calibration(model, tmp / "calib.npz")
@@ -225,6 +236,7 @@ def _run_cell(
             revocations=world.ring.revocations(),
             root_rotations=world.ring.rotations(),
             options=opts,
+            runtime=runtime,
         )
     except EdgesealError as e:  # the CLI's exit 1
         cell.pack_seconds = time.perf_counter() - start
@@ -265,12 +277,12 @@ def _run_cell(
         if model.format == "tflite":
             want = _plain_tflite(src, feed)
         else:
-            want = _plain_onnx(sealed.get("model", src), feed)
+            want = _plain_onnx(sealed.get("model", src), feed, level)
     except Exception as e:
         cell.detail = f"sealed, but the plain runtime cannot run it: {_oneline(e)}"
         return cell
 
-    agent = Agent(home, Config())
+    agent = Agent(home, Config(runtime=runtime))
     try:
         try:
             agent.install(out)
@@ -303,27 +315,32 @@ def _run_cell(
 def _params() -> list[Any]:
     params = []
     for model in ZOO:
-        for mode in MODES:
-            reason = XFAIL.get((model.id, mode.value))
+        cells = [(mode, DEFAULT_LEVEL) for mode in MODES]
+        if model.format == "onnx":
+            # The highest level too: weights go into the graph, every optimization runs.
+            cells += [(mode, "all") for mode in LEVEL_MODES]
+        for mode, level in cells:
+            key = mode.value if level == DEFAULT_LEVEL else f"{mode.value}-{level}"
+            reason = XFAIL.get((model.id, key))
             marks = (
                 [pytest.mark.xfail(strict=True, raises=DocumentedCellError, reason=reason)]
                 if reason
                 else []
             )
-            params.append(pytest.param(model, mode, id=f"{model.id}-{mode.value}", marks=marks))
+            params.append(pytest.param(model, mode, level, id=f"{model.id}-{key}", marks=marks))
     return params
 
 
-@pytest.mark.parametrize(("model", "mode"), _params())
+@pytest.mark.parametrize(("model", "mode", "level"), _params())
 def test_zoo_model_packs_and_serves_or_is_refused_before_sealing(
-    world: World, model: ZooModel, mode: QuantizeMode, tmp_path: Path,
+    world: World, model: ZooModel, mode: QuantizeMode, level: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     # Pack runs here: whatever it writes outside -o is found (and fails the cell).
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
-    cell = _run_cell(world, model, mode, tmp_path, monkeypatch)
+    cell = _run_cell(world, model, mode, tmp_path, monkeypatch, level)
     out_dir = tmp_path / "out"
     left = [*work.iterdir(), *(out_dir.iterdir() if out_dir.exists() else ())]
     cell.litter = ", ".join(
@@ -352,7 +369,12 @@ def _table(cells: list[Cell]) -> str:
     ]
     order = {m.id: i for i, m in enumerate(ZOO)}
     modes = [m.value for m in MODES]
-    for c in sorted(cells, key=lambda c: (order.get(c.model, 99), modes.index(c.mode))):
+
+    def rank(c: Cell) -> tuple[int, int, str]:
+        mode, _, level = c.mode.partition(", ")
+        return (order.get(c.model, 99), bool(level), f"{modes.index(mode)}{level}")
+
+    for c in sorted(cells, key=rank):
         after = f"{c.size_after:,} B" if c.size_after is not None else "-"
         detail = c.detail.replace("|", "\\|")
         lines.append(

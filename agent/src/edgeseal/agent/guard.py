@@ -240,7 +240,9 @@ class ServingModel:
         if scores is not None:
             ood_rows = int(np.count_nonzero(scores > self.config.ood_threshold))
             ood = [round(s, 4) for s in scores.tolist()]
-        rows = int(next(iter(feed.values())).shape[0]) if feed else 0
+        # Rows are counted on the first input that has a batch axis (a scalar input, such
+        # as a sample rate, has none); a feed of scalars only is one row.
+        rows = next((int(v.shape[0]) for v in feed.values() if np.ndim(v)), 1 if feed else 0)
         with self._lock:
             c = self.counters
             c.requests += 1

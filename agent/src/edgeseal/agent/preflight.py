@@ -205,33 +205,26 @@ def _load_onnx(graph: bytes, entries: list[dict[str, Any]], runtime: dict[str, A
     import numpy as np
     import onnxruntime as ort
 
-    from edgeseal.core.weights import PLACEHOLDER_DIR
+    from edgeseal.core.config import RuntimeConfig
+    from edgeseal.core.ortsession import hand_over, session_options
 
-    levels = {
-        "disable": "ORT_DISABLE_ALL",
-        "basic": "ORT_ENABLE_BASIC",
-        "extended": "ORT_ENABLE_EXTENDED",
-        "all": "ORT_ENABLE_ALL",
-    }
-    so = ort.SessionOptions()
-    level = levels.get(str(runtime.get("graph_optimization")), "ORT_ENABLE_BASIC")
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.intra_op_num_threads = 1
-    so.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", PLACEHOLDER_DIR
+    config = RuntimeConfig(
+        graph_optimization=str(runtime.get("graph_optimization", "basic")),
+        disable_prepacking=bool(runtime.get("disable_prepacking", True)),
     )
-    if runtime.get("disable_prepacking", True):
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    keep = []  # ORT does not keep an OrtValue alive: hold them until the session exists
-    for e in entries:
-        zeros = np.zeros(tuple(e["shape"]), dtype=np.dtype(e["dtype"]).newbyteorder("<"))
-        value = ort.OrtValue.ortvalue_from_numpy(zeros)
-        keep.append((zeros, value))
-        so.add_initializer(e["name"], value)
+    so = session_options(config, threads=1)
+    # Zeros stand in for the weights: this child never sees them.
+    zeros = [
+        (str(e["name"]), np.zeros(tuple(e["shape"]), dtype=np.dtype(e["dtype"]).newbyteorder("<")))
+        for e in entries
+    ]
+    keep = hand_over(so, zeros, level=config.graph_optimization)
     try:
         ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
         raise _reject(f"ONNX Runtime refuses it: {e}") from e
+    finally:
+        del keep
 
 
 def _load_tflite(model: bytes, runtime: dict[str, Any]) -> None:

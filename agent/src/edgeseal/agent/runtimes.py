@@ -2,7 +2,9 @@
 
 ONNX Runtime gets the weight-less graph as bytes and every large tensor as an
 ``OrtValue`` viewing the locked weights buffer (``SessionOptions.add_initializer``), so
-the weights exist once in the process. The buffer, the numpy views, the OrtValues and
+the weights exist once in the process; at ``graph_optimization`` levels above ``basic``
+they go into the graph instead and ONNX Runtime keeps a copy
+(:mod:`edgeseal.core.ortsession`). The buffer, the numpy views, the OrtValues and
 the session are owned together by :class:`OnnxSession` and released together: ORT's
 Python binding does not keep an OrtValue alive, and a freed one crashes session creation.
 
@@ -34,7 +36,8 @@ from edgeseal.agent.memory import LockedBytes
 from edgeseal.agent.trtcache import EngineCache
 from edgeseal.core.config import RuntimeConfig
 from edgeseal.core.errors import EdgesealError, MissingExtraError, RuntimeBackendError
-from edgeseal.core.weights import PLACEHOLDER_DIR, TensorEntry
+from edgeseal.core.ortsession import hand_over, session_options, weight_views, weights_visible
+from edgeseal.core.weights import TensorEntry
 
 __all__ = [
     "InferenceSession",
@@ -48,12 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_OPT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
 
 
 class InferenceSession(Protocol):
@@ -149,31 +146,12 @@ class OnnxSession:
         ort = _ort()
         self._engine_cache: EngineCache | None = None
         self.active_providers: list[str] = []
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization]
-        )
-        if config.intra_op_threads:
-            so.intra_op_num_threads = config.intra_op_threads
-        so.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", PLACEHOLDER_DIR
-        )
-        if config.disable_prepacking:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        self._arrays: list[np.ndarray] = []
-        self._values: list[Any] = []
-        for e in entries:
-            assert weights is not None
-            arr = np.frombuffer(
-                weights,
-                dtype=np.dtype(e.dtype).newbyteorder("<"),
-                count=int(np.prod(e.shape)),
-                offset=e.offset,
-            ).reshape(e.shape)
-            value = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._arrays.append(arr)
-            self._values.append(value)
-            so.add_initializer(e.name, value)
+        so = session_options(config)
+        self._level = config.graph_optimization
+        assert weights is not None or not entries
+        views = weight_views(weights, entries) if weights is not None else []
+        self._arrays: list[np.ndarray] = [a for _, a in views]
+        self._values: list[Any] = hand_over(so, views, level=self._level)
         self.providers, self.provider_fallbacks = choose_providers(
             providers or config.providers, ort.get_available_providers()
         )
@@ -260,7 +238,12 @@ class OnnxSession:
         status: dict[str, Any] = {
             "runtime": self.runtime,
             "providers": self.active_providers,
-            "weights_handed_over": "OrtValue views of the locked buffer (no copy)",
+            "weights_handed_over": (
+                "into the graph, for ONNX Runtime's optimizers: it keeps its own copy, "
+                "outside the locked buffer"
+                if weights_visible(self._level)
+                else "OrtValue views of the locked buffer (no copy)"
+            ),
         }
         if self.provider_fallbacks:
             status["provider_fallbacks"] = self.provider_fallbacks

@@ -104,8 +104,9 @@ class RuntimeConfig:
     disable_prepacking: bool = True
     intra_op_threads: int = 0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    #: ONNX Runtime graph optimization: disable, basic, extended or all. Levels above
-    #: basic may derive transformed copies of weights outside the locked buffer.
+    #: ONNX Runtime graph optimization: disable, basic, extended or all. Above basic the
+    #: weights go into the graph for the optimizers, and ONNX Runtime keeps its own copy
+    #: outside the locked buffer (edgeseal.core.ortsession).
     graph_optimization: str = "basic"
     #: TensorRT's engine cache holds the weights (compiled into engines): off by default.
     #: On, engines are kept sealed to the device key in the model store and exist in

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeseal.core.errors import EdgesealError
+from edgeseal.core.extras import array_from_obj, array_to_obj
 from edgeseal.core.manifest import TensorSpec
 
 __all__ = [
@@ -44,6 +45,10 @@ __all__ = [
 
 PCA_MAX_FEATURES = 1024
 PCA_COMPONENTS = 16
+#: Most component values kept per input (float32): a wide input keeps fewer components,
+#: so a profile stays a few KiB of the bundle (issue 17's bound on what a bundle carries
+#: beyond its model: 64 KiB + 2 %).
+PCA_MAX_VALUES = 2048
 #: The calibration percentile the score is relative to.
 REFERENCE_PERCENTILE = 99.0
 
@@ -67,11 +72,25 @@ def _channel_axis(ndim: int) -> int:
     return 1 if ndim >= 3 else ndim - 1
 
 
+def _vector(value: Any) -> npt.NDArray[np.float64]:
+    """A profile array in float64: an array object (float32, from this version on) or a
+    JSON list (profiles packed before)."""
+    if isinstance(value, Mapping):
+        return np.asarray(array_from_obj(value), dtype=np.float64)
+    return np.asarray(value, dtype=np.float64)
+
+
+def _compact(values: npt.NDArray[np.float64]) -> Any:
+    """A short vector as a JSON list; a long one (per-feature statistics of a wide input)
+    as a float32 array object, a fifth of the text."""
+    return values.tolist() if values.size <= 16 else array_to_obj(values.astype(np.float32))
+
+
 def _fit_pca(flat: npt.NDArray[np.float64]) -> dict[str, Any]:
     mean = flat.mean(axis=0)
     centered = flat - mean
     rows, features = centered.shape
-    k = max(1, min(PCA_COMPONENTS, features - 1, rows - 1))
+    k = max(1, min(PCA_COMPONENTS, features - 1, rows - 1, PCA_MAX_VALUES // features))
     _, s, vt = np.linalg.svd(centered, full_matrices=False)
     var = (s**2) / max(rows - 1, 1)
     comps = vt[:k]
@@ -79,10 +98,11 @@ def _fit_pca(flat: npt.NDArray[np.float64]) -> dict[str, Any]:
     kept = var[:k]
     residual = (total - float(kept.sum())) / max(features - k, 1)
     floor = max(total / features, 1e-12) * 1e-3
+    # The two wide arrays as float32 array objects (base64): a fifth of their JSON text.
     return {
         "kind": "pca",
-        "mean": mean.tolist(),
-        "components": comps.tolist(),
+        "mean": _compact(mean),
+        "components": array_to_obj(comps.astype(np.float32)),
         "variances": np.maximum(kept, floor).tolist(),
         "residual_var": max(residual, floor),
     }
@@ -93,8 +113,8 @@ def _raw(entry: Mapping[str, Any], x: Array) -> npt.NDArray[np.float64]:
     rows = a.shape[0]
     model = entry.get("model", {"kind": "channel"})
     if model["kind"] == "pca":
-        flat = a.reshape(rows, -1) - np.asarray(model["mean"])
-        comps = np.asarray(model["components"])
+        flat = a.reshape(rows, -1) - _vector(model["mean"])
+        comps = _vector(model["components"])
         z = flat @ comps.T
         resid = flat - z @ comps
         d = flat.shape[1]
@@ -106,8 +126,8 @@ def _raw(entry: Mapping[str, Any], x: Array) -> npt.NDArray[np.float64]:
     axis = int(entry["axis"])
     shape = [1] * a.ndim
     shape[axis] = -1
-    mean = np.asarray(entry["mean"]).reshape(shape)
-    std = np.maximum(np.asarray(entry["std"]), 1e-12).reshape(shape)
+    mean = _vector(entry["mean"]).reshape(shape)
+    std = np.maximum(_vector(entry["std"]), 1e-12).reshape(shape)
     zz = ((a - mean) / std) ** 2
     return zz.reshape(rows, -1).mean(axis=1)  # type: ignore[no-any-return]
 
@@ -127,8 +147,8 @@ def make_profile(inputs: Mapping[str, Array]) -> dict[str, Any]:
             "axis": axis,
             "min": float(x.min()),
             "max": float(x.max()),
-            "mean": np.atleast_1d(x.mean(axis=reduce)).tolist(),
-            "std": np.atleast_1d(x.std(axis=reduce)).tolist(),
+            "mean": _compact(np.atleast_1d(x.mean(axis=reduce))),
+            "std": _compact(np.atleast_1d(x.std(axis=reduce))),
         }
         flat = x.reshape(rows, -1)
         if flat.shape[1] <= PCA_MAX_FEATURES and rows >= 8:
@@ -162,19 +182,19 @@ class _Scorer:
         model = entry.get("model") or {"kind": "channel"}
         self.kind = str(model["kind"])
         if self.kind == "pca":
-            comps = np.asarray(model["components"], dtype=np.float64)
+            comps = _vector(model["components"])
             d = comps.shape[1]
             var = np.asarray(model["variances"], dtype=np.float64)
             rv = float(model["residual_var"])
-            self.mean = np.asarray(model["mean"], dtype=np.float64)
+            self.mean = _vector(model["mean"])
             self.proj = np.ascontiguousarray(comps.T)
             self.weights = (1.0 / var - 1.0 / rv) * (scale / d)
             self.energy = scale / (rv * d)
         else:
             axis = int(entry["axis"])
             self.axis = axis
-            self.mean = np.asarray(entry["mean"], dtype=np.float64)
-            self.inv_std = 1.0 / np.maximum(np.asarray(entry["std"], dtype=np.float64), 1e-12)
+            self.mean = _vector(entry["mean"])
+            self.inv_std = 1.0 / np.maximum(_vector(entry["std"]), 1e-12)
             self._shaped: dict[int, tuple[Array, Array]] = {}
             self.scale = scale
 
@@ -356,11 +376,9 @@ def _names_problem(names: frozenset[str], feed: Mapping[str, Array]) -> None:
 def _arrays(profile: Mapping[str, Any]) -> dict[str, Any]:
     inputs = {}
     for name, entry in profile.get("inputs", {}).items():
-        e = {k: np.asarray(v) if k in _ARRAYS else v for k, v in entry.items()}
+        e = {k: _vector(v) if k in _ARRAYS else v for k, v in entry.items()}
         if isinstance(entry.get("model"), dict):
-            e["model"] = {
-                k: np.asarray(v) if k in _ARRAYS else v for k, v in entry["model"].items()
-            }
+            e["model"] = {k: _vector(v) if k in _ARRAYS else v for k, v in entry["model"].items()}
         inputs[name] = e
     return {**profile, "inputs": inputs}
 

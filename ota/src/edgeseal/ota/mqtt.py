@@ -223,14 +223,21 @@ class MqttConnection:
             self.loop.remove(self, graceful=False)
         else:
             self.drop()
-            self.client.loop_stop()
+            self._loop_stop()
 
     def stop(self) -> None:
         if self.loop is not None:
             self.loop.remove(self, graceful=True)
             return
         self.client.disconnect()
-        self.client.loop_stop()
+        self._loop_stop()
+
+    def _loop_stop(self) -> None:
+        """paho's ``loop_stop`` checks its network thread, then joins it; the thread clears
+        itself when it ends (after ``disconnect`` or a dropped socket), so the join can meet
+        ``None`` (eclipse-paho/paho.mqtt.python#872). Either way the thread is gone."""
+        with contextlib.suppress(AttributeError):
+            self.client.loop_stop()
 
 
 class NetLoop:

@@ -1,17 +1,14 @@
 """Open the sealed form of an ONNX model as the device will, before the bundle is written.
 
 The agent builds its session from the ``graph`` section (weights replaced by
-placeholders) with the weights handed over from memory (``SessionOptions.add_initializer``,
-:class:`edgeseal.agent.runtimes.OnnxSession`), with the session options of its
-``[runtime]`` config. ONNX Runtime's graph optimizations read initializers from the
-graph, not from the handed-over values, so a model that runs from its file can still
-fail there. :func:`check_split_onnx` does exactly what the device does (same options,
-same placeholder folder, weights as views of one buffer) and replays the golden vectors
-the device will replay; a failure is :class:`DeviceCheckError` and nothing is sealed.
-
-Levels above ``basic`` read weights in more optimizers (layout, QDQ and fusions), which
-handed-over weights cannot serve: a device configured so refuses such models, and so
-does this check when the workstation's ``[runtime] graph_optimization`` says so.
+placeholders) with the weights handed over from memory, with the session options of its
+``[runtime]`` config (:mod:`edgeseal.core.ortsession`, shared with the agent). At
+``basic`` and below the weights stay in the agent's locked buffer, out of the graph
+optimizers' sight, so a model that runs from its file can still fail there (pack folds
+what it can beforehand); above ``basic`` they go into the graph and every optimization
+can read them. :func:`check_split_onnx` builds the session exactly so and replays the
+golden vectors the device will replay; a failure is :class:`DeviceCheckError` and
+nothing is sealed.
 """
 
 from __future__ import annotations
@@ -19,23 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from edgeseal.core.config import RuntimeConfig
 from edgeseal.core.golden import check_golden
-from edgeseal.core.weights import PLACEHOLDER_DIR, parse_weights_index
+from edgeseal.core.ortsession import hand_over, session_options, weight_views, weights_visible
+from edgeseal.core.weights import PLACEHOLDER_DIR, PLACEHOLDER_LOCATION, parse_weights_index
 from edgeseal.packager.onnx_model import ModelError
 
 __all__ = ["DeviceCheckError", "check_split_onnx", "split_onnx_opens"]
-
-#: The agent's names for ONNX Runtime's optimization levels (edgeseal.agent.runtimes).
-OPT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
 
 
 class DeviceCheckError(ModelError):
@@ -43,8 +32,9 @@ class DeviceCheckError(ModelError):
     way the device runs it, so no bundle is written."""
 
     hint = (
-        "nothing was sealed; try another --quantize mode, or [runtime] graph_optimization "
-        "= basic (the agent's default); report the model if it runs from its file"
+        "nothing was sealed; try another --quantize mode, or another [runtime] "
+        "graph_optimization (the same on the workstation and the devices); report the "
+        "model if it runs from its file"
     )
 
 
@@ -86,42 +76,41 @@ def check_split_onnx(
 
 def _session(
     graph: bytes, weights: bytes | bytearray, runtime: RuntimeConfig
-) -> tuple[Any, str, list[tuple[npt.NDArray[Any], Any]]]:
-    """The session the agent builds, where it was built (for messages), and the arrays
-    and OrtValues it was given, which the caller keeps alive as long as the session."""
+) -> tuple[Any, str, list[Any]]:
+    """The session the agent builds, where it was built (for messages), and the
+    OrtValues it was given, which the caller keeps alive as long as the session."""
     import onnxruntime as ort
 
     level = runtime.graph_optimization
-    so = ort.SessionOptions()
+    so = session_options(runtime)
     so.log_severity_level = 3
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
-    if runtime.intra_op_threads:
-        so.intra_op_num_threads = runtime.intra_op_threads
-    so.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", PLACEHOLDER_DIR
-    )
-    if runtime.disable_prepacking:
-        so.add_session_config_entry("session.disable_prepacking", "1")
     buffer = memoryview(bytes(weights))
-    keep: list[tuple[npt.NDArray[Any], Any]] = []  # ORT does not keep OrtValues alive
-    for e in parse_weights_index(buffer):
-        arr = np.frombuffer(
-            buffer,
-            dtype=np.dtype(e.dtype).newbyteorder("<"),
-            count=int(np.prod(e.shape)),
-            offset=e.offset,
-        ).reshape(e.shape)
-        value = ort.OrtValue.ortvalue_from_numpy(arr)
-        keep.append((arr, value))
-        so.add_initializer(e.name, value)
-    where = f"as the device opens it (graph_optimization = {level!r}, weights from memory)"
+    keep = hand_over(so, weight_views(buffer, parse_weights_index(buffer)), level=level)
+    handed = (
+        "weights handed over into the graph" if weights_visible(level) else ("weights from memory")
+    )
+    where = f"as the device opens it (graph_optimization = {level!r}, {handed})"
     try:
         session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
         raise DeviceCheckError(
-            f"ONNX Runtime cannot build the sealed model {where}: {_short(e)}"
+            f"ONNX Runtime cannot build the sealed model {where}: {_why(e)}"
         ) from e
     return session, where, keep
+
+
+def _why(e: BaseException) -> str:
+    """ONNX Runtime's reason, and what it means when an optimizer read a placeholder."""
+    text = _short(e)
+    if PLACEHOLDER_DIR + "/" + PLACEHOLDER_LOCATION in text:
+        return (
+            "an optimization at this level must read weights the device hands over from "
+            "its locked memory, where ONNX Runtime's optimizers cannot see them (for "
+            "example the float32 copies its CPU provider makes of float16 weights); "
+            "levels extended and all hand them over into the graph, at the cost of a "
+            f"copy ({text})"
+        )
+    return text
 
 
 def _short(e: BaseException) -> str:

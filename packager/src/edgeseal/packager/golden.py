@@ -71,6 +71,8 @@ BYTES_PER_SAMPLE = 800
 #: Elements of each output kept per vector: at most (all when fewer), and at least.
 MAX_SAMPLES = 4096
 MIN_SAMPLES = 16
+#: Fewest golden vectors kept when whole small outputs would pass the budget.
+MIN_VECTORS = 4
 #: Besides the seeded sample, each output of each vector keeps its largest-magnitude
 #: elements (with their indices): at most this many, and an eighth of the sample.
 EXTREMES = 32
@@ -284,32 +286,55 @@ def _matmul_integer(
     i32 = TensorProto.INT32
     weights = rw.array(b)
     if not saturate or weights is None or weights.ndim != 2 or weights.dtype != np.int8:
-        lhs = rw.op("Cast", a, to=i32)
-        rhs = rw.op("Cast", b, to=i32)
+        # Exact int32 accumulation, computed in float64: every product of two 8-bit values
+        # less their zero points is below 2**16, so sums over any K below 2**37 are exact,
+        # and ONNX Runtime's double GEMM is some 40x faster than its int32 MatMul.
+        f64 = TensorProto.DOUBLE
+        lhs = rw.op("Cast", a, to=f64)
+        rhs = rw.op("Cast", b, to=f64)
         if a_zp:
-            lhs = rw.op("Sub", lhs, rw.op("Cast", a_zp, to=i32))
+            lhs = rw.op("Sub", lhs, rw.op("Cast", a_zp, to=f64))
         if b_zp:
-            rhs = rw.op("Sub", rhs, rw.op("Cast", b_zp, to=i32))
-        rw.nodes.append(helper.make_node("MatMul", [lhs, rhs], [node.output[0]]))
+            rhs = rw.op("Sub", rhs, rw.op("Cast", b_zp, to=f64))
+        product = rw.op("MatMul", lhs, rhs)
+        rw.nodes.append(helper.make_node("Cast", [product], [node.output[0]], to=i32))
         return True
     k, n = weights.shape
     if k * n > MAX_EMULATED_PRODUCTS:
         return False
     w = weights.astype(np.int32)
-    padded = np.vstack([w, np.zeros((k % 2, n), np.int32)])
+    padded = np.vstack([w, np.zeros((k % 2, n), np.int32)]).astype(np.float32)
+    half = (k + k % 2) // 2
     rows = rw.op("Reshape", rw.op("Cast", a, to=i32), rw.const(np.array([-1, k], np.int64)))
     if k % 2:
         rows = rw.op("Pad", rows, rw.const(np.array([0, 0, 0, 1], np.int64)))
-    column = rw.op("Reshape", rows, rw.const(np.array([-1, k + k % 2, 1], np.int64)))
-    products = rw.op("Mul", column, rw.const(padded))
-    pairs = rw.op("Reshape", products, rw.const(np.array([-1, (k + k % 2) // 2, 2, n], np.int64)))
-    pair_sums = rw.reduce_sum(pairs, 2)
+    # Each pair sum a[2p] w[2p] + a[2p+1] w[2p+1] made at once from the even and odd
+    # halves, in float32: a product of uint8 and int8 and a sum of two are integers far
+    # below 2**24, so exact, and ONNX Runtime's float kernels are the fast ones.
+    pairs = rw.op("Reshape", rows, rw.const(np.array([-1, half, 2], np.int64)))
+    split = rw.op("Cast", pairs, to=TensorProto.FLOAT)
+    even, odd = (
+        rw.op(
+            "Slice",
+            split,
+            rw.const(np.array([i], np.int64)),
+            rw.const(np.array([i + 1], np.int64)),
+            rw.const(np.array([2], np.int64)),
+        )
+        for i in (0, 1)
+    )
+    pair_sums = rw.op(
+        "Add",
+        rw.op("Mul", even, rw.const(padded[0::2])),
+        rw.op("Mul", odd, rw.const(padded[1::2])),
+    )
     clamped = rw.op(
         "Max",
-        rw.op("Min", pair_sums, rw.const(np.array(32767, np.int32))),
-        rw.const(np.array(-32768, np.int32)),
+        rw.op("Min", pair_sums, rw.const(np.array(32767, np.float32))),
+        rw.const(np.array(-32768, np.float32)),
     )
-    acc = rw.reduce_sum(clamped, 1)
+    # The sum over pairs can pass 2**24: in int32, as the kernel accumulates.
+    acc = rw.reduce_sum(rw.op("Cast", clamped, to=i32), 1)
     if a_zp:
         azp = rw.op("Cast", a_zp, to=i32)
         acc = rw.op("Sub", acc, rw.op("Mul", azp, rw.const(w.sum(axis=0, dtype=np.int32))))
@@ -559,9 +584,33 @@ def make_golden(
     names = list(full[0][0])
     int8 = mode.endswith("int8")
     both = {getattr(r, "kernel", None) for r in runners} >= set(KERNEL_FAMILIES)
+    expectations = 1 + (len(KERNEL_FAMILIES) if int8 and both else 0)
     per_output = _samples_per_output(
-        n, len(names), 1 + (len(KERNEL_FAMILIES) if int8 and both else 0), model_bytes
+        n,
+        len(names),
+        expectations,
+        model_bytes,
+        spent=sum(
+            int(np.size(v)) for spec in specs.values() if spec["draw"] == "verbatim"
+            for v in spec["values"]
+        ),
+    )  # fmt: skip
+    # Outputs no larger than the sample are kept whole, which the share does not bound:
+    # when every vector's kept values (each expectation's outputs, and the inputs stored
+    # verbatim) pass the budget, fewer vectors are kept (at least MIN_VECTORS).
+    per_vector = expectations * sum(
+        min(int(full[0][0][name].size), per_output) for name in names
+    ) + sum(
+        int(np.size(spec["values"][0])) for spec in specs.values() if spec["draw"] == "verbatim"
     )
+    budget = SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE
+    keep = max(min(n, MIN_VECTORS), min(n, budget // max(per_vector, 1)))
+    if keep < n:
+        n = keep
+        full = [vectors_[:n] for vectors_ in full]
+        for spec in specs.values():
+            if spec["draw"] == "verbatim":
+                spec["values"] = spec["values"][:n]
     sampled = [
         {
             name: sample_indices(out[name].size, per_output, seed=seed, vector=v, name=name)
@@ -665,12 +714,15 @@ def _extremes(output: npt.NDArray[Any], sampled: npt.NDArray[np.int64], share: i
     return np.sort(top[~np.isin(top, sampled)][:count]).astype(np.int64)
 
 
-def _samples_per_output(vectors: int, outputs: int, expectations: int, model_bytes: int = 0) -> int:
+def _samples_per_output(
+    vectors: int, outputs: int, expectations: int, model_bytes: int = 0, spent: int = 0
+) -> int:
     """How many elements of each output each vector keeps: :data:`SAMPLE_BUDGET` values,
-    and one per :data:`BYTES_PER_SAMPLE` bytes of the model, shared by every vector,
-    output and expectation (an int8 model has one per kernel family besides its own),
-    within [:data:`MIN_SAMPLES`, :data:`MAX_SAMPLES`]."""
-    budget = SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE
+    and one per :data:`BYTES_PER_SAMPLE` bytes of the model, less the ``spent`` values of
+    inputs stored verbatim, shared by every vector, output and expectation (an int8 model
+    has one per kernel family besides its own), within [:data:`MIN_SAMPLES`,
+    :data:`MAX_SAMPLES`]."""
+    budget = SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE - spent
     share = budget // max(vectors * outputs * expectations, 1)
     return max(MIN_SAMPLES, min(MAX_SAMPLES, share))
 
