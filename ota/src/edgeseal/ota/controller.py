@@ -44,7 +44,7 @@ from typing import Any
 from edgeseal.core.keys import Signer
 from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.messages import make_message
-from edgeseal.ota.mqtt import MqttConnection
+from edgeseal.ota.mqtt import ChannelError, MqttConnection
 from edgeseal.ota.rollout import (
     FAILED,
     IN_PROGRESS,
@@ -156,7 +156,13 @@ class Controller:
         self.server.start()
         if not (self.conn.wait_connected(timeout) and self.server.wait_connected(timeout)):
             self.stop()
-            raise ConnectionError(f"the controller could not reach {self.conn.address.host}")
+            address = self.conn.address
+            # A broker that is down or refuses us is the user's environment, not a bug: exit 1.
+            raise ChannelError(
+                f"the controller could not reach the broker at {address.host}:{address.port} "
+                f"within {timeout:g} s (is it running, and do its certificates and ACL let "
+                "the controller in?)"
+            )
 
     def stop(self) -> None:
         self.server.stop()
