@@ -614,7 +614,9 @@ def _register_parts() -> None:
         try:
             ep.load()(app)
         except Exception as e:
-            err_console.print(f"[yellow]warning[/]: command group {ep.name!r} failed to load: {e}")
+            err_console.print(
+                f"[yellow]warning[/]: command group {ep.name!r} failed to load: {untrusted(e)}"
+            )
 
 
 def main() -> None:

@@ -13,7 +13,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgeseal.core.config import load_config
-from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console, reports_errors
+from edgeseal.core.console import (
+    EXIT_REJECTED,
+    emit,
+    err_console,
+    out_console,
+    reports_errors,
+    untrusted,
+)
 from edgeseal.core.errors import PathError
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
@@ -302,7 +309,7 @@ def pack(
                             e.report, (str(e),), options.max_accuracy_drop, accepted=False
                         )
                     )
-            err_console.print(f"[bold red]rejected[/]: {e.diagnostics()}")
+            err_console.print(f"[bold red]rejected[/]: {untrusted(e.diagnostics())}")
             raise typer.Exit(EXIT_REJECTED) from None
     data = _data(result, out)
 
