@@ -48,7 +48,7 @@ app = typer.Typer(
 )
 
 
-def installed_parts() -> dict[str, str]:
+def _installed_parts() -> dict[str, str]:
     """Every installed edgeseal distribution and its version, by name."""
     found = {}
     for dist in distributions():
@@ -60,7 +60,7 @@ def installed_parts() -> dict[str, str]:
 
 def _show_version(value: bool) -> None:
     if value:
-        for name, version in installed_parts().items():
+        for name, version in _installed_parts().items():
             out_console.print(Text(f"{name} {version}"))
         raise typer.Exit(0)
 
