@@ -11,6 +11,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeseal.agent.audit import audit_location, verify_log
@@ -42,6 +43,10 @@ Home = Annotated[
     Path, typer.Option("--home", envvar="EDGESEAL_HOME", help="Device home directory.")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Config_ = Annotated[
+    Path | None,
+    typer.Option("--config", envvar="EDGESEAL_CONFIG", help="edgeseal TOML config file."),
+]
 
 
 @agent_app.command("provision")
@@ -57,31 +62,37 @@ def init(
     ] = None,
     keystore: Annotated[
         str | None,
-        typer.Option(help="auto (the strongest present), tpm, pkcs11 or software [config]."),
+        typer.Option(
+            help=escape("auto (the strongest present), tpm, pkcs11 or software [config].")
+        ),
     ] = None,
     tcti: Annotated[
-        str | None, typer.Option(help="TPM TCTI (swtpm:path=... for swtpm) [config].")
+        str | None, typer.Option(help=escape("TPM TCTI (swtpm:path=... for swtpm) [config]."))
     ] = None,
     pcrs: Annotated[
-        str | None, typer.Option(help="Bind the TPM key to these PCRs, e.g. 7,16 [config].")
+        str | None, typer.Option(help=escape("Bind the TPM key to these PCRs, e.g. 7,16 [config]."))
     ] = None,
     pkcs11_module: Annotated[
-        str | None, typer.Option(help="PKCS#11 module (.so) path [config].")
+        str | None, typer.Option(help=escape("PKCS#11 module (.so) path [config]."))
     ] = None,
-    token_label: Annotated[str | None, typer.Option(help="PKCS#11 token label [config].")] = None,
+    token_label: Annotated[
+        str | None, typer.Option(help=escape("PKCS#11 token label [config]."))
+    ] = None,
     pin_file: Annotated[
         str | None,
-        typer.Option(help="File holding the token PIN (else $EDGESEAL_PKCS11_PIN) [config]."),
+        typer.Option(
+            help=escape("File holding the token PIN (else $EDGESEAL_PKCS11_PIN) [config].")
+        ),
     ] = None,
-    config: Annotated[Path | None, typer.Option(envvar="EDGESEAL_CONFIG")] = None,
+    config: Config_ = None,
     machine_bound: Annotated[
         bool, typer.Option(help="software store: encrypt the key under this machine's identity.")
     ] = False,
     as_json: Json = False,
 ) -> None:
-    """Provision this device: make its key, pin the root, print what the registry needs.
+    r"""Provision this device: make its key, pin the root, print what the registry needs.
 
-    Options not given come from the [device] table of the config."""
+    Options not given come from the \[device] table of the config."""
     dev = load_config(config).device
     tcti = tcti or dev.tpm_tcti
     module = pkcs11_module if pkcs11_module is not None else dev.pkcs11_module
@@ -153,9 +164,8 @@ def _load_input(
 
 Socket = Annotated[
     Path | None,
-    typer.Option("--socket", envvar="EDGESEAL_SOCKET", help="The agent's socket [config]."),
+    typer.Option("--socket", envvar="EDGESEAL_SOCKET", help=escape("The agent's socket [config].")),
 ]
-Config_ = Annotated[Path | None, typer.Option("--config", envvar="EDGESEAL_CONFIG")]
 
 
 def _open_direct(bundle: Path, home: Path, cfg: Config, as_json: bool) -> ServingModel:
@@ -361,7 +371,7 @@ agent_app.add_typer(audit_app, name="audit")
 def audit_verify(
     home: Home = Path("/var/lib/edgeseal"),
     log_path: Annotated[
-        Path | None, typer.Option("--log", help="Default: [agent] audit_log.")
+        Path | None, typer.Option("--log", help=escape("Default: [agent] audit_log."))
     ] = None,
     config: Config_ = None,
     as_json: Json = False,

@@ -8,7 +8,7 @@ installed has no packager commands.
 from __future__ import annotations
 
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import distributions, entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,8 +44,43 @@ app = typer.Typer(
     "Exit codes: 0 ok, 1 rejected or verification failed, 2 usage error, 3 internal error.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
+
+
+def _installed_parts() -> dict[str, str]:
+    """Every installed edgeseal distribution and its version, by name."""
+    found = {}
+    for dist in distributions():
+        name = dist.metadata["Name"] or ""
+        if name.lower().replace("_", "-").split("-")[0] == "edgeseal":
+            found[name.lower().replace("_", "-")] = dist.version
+    return dict(sorted(found.items()))
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        for name, version in _installed_parts().items():
+            out_console.print(Text(f"{name} {version}"))
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Show each installed edgeseal distribution and its version, and exit.",
+        ),
+    ] = False,
+) -> None:
+    # No docstring: the app's help above is the one --help shows.
+    del version
+
+
 keys_app = typer.Typer(
     help="Root, signer and device keys on the workstation.", no_args_is_help=True
 )
@@ -122,7 +157,14 @@ def _keyring(keys_dir: Path | None, passphrase_file: Path | None) -> Keyring:
 def init_root(  # nosec B107 # pin_file="" is "no PIN file" (a path option), not a password
     keys_dir: KeysDir = None,  # type: ignore[assignment]
     passphrase_file: PassFile = None,
-    force: bool = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing root key (devices that pinned it no longer accept new "
+            "bundles; keys rotate-root is the way to change roots).",
+        ),
+    ] = False,
     no_passphrase: NoPassphrase = False,
     pkcs11_module: Pkcs11Module = "",
     token_label: TokenLabel = "",
@@ -614,7 +656,9 @@ def _register_parts() -> None:
         try:
             ep.load()(app)
         except Exception as e:
-            err_console.print(f"[yellow]warning[/]: command group {ep.name!r} failed to load: {e}")
+            err_console.print(
+                f"[yellow]warning[/]: command group {ep.name!r} failed to load: {untrusted(e)}"
+            )
 
 
 def main() -> None:
@@ -622,7 +666,7 @@ def main() -> None:
     missing arguments, a bug) are reported here, as JSON too when ``--json`` was given."""
     _register_parts()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="edgeseal")
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(EXIT_USAGE)

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -196,7 +197,7 @@ def enroll(
         render=lambda: out_console.print(
             f"certificate for {cn} written to {out}\n"
             f"install it on the device with the CA certificate {ca.cert_path} "
-            "([ota] cert_file, ca_file)",
+            "(\\[ota] cert_file, ca_file)",
             highlight=False,
         ),
     )
@@ -233,7 +234,9 @@ def group_add(
     emit(
         {"ok": True, "group": group, "members": list(members)},
         as_json=as_json,
-        render=lambda: out_console.print(f"{group}: {', '.join(members)}", highlight=False),
+        render=lambda: out_console.print(
+            untrusted(f"{group}: {', '.join(members)}"), highlight=False
+        ),
     )
 
 
@@ -303,7 +306,7 @@ def broker_config(
         str, typer.Option(help="The controller's certificate CN (full access).")
     ] = CONTROLLER,
     prefix: Annotated[
-        str | None, typer.Option(help="Topic prefix [config: ota.topic_prefix].")
+        str | None, typer.Option(help=escape("Topic prefix [config: ota.topic_prefix]."))
     ] = None,
     acl_only: Annotated[
         bool, typer.Option(help="Only rewrite the ACL from the groups (then SIGHUP mosquitto).")
@@ -398,7 +401,7 @@ StoreOpt = Annotated[
     typer.Option(
         "--store",
         envvar="EDGESEAL_ROLLOUT_STORE",
-        help="SQLite file or postgresql:// URL [default: <keyring>/fleet/rollouts.sqlite].",
+        help=escape("SQLite file or postgresql:// URL [default: <keyring>/fleet/rollouts.sqlite]."),
     ),
 ]
 Share = Annotated[
@@ -537,8 +540,10 @@ def deploy(
     min_success: Annotated[
         str | None,
         typer.Option(
-            help="Committed devices a wave needs to pass: a count or a percentage "
-            "[default: all but the failure budget]."
+            help=escape(
+                "Committed devices a wave needs to pass: a count or a percentage "
+                "[default: all but the failure budget]."
+            )
         ),
     ] = None,
     wave_timeout: Annotated[
@@ -688,7 +693,7 @@ def halt(
     emit(
         {"ok": True, "rollout": rid, "state": r.state},
         as_json=as_json,
-        render=lambda: out_console.print(f"{rid}: halted ({reason})", highlight=False),
+        render=lambda: out_console.print(untrusted(f"{rid}: halted ({reason})"), highlight=False),
     )
 
 

@@ -13,7 +13,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgeseal.core.config import load_config
-from edgeseal.core.console import EXIT_REJECTED, emit, err_console, out_console, reports_errors
+from edgeseal.core.console import (
+    EXIT_REJECTED,
+    emit,
+    err_console,
+    out_console,
+    reports_errors,
+    untrusted,
+)
 from edgeseal.core.errors import PathError
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
@@ -138,13 +145,17 @@ def _advisory_source(spec: str) -> AdvisorySource | None:
 
 @reports_errors
 def pack(
-    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help=".onnx or .tflite")],
+    model: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, metavar="MODEL", help=".onnx or .tflite"),
+    ],
     name: Annotated[str, typer.Option("--name", help="Model name (a-z, 0-9, . _ -).")],
     version: Annotated[int, typer.Option("--version", help="Integer version; grows per name.")],
     signer: Annotated[str, typer.Option("--signer", help="Signer name in the keyring.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Bundle file to write.")],
     to: Annotated[
-        list[str] | None, typer.Option("--to", help="Device id(s) from the registry.")
+        list[str] | None,
+        typer.Option("--to", metavar="DEVICE", help="Device id(s) from the registry."),
     ] = None,
     target: Annotated[str, typer.Option(help=f"One of: {', '.join(TARGETS)}.")] = "generic",
     quantize: Annotated[QuantizeMode, typer.Option(help="Quantize before sealing.")] = (
@@ -181,7 +192,8 @@ def pack(
         bool, typer.Option(help="Seal even when the accuracy gate fails (recorded in provenance).")
     ] = False,
     allow_custom_ops: Annotated[
-        list[str] | None, typer.Option(help="Custom op domain(s) the device's runtime has.")
+        list[str] | None,
+        typer.Option(metavar="DOMAIN", help="Custom op domain(s) the device's runtime has."),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Quantize and evaluate only.")] = False,
     oms: Annotated[
@@ -210,10 +222,21 @@ def pack(
         bool, typer.Option(help="Refuse to pack when this workstation's runtime is affected.")
     ] = False,
     days: Annotated[int | None, typer.Option(help="Validity in days (config default).")] = None,
-    keys_dir: Annotated[Path | None, typer.Option("--keys-dir", envvar="EDGESEAL_KEYS")] = None,
-    signer_passphrase_file: Annotated[Path | None, typer.Option()] = None,
-    config: Annotated[Path | None, typer.Option(envvar="EDGESEAL_CONFIG")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    keys_dir: Annotated[
+        Path | None,
+        typer.Option("--keys-dir", envvar="EDGESEAL_KEYS", help="Keyring directory."),
+    ] = None,
+    signer_passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File whose first line is the signer key's passphrase (else "
+            "$EDGESEAL_SIGNER_PASSPHRASE)."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(envvar="EDGESEAL_CONFIG", help="edgeseal TOML config file.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Check, optionally quantize and evaluate, then seal MODEL for the named devices."""
     if threading.current_thread() is threading.main_thread():
@@ -302,7 +325,7 @@ def pack(
                             e.report, (str(e),), options.max_accuracy_drop, accepted=False
                         )
                     )
-            err_console.print(f"[bold red]rejected[/]: {e.diagnostics()}")
+            err_console.print(f"[bold red]rejected[/]: {untrusted(e.diagnostics())}")
             raise typer.Exit(EXIT_REJECTED) from None
     data = _data(result, out)
 
