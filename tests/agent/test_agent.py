@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -295,6 +296,61 @@ def test_the_socket_api_serves_with_identity_and_ood_and_keeps_serving_after_bad
     audit.flush()
     report = verify_log(audit.path, FileFloors(audit.path.parent / "audit-counter.json"))
     assert report.ok and report.records >= 4
+
+
+def _curl(sock: Path, path: str, *args: str) -> tuple[int, bytes]:
+    """(status, body) of ``curl --unix-socket`` as docs/agent.md shows it."""
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--unix-socket",
+            str(sock),
+            "-w",
+            "\\n%{http_code}",
+            *args,
+            f"http://localhost{path}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
+    body, _, code = out.rpartition(b"\n")
+    return int(code), body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_calls_the_socket_as_the_docs_show(served, trained):
+    """The docs' curl examples (docs/agent.md, Local API) against a real ApiServer."""
+    _, _, sock, _ = served
+    code, body = _curl(sock, "/v1/models")
+    assert code == 200 and [m["model"] for m in json.loads(body)["models"]] == ["clf"]
+    code, body = _curl(sock, "/v1/health")
+    assert code == 200 and json.loads(body)["ok"] is True
+    code, body = _curl(sock, "/v1/models/clf")
+    assert code == 200 and json.loads(body)["inputs"][0]["name"] == "input"
+    x = _x(trained)[:1]
+    request = {"inputs": {"input": {"dtype": "float32", "shape": [1, 16], "data": x.tolist()}}}
+    code, body = _curl(
+        sock,
+        "/v1/models/clf/infer",
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        "Accept: application/json",
+        "--data-binary",
+        json.dumps(request),
+    )
+    answer = json.loads(body)
+    assert code == 200 and answer["model"] == "clf" and answer["version"] == 1
+    assert answer["outputs"]["probs"]["shape"] == [1, 4] and len(answer["ood"]) == 1
+    with Client(str(sock)) as c:  # the same answer as the client's
+        want = c.infer("clf", {"input": x}).outputs["probs"]
+    np.testing.assert_allclose(np.array(answer["outputs"]["probs"]["data"]), want, rtol=1e-6)
+    code, body = _curl(sock, "/v1/models/nope/infer", "--data-binary", "x")
+    assert code == 404 and json.loads(body)["error"] == "NoSuchModelError"
+    code, body = _curl(sock, "/metrics")
+    assert code == 200 and b'edgeseal_requests_total{model="clf"} 2' in body
 
 
 def test_the_clients_quick_read_of_an_infer_answer_matches_the_general_one(

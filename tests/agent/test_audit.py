@@ -9,11 +9,15 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
 from edgeseal.agent.audit import COUNTER, ZERO_HASH, AuditError, AuditLog, verify_log
+from edgeseal.core import cli
 from edgeseal.hardware.floors import FileFloors
 
 
@@ -297,3 +301,51 @@ def test_fields_the_log_sets_cannot_be_given_by_the_caller(log_path):
         with pytest.raises(ValueError, match="set by the log"):
             audit.append({"seq": 99, "uid": 1})
         assert audit.append(call(0))["seq"] == 0
+
+
+def _show(*args: str, check: int = 0) -> Result:
+    """``edgeseal agent audit show ARGS`` in this process."""
+    if not any(g.name == "agent" for g in cli.app.registered_groups):
+        cli._register_parts()
+    result = CliRunner().invoke(cli.app, ["agent", "audit", "show", *args], env={})
+    assert result.exit_code == check, f"exit {result.exit_code}\n{result.output}"
+    return result
+
+
+def test_audit_show_gives_back_the_records_written_and_filters_by_time_and_model(tmp_path):
+    """Timeline: three calls (two models) are written; a second later two more; the log
+    rotates on the way. ``audit show --json`` returns every record as written, oldest
+    first; --since keeps the later ones, --model one model's; a table for people."""
+    path = tmp_path / "audit.log"
+    home = tmp_path / "home"
+    with AuditLog(path, FileFloors(tmp_path / "counter.json"), max_bytes=300) as audit:
+        early = [
+            audit.append({"uid": 1000, "model": m, "version": 3, "result": "ok", "ood_max": 0.5})
+            for m in ("vision", "speech", "vision")
+        ]
+        time.sleep(1.1)  # records keep the second: the next ones are later
+        late = [
+            audit.append({"uid": 1001, "model": "speech", "version": 4, "result": "refused"}),
+            audit.append({"uid": 0, "model": "vision", "version": 3, "result": "ok"}),
+        ]
+    assert len(list(tmp_path.glob("audit.log.*"))) >= 2  # the reader crosses segments
+
+    def shown(*args: str) -> list[dict[str, object]]:
+        out = _show("--home", str(home), "--log", str(path), "--json", *args).stdout
+        return list(json.loads(out)["records"])
+
+    assert shown() == early + late
+    since = late[0]["time"]
+    assert shown("--since", str(since)) == late
+    assert shown("--model", "vision") == [early[0], early[2], late[1]]
+    assert shown("--model", "speech", "--since", str(since)) == [late[0]]
+    assert shown("--since", "2999-01-01") == []
+    offset = datetime.fromisoformat(str(since)).astimezone(timezone(timedelta(hours=2)))
+    assert shown("--since", offset.isoformat()) == late  # any zone; no zone is UTC
+
+    table = _show("--home", str(home), "--log", str(path), "--model", "speech").stdout
+    assert "speech" in table and "refused" in table and "2 records" in table
+
+    bad = _show("--home", str(home), "--log", str(path), "--since", "yesterday", check=2)
+    assert "--since" in bad.output
+    _show("--home", str(home), "--log", str(tmp_path / "none.log"), check=1)  # no log

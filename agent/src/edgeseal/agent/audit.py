@@ -77,16 +77,31 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from edgeseal.core.encoding import canonical_json, format_time, parse_json_object, utcnow
+from edgeseal.core.encoding import (
+    canonical_json,
+    format_time,
+    parse_json_object,
+    parse_time,
+    utcnow,
+)
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.files import atomic_write, fsync_dir
 from edgeseal.hardware.floors import FileFloors, VersionFloors
 
-__all__ = ["COUNTER", "AuditError", "AuditLog", "AuditReport", "audit_location", "verify_log"]
+__all__ = [
+    "COUNTER",
+    "AuditError",
+    "AuditLog",
+    "AuditReport",
+    "audit_location",
+    "read_records",
+    "verify_log",
+]
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +427,45 @@ def verify_log(path: Path, floors: VersionFloors | None = None) -> AuditReport:
     except OSError as e:
         raise AuditError(f"cannot read the audit log at {path}: {e}") from e
     return check.finish()
+
+
+def read_records(
+    path: Path, *, since: datetime | None = None, model: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The records of the log at ``path``, oldest first (rotated segments, then the
+    current file): those at or after ``since`` (timezone-aware) and of ``model``, when
+    given. For reading only: it checks nothing (:func:`verify_log` does). A line that is
+    not a record (torn, over the limit, not JSON, no valid ``time``) is skipped; an
+    unreadable file raises :class:`AuditError`, and no log at all as well.
+    """
+    if since is not None and since.tzinfo is None:
+        raise ValueError("since must be timezone-aware")
+    path = Path(path)
+    files = [p for _, p in sorted(_segments(path).items(), reverse=True)]
+    if path.exists():
+        files.append(path)
+    if not files:
+        raise AuditError(f"no audit log at {path}")
+    for segment in files:
+        try:
+            with segment.open("rb") as f:
+                for unverified_line, complete in _read_lines(f):
+                    if unverified_line is None or not complete:
+                        continue
+                    try:
+                        record = parse_json_object(unverified_line, "the line")
+                        when = parse_time(record.get("time"), "time")
+                    except ValueError:
+                        continue
+                    if since is not None and when < since:
+                        continue
+                    if model is not None and record.get("model") != model:
+                        continue
+                    yield record
+        except FileNotFoundError:
+            continue  # rotated away while being read
+        except OSError as e:
+            raise AuditError(f"cannot read the audit log at {segment}: {e}") from e
 
 
 # -- appending ---------------------------------------------------------------------------

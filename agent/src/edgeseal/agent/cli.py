@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgeseal.agent.audit import audit_location, verify_log
+from edgeseal.agent.audit import audit_location, read_records, verify_log
 from edgeseal.agent.client import Client
 from edgeseal.agent.daemon import Daemon
 from edgeseal.agent.device import DeviceHome
@@ -391,6 +391,77 @@ def audit_verify(
     )
     if not report.ok:
         raise typer.Exit(EXIT_REJECTED)
+
+
+def _since(text: str | None) -> datetime | None:
+    """``--since``: an ISO 8601 time; without a zone it is UTC."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not an ISO 8601 time (like 2026-01-31T12:00:00Z or 2026-01-31)",
+            param_hint="--since",
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+#: Columns of ``audit show``: (heading, field); the rest of a record goes under "other".
+_AUDIT_COLUMNS = (
+    ("seq", "seq"),
+    ("time", "time"),
+    ("model", "model"),
+    ("version", "version"),
+    ("uid", "uid"),
+    ("pid", "pid"),
+    ("result", "result"),
+    ("OOD max", "ood_max"),
+)
+_AUDIT_HIDDEN = frozenset({"prev", "gid", "groups"})
+
+
+@audit_app.command("show")
+@reports_errors
+def audit_show(
+    home: Home = Path("/var/lib/edgeseal"),
+    log_path: Annotated[
+        Path | None, typer.Option("--log", help="Default: [agent] audit_log.")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since", help="Only records at or after this ISO 8601 time (UTC if no zone)."
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Only this model's records.")] = None,
+    config: Config_ = None,
+    as_json: Json = False,
+) -> None:
+    """Print the audit log's records, oldest first (it checks nothing: audit verify does).
+
+    --json prints {"ok": true, "records": [...]}, each record as the log holds it."""
+    start = _since(since)
+    cfg = load_config(config)
+    path, _ = audit_location(home, cfg.agent.audit_log)
+    records = list(read_records(log_path or path, since=start, model=model))
+
+    def cell(value: Any) -> str:
+        return "" if value is None else untrusted(str(value))
+
+    def render() -> None:
+        t = Table(*(heading for heading, _ in _AUDIT_COLUMNS), "other")
+        shown = {name for _, name in _AUDIT_COLUMNS} | _AUDIT_HIDDEN
+        for r in records:
+            other = {k: v for k, v in r.items() if k not in shown}
+            t.add_row(
+                *(cell(r.get(name)) for _, name in _AUDIT_COLUMNS),
+                cell(json.dumps(other, sort_keys=True)) if other else "",
+            )
+        out_console.print(t)
+        out_console.print(f"{len(records)} records")
+
+    emit({"ok": True, "records": records}, as_json=as_json, render=render)
 
 
 def register(app: typer.Typer) -> None:

@@ -20,14 +20,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeseal.agent.api import (
+# The wire format and the socket helpers only: importing the client loads no runtime, key
+# store or TPM code (tests/agent/test_client_import.py holds it to that).
+from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
+from edgeseal.agent.wire import (
     NPZ,
     TENSORS,
     decode_arrays,
     encode_arrays,
     encode_tensors,
+    read_error,
 )
-from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
 from edgeseal.core.errors import EdgesealError
 
 __all__ = [
@@ -313,13 +316,7 @@ class Client:
                 raise
         data = resp.body
         if resp.status >= 400 and resp.status not in answers:
-            try:
-                err = json.loads(data)
-                raise AgentError(resp.status, err.get("error", "Error"), err.get("message", ""))
-            except ValueError:
-                raise AgentError(
-                    resp.status, "Error", bytes(data[:200]).decode(errors="replace")
-                ) from None
+            raise AgentError(resp.status, *read_error(data))
         return resp, data
 
     def _tensor_message(

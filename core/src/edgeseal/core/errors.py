@@ -25,6 +25,8 @@ __all__ = [
     "DigestMismatchError",
     "EdgesealError",
     "ExpiredError",
+    "InputError",
+    "InputTooLargeError",
     "KeyFileError",
     "KeyStoreError",
     "MalformedBundleError",
@@ -171,3 +173,16 @@ class DigestMismatchError(BundleError):
 
 class RuntimeBackendError(EdgesealError):
     """The inference runtime (ONNX Runtime, LiteRT) is missing or refused the model."""
+
+
+class InputError(EdgesealError):
+    """A request's inputs do not match the model's signed schema or profile."""
+
+    hint = "GET the model's info for its inputs: names, dtypes, shapes and value ranges"
+
+
+class InputTooLargeError(InputError):
+    """A request's inputs (or the outputs they would make) exceed the model's size bound
+    (HTTP 413): symbolic dimensions far beyond the calibrated ones."""
+
+    hint = "send fewer rows per call, or raise agent.max_input_elements / max_output_bytes"

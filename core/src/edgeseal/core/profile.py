@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeseal.core.errors import EdgesealError
+# The input errors live in the one error tree (errors.py, which imports nothing) so the
+# agent's wire format can raise them without loading the profile code; named here too.
+from edgeseal.core.errors import InputError, InputTooLargeError
 from edgeseal.core.extras import array_from_obj, array_to_obj
 from edgeseal.core.manifest import TensorSpec
 
@@ -53,19 +55,6 @@ PCA_MAX_VALUES = 2048
 REFERENCE_PERCENTILE = 99.0
 
 Array = npt.NDArray[Any]
-
-
-class InputError(EdgesealError):
-    """A request's inputs do not match the model's signed schema or profile."""
-
-    hint = "GET the model's info for its inputs: names, dtypes, shapes and value ranges"
-
-
-class InputTooLargeError(InputError):
-    """A request's inputs (or the outputs they would make) exceed the model's size bound
-    (HTTP 413): symbolic dimensions far beyond the calibrated ones."""
-
-    hint = "send fewer rows per call, or raise agent.max_input_elements / max_output_bytes"
 
 
 def _channel_axis(ndim: int) -> int:
