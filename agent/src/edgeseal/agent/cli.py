@@ -426,7 +426,7 @@ _AUDIT_HIDDEN = frozenset({"prev", "gid", "groups"})
 def audit_show(
     home: Home = Path("/var/lib/edgeseal"),
     log_path: Annotated[
-        Path | None, typer.Option("--log", help="Default: [agent] audit_log.")
+        Path | None, typer.Option("--log", help=escape("Default: [agent] audit_log."))
     ] = None,
     since: Annotated[
         str | None,
