@@ -363,6 +363,9 @@ def status_cmd(
 
 
 audit_app = typer.Typer(help="The agent's tamper-evident audit log.", no_args_is_help=True)
+AuditLogPath = Annotated[
+    Path | None, typer.Option("--log", help=escape("Default: [agent] audit_log."))
+]
 agent_app.add_typer(audit_app, name="audit")
 
 
@@ -370,9 +373,7 @@ agent_app.add_typer(audit_app, name="audit")
 @reports_errors
 def audit_verify(
     home: Home = Path("/var/lib/edgeseal"),
-    log_path: Annotated[
-        Path | None, typer.Option("--log", help=escape("Default: [agent] audit_log."))
-    ] = None,
+    log_path: AuditLogPath = None,
     config: Config_ = None,
     as_json: Json = False,
 ) -> None:
@@ -425,9 +426,7 @@ _AUDIT_HIDDEN = frozenset({"prev", "gid", "groups"})
 @reports_errors
 def audit_show(
     home: Home = Path("/var/lib/edgeseal"),
-    log_path: Annotated[
-        Path | None, typer.Option("--log", help=escape("Default: [agent] audit_log."))
-    ] = None,
+    log_path: AuditLogPath = None,
     since: Annotated[
         str | None,
         typer.Option(
