@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -328,3 +329,33 @@ def test_a_bug_is_exit_3_and_a_json_error_with_json(capsys):
         "exit_code": 3,
     }
     assert "this is a bug in edgeseal" in err
+
+
+@pytest.mark.parametrize(
+    ("architecture", "target", "code"),
+    [("x86_64", "rpi4", 2), ("aarch64", "rpi4", 0), ("x86_64", "generic", 0)],
+)
+def test_add_device_refuses_a_target_the_device_json_says_it_is_not(
+    world, tmp_path, architecture, target, code
+):
+    """The provisioning JSON names the device's CPU: a target for another is a usage error
+    naming both and the targets that fit, before anything is registered."""
+    env, paths = world
+    tmp = Path(paths["tmp"])
+    info = json.loads((tmp / "dev" / "device.pub.json").read_text())
+    pub = tmp_path / "device.pub.json"
+    pub.write_text(json.dumps({**info, "architecture": architecture}))
+    keys = tmp_path / "keys"
+    shutil.copytree(tmp / "keys", keys)
+    proc = run(
+        "keys", "add-device", "cam-01", str(pub), "--target", target, "--keys-dir", str(keys),
+        env=env, check=None,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    if code:
+        text = " ".join(proc.stderr.split())
+        assert (
+            architecture in text
+            and repr(target) in text
+            and "targets that fit: generic, x86_64" in text
+        )

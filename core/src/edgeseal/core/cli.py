@@ -329,11 +329,20 @@ def add_device(
     """Register a device's public key so bundles can be wrapped for it."""
     if target is not None and target not in TARGETS:
         raise ValueError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
-    key, named, store = parse_device_public_key(pubkey_file.read_bytes())
-    if named is not None and named != device_id:
-        raise ValueError(f"{pubkey_file} is for device {named!r}, not {device_id!r}")
+    dev = parse_device_public_key(pubkey_file.read_bytes())
+    if dev.device_id is not None and dev.device_id != device_id:
+        raise ValueError(f"{pubkey_file} is for device {dev.device_id!r}, not {device_id!r}")
+    if target is not None and dev.architecture is not None:
+        fits = TARGETS[target].architectures
+        if dev.architecture not in fits:
+            others = [t for t, p in TARGETS.items() if dev.architecture in p.architectures]
+            raise ValueError(
+                f"{pubkey_file} says the device is {dev.architecture}; target {target!r} is "
+                f"for {', '.join(fits)} (targets that fit: {', '.join(others) or 'none'})"
+            )
+    store = dev.key_store
     rec = Keyring(keys_dir or default_keys_dir()).add_device(
-        device_id, key, target=target, key_store=store
+        device_id, dev.key, target=target, key_store=store
     )
     emit(
         {"ok": True, "device": rec.to_obj()},

@@ -51,7 +51,13 @@ from edgeseal.core.trust import (
     verify_revocations,
 )
 
-__all__ = ["DeviceRecord", "Keyring", "default_keys_dir", "parse_device_public_key"]
+__all__ = [
+    "DevicePublicKey",
+    "DeviceRecord",
+    "Keyring",
+    "default_keys_dir",
+    "parse_device_public_key",
+]
 
 
 def default_keys_dir() -> Path:
@@ -81,11 +87,19 @@ class DeviceRecord:
         }
 
 
-def parse_device_public_key(data: bytes) -> tuple[ec.EllipticCurvePublicKey, str | None, str]:
-    """A device public key from a PEM file or the JSON ``edgeseal agent provision`` prints.
+@dataclass(frozen=True)
+class DevicePublicKey:
+    """What a device's public key file says: the key, and from the JSON ``edgeseal agent
+    provision`` prints, the device id, key store kind and CPU architecture it names."""
 
-    Returns the key, the device id the JSON names (if any) and its key store kind.
-    """
+    key: ec.EllipticCurvePublicKey
+    device_id: str | None = None
+    key_store: str = "unknown"
+    architecture: str | None = None
+
+
+def parse_device_public_key(data: bytes) -> DevicePublicKey:
+    """A device public key from a PEM file or the JSON ``edgeseal agent provision`` prints."""
     if data.lstrip().startswith(b"{"):
         obj = parse_json_object(data, "device JSON")
         pem = obj.get("public_key")
@@ -94,9 +108,14 @@ def parse_device_public_key(data: bytes) -> tuple[ec.EllipticCurvePublicKey, str
         key = load_public_key(pem, "device public key")
         if obj.get("key_id") not in (None, key_id(key)):
             raise ValueError("device JSON key_id does not match its public key")
-        dev = obj.get("device_id")
-        return key, dev if isinstance(dev, str) else None, str(obj.get("key_store", "unknown"))
-    return load_public_key(data, "device public key"), None, "unknown"
+        dev, arch = obj.get("device_id"), obj.get("architecture")
+        return DevicePublicKey(
+            key,
+            dev if isinstance(dev, str) else None,
+            str(obj.get("key_store", "unknown")),
+            arch if isinstance(arch, str) else None,
+        )
+    return DevicePublicKey(load_public_key(data, "device public key"))
 
 
 class Keyring:
