@@ -164,6 +164,7 @@ def _exercise_store(open_it):
     st.record_statuses({"a": (9.0, {"models": {}})})
     st.record_statuses({"a": (8.5, {"models": {"late": {}}})})  # seen earlier: kept out
     assert st.statuses(["a", "z"]) == {"a": {"models": {}}}
+    assert st.statuses_seen(["a"]) == {"a": (9.0, {"models": {}})}
     # the lease to drive r1: one holder at a time; taken over when it lapses, or by force
     assert st.claim_rollout("r1", "ctl-a", now=10.0, ttl=30)
     assert not st.claim_rollout("r1", "ctl-b", now=20.0, ttl=30)
@@ -458,6 +459,48 @@ def test_offline_devices_get_their_offer_when_they_come_back(world, fleet, contr
     final = ctl.run(r.id, poll=0.1)
     assert final.state == "done", (final.reason, ctl.store.phases(r.id))
     assert all(_active(f, d) == 2 for d in world.ids)
+
+
+def _say(ctl, device, **model_status):
+    """A device's status arriving at the controller (what its status topic carries)."""
+    status = {"models": {"clf": model_status}}
+    ctl._on_message(ctl.topics.device(device, "status"), json.dumps(status).encode())
+
+
+def _offered(ctl, r):
+    """Step until the broker has acknowledged every offer of the open wave."""
+    wait_for(
+        lambda: ctl.step(r.id) and all(p.offered_at for p in ctl.store.phases(r.id).values()),
+        what="offers acknowledged",
+    )
+
+
+@pytest.mark.mqtt
+def test_a_failure_said_before_a_resumed_offer_does_not_halt_it_again(
+    world, controller, fresh_broker
+):
+    """Timeline: the wave times out (R5) with no device answering; while it is halted one
+    device reports it failed the old offer; ``resume`` offers again. That earlier failure
+    must not halt the resumed wave (R1) before the device has tried the new offer; a
+    failure it reports after the new offer does."""
+    # A broker of its own: the offers must not wait in the fleet's sessions for later tests.
+    ctl = controller(on=fresh_broker)
+    strict = Policy(parse_waves("100%"), wave_timeout=1)
+    r = _deploy(ctl, world, "v3-bad", strict, group_offer=False)
+    _offered(ctl, r)
+    final = ctl.run(r.id, poll=0.1)
+    assert final.state == "halted" and final.reason.startswith("R5"), final.reason
+    late = world.ids[0]
+    failed = {"state": "failed", "reason": "health", "rollout": r.id, "offered": 3, "active": 1}
+    _say(ctl, late, **failed)
+    ctl.resume(r.id, policy=Policy(parse_waves("100%"), wave_timeout=60))
+    _offered(ctl, r)
+    again = ctl.step(r.id)
+    assert again.state == "running", again.reason
+    assert ctl.store.phases(r.id)[late].phase == "offered"
+    _say(ctl, late, **failed)  # now after the new offer: it counts
+    again = ctl.step(r.id)
+    assert again.state == "halted" and again.reason.startswith("R1"), again.reason
 
 
 @pytest.mark.mqtt

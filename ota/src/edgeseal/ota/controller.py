@@ -130,7 +130,10 @@ class Controller:
         self._lock = threading.Lock()
         self._inbox: dict[str, tuple[float, dict[str, Any]]] = {}
         self._refusals: list[tuple[str, dict[str, Any]]] = []
-        self.latest: dict[str, dict[str, Any]] = {d.device: dict(d.status) for d in store.devices()}
+        known = store.devices()
+        self.latest: dict[str, dict[str, Any]] = {d.device: dict(d.status) for d in known}
+        #: When each device's latest status arrived (on ``clock``).
+        self.latest_seen: dict[str, float] = {d.device: d.last_seen for d in known}
         self.messages_in = 0
         self.messages_out = 0
         self._bundles: dict[str, BundleOffer] = {}
@@ -193,8 +196,9 @@ class Controller:
             refusals, self._refusals = self._refusals, []
         if inbox:
             self.store.record_statuses(inbox)
-            for d, (_, st) in inbox.items():
+            for d, (seen, st) in inbox.items():
                 self.latest[d] = st
+                self.latest_seen[d] = seen
         return inbox, refusals
 
     # -- making a rollout -------------------------------------------------------------------
@@ -360,10 +364,13 @@ class Controller:
         rows = self.store.phases(r.id)
         updates: dict[str, tuple[str, str, float | None]] = {}
         latest: Mapping[str, Any] = self.latest
+        seen: Mapping[str, float] = self.latest_seen
         if self.share:
             # Our subscription got only our share of the statuses; every controller
             # writes what it got to the store, so the store has the whole picture.
-            latest = self.store.statuses([d for d, row in rows.items() if row.offered_at])
+            stored = self.store.statuses_seen([d for d, row in rows.items() if row.offered_at])
+            latest = {d: st for d, (_, st) in stored.items()}
+            seen = {d: at for d, (at, _) in stored.items()}
         for d, row in rows.items():
             if row.offered_at is None:
                 continue
@@ -373,6 +380,10 @@ class Controller:
             if said is None:
                 continue
             phase, reason = said
+            if phase in FAILED and seen.get(d, 0.0) < row.offered_at:
+                # A failure said before this offer was out (a wave opened again by
+                # ``ota resume``): the device tries the new offer; its next status counts.
+                continue
             ood = None
             if phase == "committed" and isinstance(model, dict):
                 raw = model.get("ood_rate")

@@ -402,17 +402,21 @@ class RolloutStore:
 
     def statuses(self, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The last status stored for each of ``devices`` (those never heard are absent)."""
-        out: dict[str, dict[str, Any]] = {}
+        return {d: st for d, (_, st) in self.statuses_seen(devices).items()}
+
+    def statuses_seen(self, devices: Sequence[str]) -> dict[str, tuple[float, dict[str, Any]]]:
+        """(when it was seen, the last status) for each of ``devices`` heard from."""
+        out: dict[str, tuple[float, dict[str, Any]]] = {}
         with self._lock, self._tx() as cur:
             for i in range(0, len(devices), _IN_BATCH):
                 batch = devices[i : i + _IN_BATCH]
                 marks = ", ".join("?" * len(batch))
                 rows = self._exec(
                     cur,
-                    f"SELECT device, status FROM devices WHERE device IN ({marks})",  # noqa: S608  # nosec B608: placeholders only
+                    f"SELECT device, last_seen, status FROM devices WHERE device IN ({marks})",  # noqa: S608  # nosec B608: placeholders only
                     batch,
                 ).fetchall()
-                out.update((r[0], json.loads(r[1])) for r in rows)
+                out.update((r[0], (float(r[1]), json.loads(r[2]))) for r in rows)
         return out
 
     def devices(self) -> list[DeviceRow]:
