@@ -182,7 +182,11 @@ def test_bad_offers_are_refused_reported_and_change_nothing(fleet_side, device, 
         what="a refusal report",
     )
     assert _snapshot(dev) == before
-    assert fleet_side.status["dev-a"]["counters"]["messages_refused"] >= 1
+    # The status with the count follows the event (the device reports after it publishes)
+    wait_for(
+        lambda: fleet_side.status["dev-a"]["counters"]["messages_refused"] >= 1,
+        what="the refusal counted in the device's status",
+    )
 
 
 def test_a_corrupted_chunk_is_dropped_and_fetched_again(fleet_side, device):
