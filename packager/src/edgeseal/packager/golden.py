@@ -585,26 +585,21 @@ def make_golden(
     int8 = mode.endswith("int8")
     both = {getattr(r, "kernel", None) for r in runners} >= set(KERNEL_FAMILIES)
     expectations = 1 + (len(KERNEL_FAMILIES) if int8 and both else 0)
+    verbatim = [spec["values"] for spec in specs.values() if spec["draw"] == "verbatim"]
     per_output = _samples_per_output(
         n,
         len(names),
         expectations,
         model_bytes,
-        spent=sum(
-            int(np.size(v)) for spec in specs.values() if spec["draw"] == "verbatim"
-            for v in spec["values"]
-        ),
-    )  # fmt: skip
+        spent=sum(int(np.size(v)) for values in verbatim for v in values),
+    )
     # Outputs no larger than the sample are kept whole, which the share does not bound:
     # when every vector's kept values (each expectation's outputs, and the inputs stored
     # verbatim) pass the budget, fewer vectors are kept (at least MIN_VECTORS).
     per_vector = expectations * sum(
         min(int(full[0][0][name].size), per_output) for name in names
-    ) + sum(
-        int(np.size(spec["values"][0])) for spec in specs.values() if spec["draw"] == "verbatim"
-    )
-    budget = SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE
-    keep = max(min(n, MIN_VECTORS), min(n, budget // max(per_vector, 1)))
+    ) + sum(int(np.size(values[0])) for values in verbatim)
+    keep = max(min(n, MIN_VECTORS), min(n, _sample_budget(model_bytes) // max(per_vector, 1)))
     if keep < n:
         n = keep
         full = [vectors_[:n] for vectors_ in full]
@@ -714,6 +709,12 @@ def _extremes(output: npt.NDArray[Any], sampled: npt.NDArray[np.int64], share: i
     return np.sort(top[~np.isin(top, sampled)][:count]).astype(np.int64)
 
 
+def _sample_budget(model_bytes: int) -> int:
+    """Golden values a bundle may keep: :data:`SAMPLE_BUDGET`, and one per
+    :data:`BYTES_PER_SAMPLE` bytes of the model."""
+    return SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE
+
+
 def _samples_per_output(
     vectors: int, outputs: int, expectations: int, model_bytes: int = 0, spent: int = 0
 ) -> int:
@@ -722,7 +723,7 @@ def _samples_per_output(
     inputs stored verbatim, shared by every vector, output and expectation (an int8 model
     has one per kernel family besides its own), within [:data:`MIN_SAMPLES`,
     :data:`MAX_SAMPLES`]."""
-    budget = SAMPLE_BUDGET + max(model_bytes, 0) // BYTES_PER_SAMPLE - spent
+    budget = _sample_budget(model_bytes) - spent
     share = budget // max(vectors * outputs * expectations, 1)
     return max(MIN_SAMPLES, min(MAX_SAMPLES, share))
 
