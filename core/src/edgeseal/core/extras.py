@@ -9,7 +9,9 @@ Canonical JSON, sealed like every section::
                    (format 1, no "format": vectors of full "inputs" and "outputs";
                     edgeseal.core.golden reads both)
      "profile":    {"inputs": {name: {"dtype", "shape", "min", "max", "axis",
-                                      "mean": [...], "std": [...]}}},
+                                      "mean": [...] | array, "std": [...] | array,
+                                      "model": {...}}}},
+                   (a vector over 16 values is a float32 array, a shorter one a list)
      "provenance": {...},
      "sbom":       {CycloneDX 1.5 JSON}}
 
