@@ -5,6 +5,7 @@ or the limit; with --json the error is one JSON document on stdout with the same
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -359,3 +360,43 @@ def test_add_device_refuses_a_target_the_device_json_says_it_is_not(
             and repr(target) in text
             and "targets that fit: generic, x86_64" in text
         )
+
+
+def test_a_pack_out_of_the_signers_scope_hints_at_the_signer_not_at_the_device(world):
+    """The workstation's scope check says what the packer can do (another name, another
+    signer); the device-side trust hint ("the root this device pins") does not apply."""
+    env, paths = world
+    args = [a.format(**paths) for a in _pack(*_OUT)]
+    args[args.index("cls-a")] = "other"
+    proc = run(*args, "--json", env=env, check=None)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["error"] == "TrustError" and "cls-*" in doc["message"], doc
+    assert "new-signer" in doc["hint"] and "--models 'other'" in doc["hint"], doc
+    assert "device" not in doc["hint"], doc
+
+
+def test_a_second_agent_on_the_same_home_is_told_another_agent_runs(world):
+    """Another process holds the audit log's writer lock, as a running agent does: the
+    error names the lock and the hint says another agent runs, not that the log is broken."""
+    env, paths = world
+    lock = Path(paths["tmp"]) / "dev" / "audit.log.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run(
+            "agent",
+            "run",
+            "--home",
+            f"{paths['tmp']}/dev",
+            "--socket",
+            f"{paths['tmp']}/second.sock",
+            env=env,
+            check=None,
+        )
+    finally:
+        os.close(fd)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 1, proc.stderr
+    assert str(lock) in said and "another edgeseal agent runs on this home" in said
+    assert "audit verify" not in said and "aside" not in said

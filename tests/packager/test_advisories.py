@@ -303,3 +303,53 @@ def test_fail_on_advisory_refuses_an_affected_workstation_runtime(fleet, onnx_mo
         check=1,
     )
     assert "TEST-1" in proc.stderr and not out.exists()
+
+
+def _pack_cli(fleet, onnx_model: Path, out: Path, *extra: str, env: dict[str, str]):
+    return run(
+        "pack",
+        str(onnx_model),
+        "--name",
+        "classifier",
+        "--version",
+        "1",
+        "--signer",
+        "release",
+        "--to",
+        "dev-a",
+        "-o",
+        str(out),
+        *extra,
+        env=env,
+    )
+
+
+def test_pack_checks_no_advisories_by_default_and_says_so(fleet, onnx_model, tmp_path):
+    """Packing works offline by default: no advisory source is asked (a proxy that
+    nobody answers would fail any request), and the output says what was not checked."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGESEAL_ADVISORIES"}
+    env.update(
+        EDGESEAL_KEYS=str(fleet.ring.path),
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        COLUMNS="200",
+    )
+    proc = _pack_cli(fleet, onnx_model, tmp_path / "a.esb", env=env)
+    assert "runtime advisories: not checked (--advisories off, the default" in proc.stdout
+    sbom = fleet.extras(tmp_path / "a.esb")["sbom"]
+    props = {p["name"]: p["value"] for p in sbom["components"][0]["properties"]}
+    assert props["edgeseal:advisories"].startswith("not checked")
+
+
+def test_an_unreachable_source_is_said_with_the_floor_named_as_the_floor(
+    fleet, onnx_model, tmp_path
+):
+    """The opset floor is what the SBOM asks of devices, not this workstation's runtime."""
+    env = {**os.environ, "EDGESEAL_KEYS": str(fleet.ring.path), "COLUMNS": "300"}
+    proc = _pack_cli(
+        fleet, onnx_model, tmp_path / "b.esb", "--advisories", "http://127.0.0.1:9", env=env
+    )
+    said = " ".join(proc.stdout.split())
+    assert "runtime advisories not checked" in said
+    assert "the SBOM asks devices for onnxruntime >= " in said
+    assert "(the model's opset floor)" in said

@@ -120,9 +120,10 @@ _HEX = frozenset("0123456789abcdef")
 class AuditError(EdgesealError):
     """The audit log cannot be read, written, or safely appended to."""
 
+    #: Where the log is broken (the default); reads and locks say their own hint.
     hint = (
-        "run verify_log on the log; keep the files for inspection and move the log and its "
-        "anchor aside to start a new one"
+        "check the log with `edgeseal agent audit verify`; keep the files for inspection and "
+        "move the log and its anchor aside to start a new one"
     )
 
 
@@ -411,7 +412,7 @@ def verify_log(path: Path, floors: VersionFloors | None = None) -> AuditReport:
             unverified_anchor = _anchor_path(path).read_bytes()
         except FileNotFoundError:
             if not files:
-                raise AuditError(f"no audit log and no anchor at {path}") from None
+                raise AuditError(f"no audit log and no anchor at {path}", hint="") from None
         else:
             try:
                 anchor = _Anchor.parse(unverified_anchor)
@@ -425,7 +426,7 @@ def verify_log(path: Path, floors: VersionFloors | None = None) -> AuditReport:
                     where = f"{segment.name} line {number}"
                     check.line(where, line, complete=complete, final=i == len(files) - 1)
     except OSError as e:
-        raise AuditError(f"cannot read the audit log at {path}: {e}") from e
+        raise AuditError(f"cannot read the audit log at {path}: {e}", hint="") from e
     return check.finish()
 
 
@@ -445,7 +446,7 @@ def read_records(
     if path.exists():
         files.append(path)
     if not files:
-        raise AuditError(f"no audit log at {path}")
+        raise AuditError(f"no audit log at {path}", hint="")
     for segment in files:
         try:
             with segment.open("rb") as f:
@@ -465,7 +466,7 @@ def read_records(
         except FileNotFoundError:
             continue  # rotated away while being read
         except OSError as e:
-            raise AuditError(f"cannot read the audit log at {segment}: {e}") from e
+            raise AuditError(f"cannot read the audit log at {segment}: {e}", hint="") from e
 
 
 # -- appending ---------------------------------------------------------------------------
@@ -532,7 +533,11 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             os.close(fd)
-            raise AuditError(f"the audit log {self.path} is already open for writing") from e
+            raise AuditError(
+                f"the audit log {self.path} is already open for writing (lock {lock_path})",
+                hint="another edgeseal agent runs on this home: stop it first, "
+                "or give this one a home of its own (--home)",
+            ) from e
         return fd
 
     def _open(self) -> None:
@@ -540,7 +545,7 @@ class AuditLog:
             self._recover()
             self._open_segment()
         except OSError as e:
-            raise AuditError(f"cannot open the audit log {self.path}: {e}") from e
+            raise AuditError(f"cannot open the audit log {self.path}: {e}", hint="") from e
         anchor = self._load_anchor()
         if anchor is None or anchor.count != self._next_seq:
             self._sync_locked()  # a new log, or records written after the last anchor

@@ -46,10 +46,20 @@ __all__ = [
 
 
 class EdgesealError(Exception):
-    """Base of every error edgeseal raises on purpose."""
+    """Base of every error edgeseal raises on purpose.
 
-    #: What the user can do about it; subclasses override.
+    ``hint`` says what the user can do about it. A hint belongs to the situation, not to
+    the error class: a class gives a default that holds wherever it is raised, and the
+    place that knows more (the workstation rather than the device, another agent holding
+    a lock) passes ``hint=`` when it raises."""
+
+    #: The default hint, true wherever the class is raised; "" for none.
     hint: str = ""
+
+    def __init__(self, *args: object, hint: str | None = None) -> None:
+        super().__init__(*args)
+        if hint is not None:
+            self.hint = hint
 
     def diagnostics(self) -> str:
         """A text for people: what went wrong and, where known, what to do."""
@@ -66,8 +76,8 @@ class PathError(UsageError):
     """A file or directory named by the user cannot be used: missing, a directory where a
     file is expected (or the reverse), unreadable or unwritable. The message names it."""
 
-    def __init__(self, message: str, *, path: object = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, path: object = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.path = path
 
     @classmethod
@@ -118,7 +128,8 @@ class KeyStoreError(EdgesealError):
 
 
 class TrustError(EdgesealError):
-    """The chain of trust does not hold: unknown root, bad or out-of-scope certificate."""
+    """The chain of trust does not hold: unknown root, bad or out-of-scope certificate.
+    Raised on the device by default; the workstation says its own hint."""
 
     hint = "check that the bundle was packed by a signer certified by the root this device pins"
 
@@ -178,7 +189,10 @@ class RuntimeBackendError(EdgesealError):
 class InputError(EdgesealError):
     """A request's inputs do not match the model's signed schema or profile."""
 
-    hint = "GET the model's info for its inputs: names, dtypes, shapes and value ranges"
+    hint = (
+        "the model's inputs (names, dtypes, shapes, value ranges) are in its info: "
+        "GET /v1/models/NAME on the agent's socket, or `edgeseal agent status --json`"
+    )
 
 
 class InputTooLargeError(InputError):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -80,9 +81,19 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _audit_line(a: RuntimeAudit) -> str:
+def _audit_line(a: RuntimeAudit | None) -> str:
+    """One line on what the advisory check did, and did not, check."""
+    if a is None:
+        return (
+            "runtime advisories: not checked (--advisories off, the default: give pypi, "
+            "an index URL or a folder of OSV records to check)"
+        )
     if a.error:
-        return f"[yellow]runtime advisories not checked[/]: {a.error}"
+        return (
+            f"[yellow]runtime advisories not checked[/] ({escape(a.source)}): {escape(a.error)}; "
+            f"the SBOM asks devices for {a.package} >= {a.floor} (the model's opset floor), "
+            f"unaudited"
+        )
     ids = sorted({x.id for x in (*a.floor_advisories, *a.tested_advisories)})
     if not ids:
         return f"runtime advisories ({a.source}): none for {a.package} >= {a.floor}"
@@ -213,11 +224,12 @@ def pack(
     advisories: Annotated[
         str,
         typer.Option(
-            help="Known-vulnerable runtime versions: 'pypi' (PyPI's JSON API, as pip-audit), "
-            "a file or folder of OSV records, or 'off'.",
+            help="Check the runtime the SBOM asks for against known-vulnerable versions: "
+            "'pypi' (PyPI's JSON API, as pip-audit; needs the network), an index URL, a file "
+            "or folder of OSV records (offline), or 'off' (the default: no network).",
             envvar="EDGESEAL_ADVISORIES",
         ),
-    ] = "pypi",
+    ] = "off",
     fail_on_advisory: Annotated[
         bool, typer.Option(help="Refuse to pack when this workstation's runtime is affected.")
     ] = False,
@@ -338,8 +350,7 @@ def pack(
             out_console.print(
                 "tensor types: " + ", ".join(f"{k} x{v}" for k, v in result.tensor_types.items())
             )
-        if result.audit is not None:
-            out_console.print(_audit_line(result.audit))
+        out_console.print(_audit_line(result.audit))
         m = result.manifest
         if m is None:
             out_console.print("dry run: nothing sealed")

@@ -122,12 +122,26 @@ class PackResult:
 def _check_certificate(signer: Signer, certificate: Mapping[str, Any], model_name: str) -> None:
     """Fail on the workstation what the device would refuse (V5, V7)."""
     payload = parse_json_object(b64d(certificate.get("payload"), "certificate"), "certificate")
+    name = payload.get("name")
     if payload.get("keyid") != signer.key_id:
-        raise TrustError("the signer key does not match its certificate")
+        raise TrustError(
+            f"the key of signer {name!r} does not match its certificate",
+            hint="the signer's key and certificate files come from different issues; "
+            f"issue the signer again: edgeseal keys new-signer {name}",
+        )
     if "pack" not in payload.get("roles", []):
-        raise TrustError(f"signer {payload.get('name')!r} lacks the 'pack' role")
-    if not any(fnmatch.fnmatchcase(model_name, p) for p in payload.get("model_patterns", [])):
-        raise TrustError(f"signer {payload.get('name')!r} may not sign model {model_name!r}")
+        raise TrustError(
+            f"signer {name!r} lacks the 'pack' role",
+            hint="pack with a signer that has it (edgeseal keys new-signer NAME --role pack)",
+        )
+    patterns = payload.get("model_patterns", [])
+    if not any(fnmatch.fnmatchcase(model_name, p) for p in patterns):
+        raise TrustError(
+            f"signer {name!r} may not sign model {model_name!r} "
+            f"(its certificate allows: {', '.join(map(str, patterns)) or 'no model'})",
+            hint=f"pack under a name those patterns allow, or issue a signer for it: "
+            f"edgeseal keys new-signer NAME --models {model_name!r}",
+        )
 
 
 def _version(dist: str) -> str | None:
