@@ -190,8 +190,8 @@ class InputError(EdgesealError):
     """A request's inputs do not match the model's signed schema or profile."""
 
     hint = (
-        "the model's inputs (names, dtypes, shapes, value ranges) are in its info: "
-        "GET /v1/models/NAME on the agent's socket, or `edgeseal agent status --json`"
+        "a model's inputs (names, dtypes, shapes) are listed by `edgeseal inspect BUNDLE`, "
+        "and with their value ranges by GET /v1/models/NAME on the agent's socket"
     )
 
 
