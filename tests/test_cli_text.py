@@ -182,3 +182,30 @@ def test_shell_completion_is_shown_and_answers_without_touching_home(tmp_path: P
     ).stdout
     assert answer.split() == ["init-root"]
     assert list(home.iterdir()) == []
+
+
+def test_every_help_at_80_columns_shows_whole_option_names_and_plain_value_names(
+    root: TyperGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an 80-column terminal no option name is cut ("--max-accuracy…"), and values are
+    named as command lines name them (TEXT, PATH, QUANTIZE), never by Python's types."""
+    # typer reads TERMINAL_WIDTH once, when it is imported (the other tests here set 200).
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", None)
+    runner = CliRunner()
+    cut, typed = [], []
+    for path in _walk(root):
+        result = runner.invoke(cli.app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        lines = result.output.splitlines()
+        assert max(map(len, lines)) <= 80, (path, result.output)
+        names = re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*(?:…)?", result.output)
+        cut += [(" ".join(path), n) for n in names if n.endswith("…")]
+        typed += [
+            (" ".join(path), t)
+            for t in re.findall(
+                r"<(?:bool|str|int|float|path|file|dir|list\[[^\]]*\])>|\{[A-Za-z]+\}",
+                result.output,
+            )
+        ]
+    assert not cut, f"option names cut at 80 columns: {cut}"
+    assert not typed, f"values named by Python types: {typed}"

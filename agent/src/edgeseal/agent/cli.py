@@ -86,7 +86,10 @@ def init(
     ] = None,
     config: Config_ = None,
     machine_bound: Annotated[
-        bool, typer.Option(help="software store: encrypt the key under this machine's identity.")
+        bool,
+        typer.Option(
+            "--machine-bound", help="software store: encrypt the key under this machine's identity."
+        ),
     ] = False,
     as_json: Json = False,
 ) -> None:

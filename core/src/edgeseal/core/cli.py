@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from edgeseal.core.clihelp import PlainHelpGroup
 from edgeseal.core.config import load_config
 from edgeseal.core.console import (
     EXIT_USAGE,
@@ -45,6 +46,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    cls=PlainHelpGroup,
 )
 
 

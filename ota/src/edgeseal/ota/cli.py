@@ -96,7 +96,7 @@ def ca_init(
     keys_dir: KeysDir = None,
     passphrase_file: CaPass = None,
     days: Annotated[int, typer.Option(help="CA certificate validity in days.")] = 3650,
-    force: Annotated[bool, typer.Option(help="Replace an existing fleet CA.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing fleet CA.")] = False,
     as_json: Json = False,
 ) -> None:
     """Create the fleet CA (in <keyring>/fleet-ca/) that issues MQTT TLS certificates."""
@@ -119,7 +119,7 @@ def ca_init(
 def csr(
     home: Home,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the request here.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing TLS key.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing TLS key.")] = False,
     as_json: Json = False,
 ) -> None:
     """On the device: make its MQTT TLS key and a certificate request (CN = device id).
@@ -176,7 +176,10 @@ def enroll(
     ] = None,
     allow_unregistered: Annotated[
         bool,
-        typer.Option(help="Issue even when the id is not in the keyring's device registry."),
+        typer.Option(
+            "--allow-unregistered",
+            help="Issue even when the id is not in the keyring's device registry.",
+        ),
     ] = False,
     keys_dir: KeysDir = None,
     passphrase_file: CaPass = None,
@@ -309,7 +312,10 @@ def broker_config(
         str | None, typer.Option(help=escape("Topic prefix [config: ota.topic_prefix]."))
     ] = None,
     acl_only: Annotated[
-        bool, typer.Option(help="Only rewrite the ACL from the groups (then SIGHUP mosquitto).")
+        bool,
+        typer.Option(
+            "--acl-only", help="Only rewrite the ACL from the groups (then SIGHUP mosquitto)."
+        ),
     ] = False,
     keys_dir: KeysDir = None,
     passphrase_file: CaPass = None,
@@ -556,7 +562,8 @@ def deploy(
         str | None, typer.Option(help="Keep each wave open at least this long (OOD signals).")
     ] = None,
     auto_fallback: Annotated[
-        bool, typer.Option(help="On a halt, order the wave's committed devices back.")
+        bool,
+        typer.Option("--auto-fallback", help="On a halt, order the wave's committed devices back."),
     ] = False,
     group_offer: Annotated[
         bool, typer.Option(help="One-wave rollouts: one offer to the group topic.")
@@ -627,7 +634,7 @@ def _drive(ctl: Controller, st: RolloutStore, rollout_id: str, *, as_json: bool)
 @reports_errors
 def status(
     rollout: RolloutArg = None,
-    watch: Annotated[bool, typer.Option(help="Refresh until the rollout ends.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until the rollout ends.")] = False,
     store: StoreOpt = None,
     keys_dir: KeysDir = None,
     as_json: Json = False,
@@ -863,10 +870,13 @@ def simulate(
     seconds: Annotated[
         float, typer.Option("--for", help="Run this long, then stop (0: until Ctrl-C).")
     ] = 0.0,
-    provision_only: Annotated[bool, typer.Option(help="Provision, then exit.")] = False,
+    provision_only: Annotated[
+        bool, typer.Option("--provision-only", help="Provision, then exit.")
+    ] = False,
     register: Annotated[
         bool,
         typer.Option(
+            "--register",
             help="Register the new simulated devices in the keyring (--keys-dir) and their "
             "group, and issue them fleet-CA client certificates (a demo or test keyring).",
         ),

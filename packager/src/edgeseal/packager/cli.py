@@ -22,7 +22,7 @@ from edgeseal.core.console import (
     reports_errors,
     untrusted,
 )
-from edgeseal.core.errors import PathError
+from edgeseal.core.errors import PathError, UsageError
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.targets import TARGETS, get_target
@@ -200,21 +200,25 @@ def pack(
         typer.Option(help="Refuse if top-1 drops more (e.g. 1%) or error exceeds (abs=0.05)."),
     ] = None,
     accept_accuracy_drop: Annotated[
-        bool, typer.Option(help="Seal even when the accuracy gate fails (recorded in provenance).")
+        bool,
+        typer.Option(
+            "--accept-accuracy-drop",
+            help="Seal even when the accuracy gate fails (recorded in provenance).",
+        ),
     ] = False,
     allow_custom_ops: Annotated[
         list[str] | None,
         typer.Option(metavar="DOMAIN", help="Custom op domain(s) the device's runtime has."),
     ] = None,
-    dry_run: Annotated[bool, typer.Option(help="Quantize and evaluate only.")] = False,
-    oms: Annotated[
-        bool | None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Quantize and evaluate only.")] = False,
+    no_oms: Annotated[
+        bool,
         typer.Option(
-            "--oms/--no-oms",
-            help="OpenSSF model signature of the plaintext model "
-            "(default: when model-signing is installed).",
+            "--no-oms",
+            help="Make no OpenSSF model signature of the plaintext model (made by default "
+            "when model-signing is installed; --oms-out requires it).",
         ),
-    ] = None,
+    ] = False,
     oms_out: Annotated[
         Path | None,
         typer.Option(
@@ -228,10 +232,14 @@ def pack(
             "'pypi' (PyPI's JSON API, as pip-audit; needs the network), an index URL, a file "
             "or folder of OSV records (offline), or 'off' (the default: no network).",
             envvar="EDGESEAL_ADVISORIES",
+            show_envvar=False,
         ),
     ] = "off",
     fail_on_advisory: Annotated[
-        bool, typer.Option(help="Refuse to pack when this workstation's runtime is affected.")
+        bool,
+        typer.Option(
+            "--fail-on-advisory", help="Refuse to pack when this workstation's runtime is affected."
+        ),
     ] = False,
     days: Annotated[int | None, typer.Option(help="Validity in days (config default).")] = None,
     keys_dir: Annotated[
@@ -241,8 +249,8 @@ def pack(
     signer_passphrase_file: Annotated[
         Path | None,
         typer.Option(
-            help="File whose first line is the signer key's passphrase (else "
-            "$EDGESEAL_SIGNER_PASSPHRASE)."
+            help="File whose first line is the signer key's passphrase (else the "
+            "environment: see above)."
         ),
     ] = None,
     config: Annotated[
@@ -250,7 +258,12 @@ def pack(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Check, optionally quantize and evaluate, then seal MODEL for the named devices."""
+    """Check, optionally quantize and evaluate, then seal MODEL for the named devices.
+
+    Without --signer-passphrase-file, the signer key's passphrase comes from
+    $EDGESEAL_SIGNER_PASSPHRASE; --advisories from $EDGESEAL_ADVISORIES."""
+    if no_oms and oms_out is not None:
+        raise UsageError("--no-oms and --oms-out contradict: the signature --oms-out writes")
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the private temp folder is removed.
         signal.signal(signal.SIGTERM, _terminate)
@@ -277,7 +290,7 @@ def pack(
         accept_accuracy_drop=accept_accuracy_drop,
         allow_custom_ops=tuple(allow_custom_ops or ()),
         dry_run=dry_run,
-        oms="auto" if oms is None and oms_out is None else ("off" if oms is False else "on"),
+        oms="off" if no_oms else ("on" if oms_out is not None else "auto"),
         oms_out=oms_out,
         advisories=_advisory_source(advisories),
         fail_on_advisory=fail_on_advisory,
