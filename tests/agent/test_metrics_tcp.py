@@ -295,3 +295,24 @@ def test_the_text_format_escapes_label_values_and_writes_help_and_type_once() ->
         'edgeseal_h_sum{model="m"} 3.65',
         'edgeseal_h_count{model="m"} 4',
     ]
+
+
+def test_the_tcp_listener_closes_a_request_head_over_its_bound_unanswered() -> None:
+    """A head over 8 KiB gets no answer and no more reading (bounded input); a scrape
+    after it is answered as usual."""
+    listener = MetricsListener(ListenAddress.parse("127.0.0.1:0"), lambda: "edgeseal_up 1\n")
+    listener.start()
+    try:
+        port = listener.bound.port
+        answer = b""
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as s,
+            contextlib.suppress(BrokenPipeError, ConnectionResetError),
+        ):
+            s.sendall(b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * (64 * 1024) + b"\r\n\r\n")
+            answer = s.recv(4096)
+        assert answer == b""
+        assert _scrape(port) == (200, "text/plain; version=0.0.4; charset=utf-8", "edgeseal_up 1\n")
+    finally:
+        listener.stop()
+    assert _refuses(port)
