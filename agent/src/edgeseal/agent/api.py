@@ -42,7 +42,9 @@ import numpy.typing as npt
 
 from edgeseal.agent.acl import AccessControl, AccessDeniedError, BudgetExceededError, Caller, harden
 from edgeseal.agent.audit import AuditError, AuditLog
-from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError, ServingModel
+from edgeseal.agent.guard import InferResult, IntegrityError, QuarantinedError
+from edgeseal.agent.metrics import LatencyByModel, render_metrics
+from edgeseal.agent.promtext import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from edgeseal.agent.service import Agent, NoSuchModelError
 from edgeseal.agent.sockio import kernel_timeouts, nbytes, send_all
 from edgeseal.agent.wire import (
@@ -589,6 +591,8 @@ class ApiServer:
             group_ids=_group_id,
         )
         self.errors: dict[int, int] = {}
+        #: The guarded inference's time per model, on answered calls (/metrics).
+        self.latency = LatencyByModel()
         self._refusal_lock = threading.Lock()
         self._refusal_tokens = float(REFUSALS_PER_MINUTE)
         self._refusal_stamp = time.monotonic()
@@ -699,7 +703,7 @@ class ApiServer:
                 return
             self.infer(h, caller, parts[2])
         elif parts == ("metrics",) and method == "GET":
-            h._send(200, self.metrics(caller).encode(), "text/plain; version=0.0.4")
+            h._send(200, self.metrics(caller).encode(), METRICS_CONTENT_TYPE)
         elif parts[:1] != ("v1",):
             raise NoSuchModelError(f"no such endpoint {h.path}")
         elif parts == ("v1", "health") and method == "GET":
@@ -772,6 +776,7 @@ class ApiServer:
             if not isinstance(e, InputError):  # a refusal: audited (bounded) as one
                 self._audit(caller, sm.identity, type(e).__name__, None)
             raise
+        self.latency.observe(model, time.perf_counter() - started)
         outputs = harden(result.outputs, rule)
         # A batched log is not durable per record anyway, so its record is written after
         # the answer is sent (off the caller's latency); a log fsync'd on every record, or
@@ -841,30 +846,15 @@ class ApiServer:
         )
 
     def metrics(self, caller: Caller) -> str:
-        """The series of the models ``caller`` may see (and the error counts)."""
-        serving = [
-            (n, sm) for n, sm in sorted(self.agent.serving.items()) if self.visible(caller, n)
-        ]
-        lines = []
-        for metric, kind, value in _METRICS:
-            lines.append(f"# TYPE edgeseal_{metric} {kind}")
-            lines += [f'edgeseal_{metric}{{model="{n}"}} {value(sm)}' for n, sm in serving]
-        lines.append("# TYPE edgeseal_http_errors_total counter")
-        lines += [
-            f'edgeseal_http_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())
-        ]
-        return "\n".join(lines) + "\n"
+        """The series of the models ``caller`` may see (and the agent's own series)."""
+        return self.metrics_text(lambda name: self.visible(caller, name))
 
-
-#: (metric, Prometheus type, value of a serving model), one series per model.
-_METRICS: tuple[tuple[str, str, Callable[[ServingModel], int]], ...] = (
-    ("requests_total", "counter", lambda sm: sm.counters.requests),
-    ("rows_total", "counter", lambda sm: sm.counters.rows),
-    ("ood_rows_total", "counter", lambda sm: sm.counters.ood_rows),
-    ("rejected_total", "counter", lambda sm: sm.counters.rejected),
-    ("quarantined", "gauge", lambda sm: int(bool(sm.quarantined))),
-    ("model_version", "gauge", lambda sm: int(sm.identity["version"])),
-)
+    def metrics_text(self, visible: Callable[[str], bool]) -> str:
+        """The metrics text with the series of the models ``visible`` admits: the one
+        producer for the socket and the TCP listener (edgeseal.agent.metrics)."""
+        return render_metrics(
+            self.agent, visible=visible, errors=self.errors, latency=self.latency, audit=self.audit
+        )
 
 
 #: Bytes a body may take per input element: 8 for the binary encodings (the widest dtype),

@@ -511,12 +511,21 @@ class AuditLog:
         self._first_seq = 0
         self._time_second = -1
         self._time_text = ""
+        self._written = 0
+        self._last_written: float | None = None
         self._writer_fd: int | None = self._take_writer_lock()
         try:
             self._open()
         except BaseException:
             self._release()
             raise
+
+    @property
+    def written(self) -> tuple[int, float | None]:
+        """(records this log object wrote, the Unix time of the last; None before any):
+        what /metrics reports."""
+        with self._lock:
+            return self._written, self._last_written
 
     @property
     def batched(self) -> bool:
@@ -706,6 +715,8 @@ class AuditLog:
         self._head = _line_hash(line)
         self._size += len(line) + 1
         self._pending += 1
+        self._written += 1
+        self._last_written = time.time()
         if self._pending >= self._flush_every:
             self._sync_locked()
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from datetime import datetime, timedelta, timezone
@@ -33,6 +34,7 @@ from edgeseal.core.console import (
 from edgeseal.core.errors import PathError
 from edgeseal.core.files import reported_as_path_error
 from edgeseal.core.keys import passphrase_from
+from edgeseal.core.listen import ListenAddress
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
 agent_app = typer.Typer(
@@ -319,6 +321,17 @@ def run(
     home: Home = Path("/var/lib/edgeseal"),
     socket: Socket = None,
     config: Config_ = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            metavar="HOST:PORT",
+            help=escape(
+                "Also serve GET /metrics (only) over TCP here, e.g. 127.0.0.1:9464; "
+                'a bare port is loopback, "" turns it off [config].'
+            ),
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run the agent daemon: serve installed models on the local socket, run the update
@@ -328,7 +341,17 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     cfg = load_config(config)
+    if metrics_listen is not None:
+        cfg = _with_metrics_listen(cfg, metrics_listen)
     Daemon(DeviceHome(home), cfg, socket_path=socket).run()
+
+
+def _with_metrics_listen(cfg: Config, value: str) -> Config:
+    """``cfg`` with --metrics-listen in place of [agent] metrics_listen (checked: a bad
+    value is a ConfigError naming it, exit 2)."""
+    if value:
+        ListenAddress.parse(value, where="--metrics-listen")
+    return dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, metrics_listen=value))
 
 
 @agent_app.command("status")

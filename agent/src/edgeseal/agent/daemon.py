@@ -1,8 +1,9 @@
 """``edgeseal agent run``: the long-running agent.
 
-Loads the installed bundles, serves the local API, starts the configured update
-channels, runs the scheduled integrity checks, reloads on SIGHUP, stops cleanly on
-SIGTERM/SIGINT, and tells systemd (``Type=notify``) when it is ready, alive (watchdog)
+Loads the installed bundles, serves the local API (and, when ``[agent] metrics_listen``
+names an address, ``GET /metrics`` over TCP), starts the configured update channels,
+runs the scheduled integrity checks, reloads on SIGHUP, stops cleanly on SIGTERM/SIGINT,
+and tells systemd (``Type=notify``) when it is ready, alive (watchdog)
 and stopping, through ``$NOTIFY_SOCKET``.
 """
 
@@ -21,6 +22,7 @@ from edgeseal.agent.api import ApiServer
 from edgeseal.agent.audit import AuditLog, audit_location
 from edgeseal.agent.channels import UpdateChannel, load_channels
 from edgeseal.agent.device import DeviceHome
+from edgeseal.agent.metrics_http import MetricsListener
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config
 
@@ -59,6 +61,13 @@ class Daemon:
         )
         self.api = ApiServer(self.agent, socket_path or Path(config.agent.socket), audit=self.audit)
         self.channels: list[UpdateChannel] = load_channels(config.agent.channels, config)
+        address = config.agent.metrics_address
+        #: GET /metrics over TCP, every model's series ([agent] metrics_listen); None: off.
+        self.metrics: MetricsListener | None = (
+            MetricsListener(address, lambda: self.api.metrics_text(lambda _name: True))
+            if address is not None
+            else None
+        )
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -71,14 +80,31 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _start_serving(self) -> None:
+        """Bind the metrics listener (first: an address in use ends the run before
+        anything serves), load the models and start the API."""
+        if self.metrics is not None:
+            try:
+                self.metrics.start()
+            except BaseException:
+                self.agent.close()
+                self.audit.close()
+                raise
+        try:
+            loaded = self.agent.load_all()
+            for name, state in loaded.items():
+                log.info("%s: %s", name, state)
+            self.api.start()
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
+
     def run(self, *, install_signals: bool = True, tick: float = 1.0) -> None:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
-        loaded = self.agent.load_all()
-        for name, state in loaded.items():
-            log.info("%s: %s", name, state)
-        self.api.start()
+        self._start_serving()
         for ch in self.channels:
             ch.start(self.agent)
         watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -100,6 +126,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             for ch in self.channels:
                 ch.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
             self.api.stop()
             self.agent.close()
             self.audit.close()

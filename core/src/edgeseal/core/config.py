@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeseal.core.errors import ConfigError
+from edgeseal.core.listen import ListenAddress
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -175,6 +176,9 @@ class AgentConfig:
     ood_threshold: float = 1.0
     #: Update channels to start, by entry point name (group ``edgeseal.agent.channels``).
     channels: tuple[str, ...] = ()
+    #: Serve ``GET /metrics`` (and nothing else) over TCP at ``HOST:PORT`` ("": off). A
+    #: bare port is loopback; a non-loopback host must be written out and is warned about.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -198,6 +202,15 @@ class AgentConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"agent.{name} must be at least 1")
+        if self.metrics_listen:
+            ListenAddress.parse(self.metrics_listen, where="agent.metrics_listen")
+
+    @property
+    def metrics_address(self) -> ListenAddress | None:
+        """Where to serve metrics over TCP; None when off."""
+        if not self.metrics_listen:
+            return None
+        return ListenAddress.parse(self.metrics_listen, where="agent.metrics_listen")
 
 
 @dataclass(frozen=True)
