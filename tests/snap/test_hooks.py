@@ -3,6 +3,7 @@ they refuse and why, and that a refusal leaves the running config alone."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -144,16 +145,23 @@ def test_configure_restarts_a_running_agent_only_when_the_config_changed(hooks):
     assert ["restart", "edgeseal.agent"] not in hooks.calls()
 
 
-def test_the_daemon_before_provisioning_says_what_to_do_and_exits_cleanly(hooks):
-    env = dict(hooks.env)
-    proc = subprocess.run(
-        [str(hooks.prime / "bin" / "edgeseal-launch"), "agent", "run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+def test_the_daemon_before_provisioning_says_what_to_do_tells_systemd_and_exits_cleanly(
+    hooks, tmp_path
+):
+    """The app is a notify daemon: without READY=1 before its exit systemd would count a
+    failure and restart it in a loop, so the launcher's own process sends it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(60)
+        proc = subprocess.run(
+            [str(hooks.prime / "bin" / "edgeseal-launch"), "agent", "run"],
+            env={**hooks.env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert notify.recv(4096) == b"READY=1\nSTATUS=not provisioned"
     assert proc.returncode == 0
     assert "not provisioned" in proc.stderr
     assert "sudo edgeseal agent provision" in proc.stderr

@@ -5,18 +5,28 @@ commands and hooks)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from edgeseal.agent.daemon import watchdog_interval
 from snap.conftest import assemble, check_skeleton
 
 pytestmark = pytest.mark.snap
 
 
-def test_snapcraft_yaml_is_strict_arm64_amd64_with_a_daemon_and_only_the_named_plugs():
+def _seconds(duration: str) -> float:
+    """A snapd duration such as ``60s``, ``5m`` or ``1m30s``, in seconds."""
+    units = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+)(ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_snapcraft_yaml_is_strict_arm64_amd64_with_a_notify_daemon_and_only_the_named_plugs():
     sc = assemble.load_snapcraft()
     assert sc["base"] in ("core22", "core24")
     assert sc["confinement"] == "strict"
@@ -24,13 +34,21 @@ def test_snapcraft_yaml_is_strict_arm64_amd64_with_a_daemon_and_only_the_named_p
     assert builds == ["amd64", "arm64"]  # ONNX Runtime has no 32-bit ARM wheels
     daemon = sc["apps"]["agent"]
     assert daemon["command"].endswith("edgeseal-launch agent run")
-    assert daemon["daemon"] == "simple"
+    assert daemon["daemon"] == "notify"  # the agent sends READY=1 and WATCHDOG=1
+    # snapd sets WatchdogSec (so $WATCHDOG_USEC) from watchdog-timeout; the agent pings
+    # every half of it, late by up to half that again (it wakes every quarter): the
+    # latest ping must still land inside the timeout.
+    timeout = _seconds(daemon["watchdog-timeout"])
+    ping_every = watchdog_interval({"WATCHDOG_USEC": str(int(timeout * 1e6))}, pid=1)
+    assert ping_every is not None and 2 * ping_every <= timeout
+    assert ping_every * 1.5 < timeout
+    assert _seconds(daemon["start-timeout"]) >= timeout  # loading happens before READY=1
     assert daemon["restart-condition"] == "on-failure"
     assert daemon["stop-mode"] == "sigterm"
     wanted = {"network", "network-bind", "tpm", "tee", "hardware-observe", "opengl"}
-    for app in sc["apps"].values():
-        assert set(app["plugs"]) <= wanted
-    assert set(daemon["plugs"]) == wanted
+    for name, app in sc["apps"].items():
+        assert set(app["plugs"]) <= wanted | ({"daemon-notify"} if name == "agent" else set())
+    assert set(daemon["plugs"]) == wanted | {"daemon-notify"}  # sd_notify, from a strict snap
     assert "plugs" not in sc  # nothing broader declared at the top level
 
 

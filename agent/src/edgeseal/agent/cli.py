@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ from edgeseal.core.errors import PathError
 from edgeseal.core.files import reported_as_path_error
 from edgeseal.core.keys import passphrase_from
 from edgeseal.core.listen import ListenAddress
+from edgeseal.core.logs import LogFormat, configure_logging
 from edgeseal.hardware.stores import StoreSpec, choose_store
 
 agent_app = typer.Typer(
@@ -333,12 +335,20 @@ def run(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="EDGESEAL_LOG_FORMAT",
+            help="Log lines on stderr: text, or json (one object per line). Without "
+            "timestamps under journald, which stamps them.",
+        ),
+    ] = LogFormat.TEXT,
 ) -> None:
     """Run the agent daemon: serve installed models on the local socket, run the update
     channels and the scheduled integrity checks. SIGHUP reloads, SIGTERM stops."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        sys.stderr, level=logging.DEBUG if verbose else logging.INFO, log_format=log_format
     )
     cfg = load_config(config)
     if metrics_listen is not None:

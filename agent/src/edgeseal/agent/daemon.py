@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -26,7 +27,7 @@ from edgeseal.agent.metrics_http import MetricsListener
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import Config
 
-__all__ = ["Daemon", "sd_notify"]
+__all__ = ["Daemon", "sd_notify", "watchdog_interval"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,30 @@ def sd_notify(state: str) -> bool:
             s.connect(addr)
             s.sendall(state.encode())
         except OSError as e:
-            log.warning("sd_notify failed: %s", e)
+            # A strict snap may send only with the daemon-notify interface connected.
+            hint = (
+                f"; connect it: sudo snap connect {os.environ['SNAP_INSTANCE_NAME']}:daemon-notify"
+                if isinstance(e, PermissionError) and os.environ.get("SNAP_INSTANCE_NAME")
+                else ""
+            )
+            log.warning("sd_notify failed: %s%s", e, hint)
             return False
     return True
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of ``$WATCHDOG_USEC``, as systemd asks.
+
+    None when no watchdog is set, or when ``$WATCHDOG_PID`` names another process (the
+    variables were inherited, not meant for us), as ``sd_watchdog_enabled(3)`` reads them.
+    """
+    usec = environ.get("WATCHDOG_USEC", "")
+    owner = environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if owner and owner != str(pid):
+        return None
+    return int(usec) / 2e6
 
 
 class Daemon:
@@ -107,7 +129,10 @@ class Daemon:
         self._start_serving()
         for ch in self.channels:
             ch.start(self.agent)
-        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        ping_every = watchdog_interval(os.environ, os.getpid())
+        if ping_every is not None:
+            # Wake often enough to ping on time however short WatchdogSec is.
+            tick = min(tick, ping_every / 2)
         sd_notify(f"READY=1\nSTATUS=serving {len(self.agent.serving)} model(s)")
         log.info("agent serving on %s", self.api.socket_path)
         last_ping = time.monotonic()
@@ -119,7 +144,7 @@ class Daemon:
                     log.info("reload: %s", self.agent.reload())
                     sd_notify("READY=1")
                 self.agent.run_checks()
-                if watchdog_usec and time.monotonic() - last_ping > watchdog_usec / 2e6:
+                if ping_every is not None and time.monotonic() - last_ping >= ping_every:
                     sd_notify("WATCHDOG=1")
                     last_ping = time.monotonic()
         finally:
