@@ -169,7 +169,7 @@ def _sbom_agent(out: Path, created: str) -> dict[str, Any]:
 
 
 def test_agent_sbom_is_valid_and_lists_the_installed_runtime_dependencies(tmp_path, no_network):
-    sbom = _sbom_agent(tmp_path / "a.json", "2026-11-01T12:00:00Z")
+    sbom = _sbom_agent(tmp_path / "a.json", NOW.isoformat())
     assert cyclonedx_schema_errors(sbom) is None
     top = sbom["metadata"]["component"]
     assert (top["name"], top["type"], top["bom-ref"]) == ("edgeseal-agent", "application", "root")
@@ -182,14 +182,14 @@ def test_agent_sbom_is_valid_and_lists_the_installed_runtime_dependencies(tmp_pa
         assert "edgeseal:record-sha256" in props
     root_deps = next(d for d in sbom["dependencies"] if d["ref"] == "root")["dependsOn"]
     assert {"onnxruntime", "edgeseal-core"} <= set(root_deps)
-    assert sbom["metadata"]["timestamp"] == "2026-11-01T12:00:00+00:00"
+    assert sbom["metadata"]["timestamp"] == NOW.isoformat()
     props = {p["name"]: p["value"] for p in sbom["metadata"]["properties"]}
     assert props["edgeseal:python"] == sys.version.split()[0]
 
 
 def test_agent_sbom_is_byte_identical_for_the_same_install_and_time(tmp_path):
-    _sbom_agent(tmp_path / "a.json", "2026-11-01T12:00:00Z")
-    _sbom_agent(tmp_path / "b.json", "2026-11-01T12:00:00Z")
+    _sbom_agent(tmp_path / "a.json", NOW.isoformat())
+    _sbom_agent(tmp_path / "b.json", NOW.isoformat())
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    later = _sbom_agent(tmp_path / "c.json", "2026-11-02T12:00:00Z")
+    later = _sbom_agent(tmp_path / "c.json", (NOW + timedelta(days=1)).isoformat())
     assert later["serialNumber"] != json.loads((tmp_path / "a.json").read_text())["serialNumber"]
