@@ -99,3 +99,13 @@ def mount_tmpfs(path: Path, size: str) -> None:
         if os.environ.get("EDGESEAL_REQUIRE_ALL_LANES") == "1":
             pytest.fail(why)
         pytest.skip(why)
+
+
+def cyclonedx_schema_errors(doc: dict[str, Any]) -> str | None:
+    """Why ``doc`` is not a valid CycloneDX 1.5 JSON document (the strict schema that
+    cyclonedx-python-lib ships, read from its wheel: no network), or None if it is."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    error = JsonStrictValidator(SchemaVersion.V1_5).validate_str(json.dumps(doc))
+    return None if error is None else str(error)

@@ -23,7 +23,7 @@ from edgeseal.packager.advisories import (
     check_runtime,
 )
 from edgeseal.packager.pack import PackOptions
-from helpers import FakePypi, run, serving
+from helpers import FakePypi, cyclonedx_schema_errors, run, serving
 
 ORT = version("onnxruntime")
 
@@ -264,6 +264,7 @@ def test_pack_seals_advisories_in_the_sbom_and_raises_the_floor(fleet, onnx_mode
     osv = _osv(tmp_path, "onnxruntime", [{"introduced": "0"}, {"fixed": "1.16.3"}])
     bundle, result = fleet.pack(onnx_model, options=PackOptions(advisories=OsvFile(osv)))
     sbom = fleet.extras(bundle)["sbom"]
+    assert cyclonedx_schema_errors(sbom) is None
     runtime = sbom["components"][0]
     assert runtime["version"] == ">=1.16.3"
     props = {p["name"]: p["value"] for p in runtime["properties"]}

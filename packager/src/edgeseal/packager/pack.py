@@ -232,7 +232,8 @@ def pack_model(
                 "validity": validity,
                 "revocations": revocations,
                 "root_rotations": root_rotations,
-                "now": now,
+                # One creation time for the manifest and the SBOM: the caller's, else now.
+                "now": now or utcnow(),
                 "progress": progress,
                 "say": stage_,
             }
@@ -382,6 +383,7 @@ def _pack_onnx(
         opsets={o.domain: o.version for o in final_model.opset_import},
         domains=sorted({n.domain for n in final_model.graph.node}),
         runtime_version=_version("onnxruntime"),
+        created=seal_args["now"],
     )
     split = split_onnx(final_model)
     # The device's way: the split form, its session options, weights from memory, and
@@ -515,6 +517,7 @@ def _pack_tflite(
         opsets={},
         domains=[],
         runtime_version=_version("ai-edge-litert"),
+        created=seal_args["now"],
     )
     _add_oms(extras, model_path, seal_args["signer"], opts)
     say("seal")

@@ -3,18 +3,29 @@
 The model itself is the top component (type ``machine-learning-model``, with its
 SHA-256); its run-time requirement is the inference runtime with the minimum version
 that loads its opset, and the operator domains it uses. The SBOM is sealed in
-``extras`` and its digest is in the signed manifest.
+``extras`` and its digest is in the signed manifest. It is written by the shared builder
+(``edgeseal.packager.cyclonedx_doc``, on cyclonedx-python-lib), so the same inputs
+(the bundle's creation time included) give the same document.
 """
 
 from __future__ import annotations
 
-import uuid
+from datetime import datetime
 from typing import Any
 
+from cyclonedx.model import Property
+from cyclonedx.model.impact_analysis import ImpactAnalysisAffectedStatus
+from cyclonedx.model.vulnerability import (
+    BomTarget,
+    BomTargetVersionRange,
+    Vulnerability,
+    VulnerabilityReference,
+    VulnerabilitySource,
+)
 from packaging.version import Version
 
-from edgeseal.core.encoding import format_time, utcnow
-from edgeseal.packager.advisories import RuntimeAudit
+from edgeseal.packager.advisories import Advisory, RuntimeAudit
+from edgeseal.packager.cyclonedx_doc import ComponentType, component, document, pypi_purl
 
 __all__ = ["MIN_ORT_FOR_OPSET", "make_sbom", "runtime_floor"]
 
@@ -46,32 +57,46 @@ def runtime_floor(model_format: str, opsets: dict[str, int]) -> tuple[str, str]:
     return "ai-edge-litert", "1.2.0"
 
 
-def _vulnerabilities(audit: RuntimeAudit) -> list[dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for what, version, advisories in (
+def _vulnerabilities(audit: RuntimeAudit) -> list[Vulnerability]:
+    """One entry per advisory; each version it affects (the floor, the tested-with one, or
+    both) is listed, and a property ``edgeseal:affected:<role>`` says which is which."""
+    found: dict[str, tuple[Advisory, list[tuple[str, str]]]] = {}
+    for role, version, advisories in (
         ("floor", audit.floor, audit.floor_advisories),
         ("tested-with", audit.tested_with, audit.tested_advisories),
     ):
         for a in advisories:
-            v = out.setdefault(
-                a.id,
-                {
-                    "id": a.id,
-                    "source": {"name": audit.source},
-                    "description": a.summary,
-                    "references": [{"id": x, "source": {"name": "alias"}} for x in a.aliases],
-                    "recommendation": (
-                        f"use {audit.package} >= {min(a.fixed_in, key=Version)}"
-                        if a.fixed_in
-                        else "no fixed version is known"
-                    ),
-                    "affects": [{"ref": "runtime", "versions": []}],
-                },
-            )
-            v["affects"][0]["versions"].append(
-                {"version": version, "status": "affected", "x-edgeseal-role": what}
-            )
-    return list(out.values())
+            found.setdefault(a.id, (a, []))[1].append((role, version or "unknown"))
+    return [
+        Vulnerability(
+            bom_ref=a.id,
+            id=a.id,
+            source=VulnerabilitySource(name=audit.source),
+            description=a.summary,
+            references=[
+                VulnerabilityReference(id=x, source=VulnerabilitySource(name="alias"))
+                for x in a.aliases
+            ],
+            recommendation=(
+                f"use {audit.package} >= {min(a.fixed_in, key=Version)}"
+                if a.fixed_in
+                else "no fixed version is known"
+            ),
+            affects=[
+                BomTarget(
+                    ref="runtime",
+                    versions=[
+                        BomTargetVersionRange(
+                            version=v, status=ImpactAnalysisAffectedStatus.AFFECTED
+                        )
+                        for _, v in roles
+                    ],
+                )
+            ],
+            properties=[Property(name=f"edgeseal:affected:{r}", value=v) for r, v in roles],
+        )
+        for a, roles in found.values()
+    ]
 
 
 def make_sbom(
@@ -83,8 +108,11 @@ def make_sbom(
     opsets: dict[str, int],
     domains: list[str],
     runtime_version: str | None,
+    created: datetime,
     audit: RuntimeAudit | None = None,
 ) -> dict[str, Any]:
+    """The bundle's SBOM (JSON data). ``created`` is its timestamp: the bundle's creation
+    time, so that the same inputs give the same SBOM."""
     package, floor = runtime_floor(model_format, opsets)
     required = audit.safe_floor if audit and audit.safe_floor else floor
     if audit is None:
@@ -95,42 +123,34 @@ def make_sbom(
         audited = f"checked against {audit.source}: no version at or above {floor} is known safe"
     else:
         audited = f"checked against {audit.source}"
-    runtime = {
-        "type": "library",
-        "name": package,
-        "purl": f"pkg:pypi/{package}",
-        "version": f">={required}",
-        "properties": [
-            {"name": "edgeseal:tested-with", "value": runtime_version or "unknown"},
-            {"name": "edgeseal:format-floor", "value": floor},
-            {"name": "edgeseal:advisories", "value": audited},
+    runtime = component(
+        ComponentType.LIBRARY,
+        ref="runtime",
+        name=package,
+        version=f">={required}",
+        purl=pypi_purl(package),
+        properties=[
+            ("edgeseal:tested-with", runtime_version or "unknown"),
+            ("edgeseal:format-floor", floor),
+            ("edgeseal:advisories", audited),
         ],
-    }
-    props = [
-        {"name": f"edgeseal:onnx:opset:{d or 'ai.onnx'}", "value": str(v)}
-        for d, v in sorted(opsets.items())
-    ]
-    props += [{"name": "edgeseal:onnx:domain", "value": d or "ai.onnx"} for d in sorted(domains)]
-    sbom: dict[str, Any] = {
-        "bomFormat": "CycloneDX",
-        "specVersion": "1.5",
-        "serialNumber": f"urn:uuid:{uuid.uuid4()}",
-        "version": 1,
-        "metadata": {
-            "timestamp": format_time(utcnow()),
-            "tools": {"components": [{"type": "application", "name": "edgeseal"}]},
-            "component": {
-                "type": "machine-learning-model",
-                "bom-ref": "model",
-                "name": name,
-                "version": str(version),
-                "hashes": [{"alg": "SHA-256", "content": model_sha256}],
-                "properties": [{"name": "edgeseal:format", "value": model_format}, *props],
-            },
-        },
-        "components": [{**runtime, "bom-ref": "runtime"}],
-        "dependencies": [{"ref": "model", "dependsOn": ["runtime"]}],
-    }
-    if audit is not None and (audit.floor_advisories or audit.tested_advisories):
-        sbom["vulnerabilities"] = _vulnerabilities(audit)
-    return sbom
+    )
+    props = [("edgeseal:format", model_format)]
+    props += [(f"edgeseal:onnx:opset:{d or 'ai.onnx'}", str(v)) for d, v in sorted(opsets.items())]
+    props += [("edgeseal:onnx:domain", d or "ai.onnx") for d in sorted(domains)]
+    model = component(
+        ComponentType.MACHINE_LEARNING_MODEL,
+        ref="model",
+        name=name,
+        version=str(version),
+        sha256=model_sha256,
+        properties=props,
+    )
+    return document(
+        tool="edgeseal",
+        top=model,
+        components=[runtime],
+        depends={"model": ["runtime"]},
+        created=created,
+        vulnerabilities=_vulnerabilities(audit) if audit is not None else (),
+    )
