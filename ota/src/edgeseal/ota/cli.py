@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -505,24 +507,48 @@ _PHASE_COLUMNS = (
 )
 
 
-def _status_table(report: dict[str, Any]) -> Table:
+#: How a closed wave's verdict reads ("pass: R3: 5 of 5 committed" is stored).
+_VERDICT_WORDS = {"pass": "passed", "done": "passed, the last wave", "halt": "halted"}
+
+
+def _in_words(reason: str) -> str:
+    """A wave gate's reason without its rule code ("R3: 5 of 5 committed" reads
+    "5 of 5 committed"); docs/ota.md lists the rules."""
+    return re.sub(r"\bR\d+: ", "", reason)
+
+
+def _verdict_words(verdict: str | None, opened: bool) -> str:
+    if not verdict:
+        return "open" if opened else "waiting"
+    action, _, reason = verdict.partition(": ")
+    words = _VERDICT_WORDS.get(action, action)
+    return f"{words}: {_in_words(reason)}" if reason else words
+
+
+def _status_table(report: dict[str, Any]) -> Group:
+    """The waves as a table of counts (it fits 80 columns), each wave's verdict below it
+    in words."""
     title = untrusted(
         f"{report['rollout']}: {report['model']} v{report['version']} to {report['group']} "
-        f"[{report['state']}]"
+        f"({report['state']})"
     )
-    table = Table("wave", "devices", *(c for c, _ in _PHASE_COLUMNS), "verdict", title=title)
+    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for heading in ("wave", "devices", *(c for c, _ in _PHASE_COLUMNS)):
+        table.add_column(heading, justify="right", no_wrap=True, min_width=len(heading))
+    verdicts = []
     for w in report["waves"]:
         phases = w["phases"]
         cells = [str(sum(phases.get(p, 0) for p in ps) or "") for _, ps in _PHASE_COLUMNS]
-        verdict = w["verdict"] or ("open" if w["opened_at"] else "waiting")
-        table.add_row(str(w["wave"]), str(w["devices"]), *cells, untrusted(verdict))
-    return table
+        table.add_row(str(w["wave"]), str(w["devices"]), *cells)
+        words = _verdict_words(w["verdict"], bool(w["opened_at"]))
+        verdicts.append(Text(f"wave {w['wave']}: {words}"))
+    return Group(table, *verdicts)
 
 
 def _summary(report: dict[str, Any]) -> str:
     lines = [
         f"{report['rollout']}: {report['state']}"
-        + (f" ({report['reason']})" if report["reason"] else ""),
+        + (f" ({_in_words(report['reason'])})" if report["reason"] else ""),
         f"{report['committed']} of {report['devices']} devices committed "
         f"v{report['version']}, {report['failed']} failed, {report['in_progress']} in progress",
     ]
@@ -530,6 +556,22 @@ def _summary(report: dict[str, Any]) -> str:
         for dev, why in sorted(w["failures"].items())[:10]:
             lines.append(f"  wave {w['wave']} {dev}: {why}")
     return "\n".join(lines)
+
+
+def _report_document(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` for --json: its times in RFC 3339 UTC, as every edgeseal document."""
+
+    def when(t: float | None) -> str | None:
+        return None if t is None else format_time(datetime.fromtimestamp(t, timezone.utc))
+
+    waves = [{**w, "opened_at": when(w["opened_at"]), "closed_at": when(w["closed_at"])}
+             for w in report["waves"]]  # fmt: skip
+    return {
+        **report,
+        "created": when(report["created"]),
+        "updated": when(report["updated"]),
+        "waves": waves,
+    }
 
 
 @ota_app.command("deploy")
@@ -622,7 +664,7 @@ def _drive(ctl: Controller, st: RolloutStore, rollout_id: str, *, as_json: bool)
         ctl.stop()
     report = rollout_report(st, rollout_id)
     emit(
-        {"ok": final.state == "done", **report},
+        {"ok": final.state == "done", **_report_document(report)},
         as_json=as_json,
         render=lambda: out_console.print(_summary(report), highlight=False, markup=False),
     )
@@ -644,17 +686,20 @@ def status(
     rid = _rollout_id(st, rollout)
     report = rollout_report(st, rid)
     if watch and not as_json:
-        with Live(_status_table(report), console=out_console, refresh_per_second=2) as live:
+        # transient: the live table goes when the rollout ends, and the final one is
+        # printed once, below, as without --watch.
+        live = Live(_status_table(report), console=out_console, auto_refresh=False, transient=True)
+        with live:
             while report["state"] == "running":
                 time.sleep(0.5)
                 report = rollout_report(st, rid)
-                live.update(_status_table(report))
+                live.update(_status_table(report), refresh=True)
 
     def render() -> None:
         out_console.print(_status_table(report))
         out_console.print(_summary(report), highlight=False, markup=False)
 
-    emit({"ok": True, **report}, as_json=as_json, render=render)
+    emit({"ok": True, **_report_document(report)}, as_json=as_json, render=render)
 
 
 def _operate(
