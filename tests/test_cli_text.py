@@ -209,3 +209,32 @@ def test_every_help_at_80_columns_shows_whole_option_names_and_plain_value_names
         ]
     assert not cut, f"option names cut at 80 columns: {cut}"
     assert not typed, f"values named by Python types: {typed}"
+
+
+def test_the_accuracy_report_keeps_bracketed_names_notes_and_gate_reasons() -> None:
+    """Output names come from the model and notes from the quantizer: rich must print
+    "[probs]" as written, and the gate's reasons with it."""
+    from rich.console import Console
+
+    from edgeseal.packager.cli import _report_table
+    from edgeseal.packager.evaluate import AccuracyReport, OutputStats
+
+    report = AccuracyReport(
+        mode="dynamic-int8",
+        size_before=1000,
+        size_after=400,
+        rows=8,
+        outputs=(OutputStats("[probs]", 0.5, 0.1, 0.9),),
+        top1_agreement=None,
+        accuracy_before=None,
+        accuracy_after=None,
+        latency_ms_before=1.0,
+        latency_ms_after=0.5,
+        notes=("per-tensor [weights] kept",),
+    )
+    console = Console(width=200, record=True)
+    console.print(_report_table(report, ("[probs] max abs error 0.5 > 0.05",), None))
+    shown = _flat(console.export_text())
+    for text in ("[probs]: max/mean abs err", "[probs]: cosine", "per-tensor [weights] kept"):
+        assert text in shown, shown
+    assert "[probs] max abs error 0.5 > 0.05" in shown, shown

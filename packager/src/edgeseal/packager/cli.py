@@ -49,7 +49,9 @@ def _report_table(
     *,
     accepted: bool = True,
 ) -> Table:
-    t = Table("", "original", r.mode, title="accuracy report", title_justify="left")
+    """The accuracy report. Every text in it that is not edgeseal's own markup (output
+    names, quantizer notes, the gate's reasons) is escaped: rich would drop "[...]"."""
+    t = Table("", "original", untrusted(r.mode), title="accuracy report", title_justify="left")
     t.add_row(
         "size",
         f"{r.size_before:,} B",
@@ -64,15 +66,17 @@ def _report_table(
         t.add_row("top-1 agreement", "", f"{r.top1_agreement:.2%}")
     for o in r.outputs:
         t.add_row(
-            f"{o.name}: max/mean abs err", "", f"{o.max_abs_error:.4g} / {o.mean_abs_error:.4g}"
+            untrusted(f"{o.name}: max/mean abs err"),
+            "",
+            f"{o.max_abs_error:.4g} / {o.mean_abs_error:.4g}",
         )
-        t.add_row(f"{o.name}: cosine", "", f"{o.cosine:.6f}")
+        t.add_row(untrusted(f"{o.name}: cosine"), "", f"{o.cosine:.6f}")
     for note in r.notes:
-        t.add_row("quantizer", "", note)
-    t.add_row("measured", f"{r.rows} rows of {r.data_source}", r.metric)
+        t.add_row("quantizer", "", untrusted(note))
+    t.add_row("measured", untrusted(f"{r.rows} rows of {r.data_source}"), untrusted(r.metric))
     status = gate_status(r, threshold, failures, accepted=accepted)
     colour = "red" if failures else ("green" if threshold is not None else "yellow")
-    t.add_row("gate", "", f"[{colour}]{status}[/]")
+    t.add_row("gate", "", f"[{colour}]{untrusted(status)}[/]")
     return t
 
 
