@@ -8,8 +8,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -400,3 +403,31 @@ def test_a_second_agent_on_the_same_home_is_told_another_agent_runs(world):
     assert proc.returncode == 1, proc.stderr
     assert str(lock) in said and "another edgeseal agent runs on this home" in said
     assert "audit verify" not in said and "aside" not in said
+
+
+def test_a_bundle_that_does_not_fit_on_the_disk_leaves_the_old_one_and_names_the_path(world):
+    """The disk fills while the bundle is written (a file-size limit stands in for a full
+    disk: the write fails part way, EFBIG where a full disk gives ENOSPC). pack exits 1
+    or 2 naming the output, and the bundle that was there is still there, whole."""
+    env, paths = world
+    out = Path(paths["tmp"]) / "kept.esb"
+    args = [a.format(**paths) for a in _pack("-o", str(out))]
+    run(*args, env=env)
+    good = out.read_bytes()
+    assert len(good) > 8192
+    args[args.index("1")] = "2"  # --version 2: another bundle, as large
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeseal.core", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)),
+        check=False,
+    )
+    assert proc.returncode in (1, 2), proc.stderr
+    doc = json.loads(proc.stdout)
+    assert str(out) in doc["message"] and "too large" in doc["message"].lower(), doc
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in out.parent.glob("kept.esb*")) == ["kept.esb"]
