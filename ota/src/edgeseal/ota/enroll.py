@@ -74,6 +74,7 @@ _BACKDATE = timedelta(minutes=5)
 class EnrollmentError(EdgesealError):
     """A certificate request was refused, or the fleet CA cannot be used."""
 
+    #: For a refused request (the default); the CA's own problems say their own.
     hint = (
         "the device makes its request with `edgeseal ota csr --home HOME`; the workstation "
         "registers the device first (`edgeseal keys add-device`)"
@@ -199,7 +200,8 @@ class FleetCA:
         path = Path(path)
         if cls.key_path_in(path).exists() and not force:
             raise EnrollmentError(
-                f"a fleet CA already exists in {path}; every device certificate depends on it"
+                f"a fleet CA already exists in {path}; every device certificate depends on it",
+                hint="--force replaces it; every device then needs a new certificate",
             )
         if days < 1:
             raise ValueError("days must be at least 1")
@@ -251,14 +253,16 @@ class FleetCA:
     def load(cls, path: Path, *, passphrase: bytes | None = None) -> FleetCA:
         path = Path(path)
         if not cls.key_path_in(path).exists():
-            raise EnrollmentError(f"no fleet CA in {path} (run: edgeseal ota ca-init)")
+            raise EnrollmentError(f"no fleet CA in {path} (run: edgeseal ota ca-init)", hint="")
         key = load_private_key(cls.key_path_in(path), passphrase=passphrase)
         try:
             cert = x509.load_pem_x509_certificate(cls.cert_path_in(path).read_bytes())
         except (OSError, ValueError) as e:
-            raise EnrollmentError(f"cannot read the fleet CA certificate in {path}: {e}") from e
+            raise EnrollmentError(
+                f"cannot read the fleet CA certificate in {path}: {e}", hint=""
+            ) from e
         if cert.public_key() != key.public_key():
-            raise EnrollmentError(f"{path}: ca.key does not belong to ca.pem")
+            raise EnrollmentError(f"{path}: ca.key does not belong to ca.pem", hint="")
         return cls(path, key, cert)
 
     def issued(self) -> list[dict[str, Any]]:
@@ -302,7 +306,10 @@ class FleetCA:
         now = now or utcnow()
         not_after = min(now + timedelta(days=days), self.certificate.not_valid_after_utc)
         if not_after <= now:
-            raise EnrollmentError("the fleet CA certificate has expired; make a new CA")
+            raise EnrollmentError(
+                "the fleet CA certificate has expired",
+                hint="make a new CA (edgeseal ota ca-init --force) and enroll every device again",
+            )
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -404,7 +411,7 @@ class FleetCA:
                 f"{cn!r} is not in the device registry (edgeseal keys add-device {cn} ...)"
             )
         if cn == CONTROLLER or cn in self._names_of("client"):
-            raise EnrollmentError(f"{cn!r} is a controller identity, not a device id")
+            raise EnrollmentError(f"{cn!r} is a controller identity, not a device id", hint="")
         # E5
         subject = x509.Name(
             [
@@ -469,7 +476,7 @@ class FleetCA:
         """A key and client certificate for the controller (full access under the prefix)."""
         check_level(name, "controller name")
         if name in self._names_of("device"):
-            raise EnrollmentError(f"{name!r} is already a device's id")
+            raise EnrollmentError(f"{name!r} is already a device's id", hint="")
         key = generate_private_key()
         subject = x509.Name(
             [
