@@ -38,6 +38,14 @@ def run(*args: str, env: dict[str, str], check: int | None = 0) -> subprocess.Co
     return proc
 
 
+def start_agent(home: Path, socket_path: Path, *extra: str, **popen: Any) -> subprocess.Popen[str]:
+    """``edgeseal agent run`` on ``home`` and ``socket_path`` as a child process (text
+    mode); ``extra`` options follow, ``popen`` goes to :class:`subprocess.Popen`."""
+    command = [sys.executable, "-m", "edgeseal.core", "agent", "run", "--home", str(home)]
+    command += ["--socket", str(socket_path), *extra]
+    return subprocess.Popen(command, text=True, **popen)
+
+
 class FakePypi(BaseHTTPRequestHandler):
     """PyPI's JSON API on loopback: ``/pypi/<name>/json`` (the latest release) and, unless
     ``release_json`` is off as on the build network, ``/pypi/<name>/<version>/json``.

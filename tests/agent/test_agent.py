@@ -31,7 +31,7 @@ from edgeseal.hardware.floors import FileFloors
 from edgeseal.packager import pack as pack_module
 from edgeseal.packager.pack import PackOptions
 from edgeseal.packager.samples import make_trained_classifier
-from helpers import run
+from helpers import run, start_agent
 from ota_world import wait_for
 
 
@@ -594,23 +594,13 @@ def test_the_daemon_notifies_systemd_serves_reloads_on_sighup_and_stops_on_sigte
     run("agent", "install", str(_bundle(fleet, trained, 1)), "--home", str(device.path), env=env)
     sock = Path(f"/tmp/es-d-{os.getpid()}.sock")
     notify = _NotifyListener(tmp_path / "notify.sock")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgeseal.core",
-            "agent",
-            "run",
-            "--home",
-            str(device.path),
-            "--socket",
-            str(sock),
-            "--log-format",
-            "json",
-        ],
+    daemon = start_agent(
+        device.path,
+        sock,
+        "--log-format",
+        "json",
         env={**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"},
         stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         notify.wait_for("READY=1")

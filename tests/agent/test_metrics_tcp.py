@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from edgeseal.core.errors import ConfigError
 from edgeseal.core.listen import ListenAddress
 from edgeseal.packager.pack import PackOptions
 from edgeseal.packager.samples import make_trained_classifier
-from helpers import run
+from helpers import run, start_agent
 from ota_world import wait_for
 
 if TYPE_CHECKING:
@@ -180,22 +179,8 @@ def test_agent_run_metrics_listen_serves_tcp_and_sigterm_leaves_nothing_listenin
     answers a scrape, exits 0 on SIGTERM, and the port is closed after."""
     port = _free_port()
     sock = Path(f"/tmp/es-m-{os.getpid()}-{time.monotonic_ns()}.sock")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgeseal.core",
-            "agent",
-            "run",
-            "--home",
-            str(device.path),
-            "--socket",
-            str(sock),
-            "--metrics-listen",
-            f"127.0.0.1:{port}",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    daemon = start_agent(
+        device.path, sock, "--metrics-listen", f"127.0.0.1:{port}", stderr=subprocess.PIPE
     )
     try:
         wait_for(lambda: sock.exists() or daemon.poll() is not None, 60, "the daemon")

@@ -21,7 +21,7 @@ import pytest
 from edgeseal.agent.daemon import watchdog_interval
 from edgeseal.agent.device import DeviceHome
 from edgeseal.core.logs import LogFormat, configure_logging
-from helpers import run
+from helpers import run, start_agent
 
 UNIT = Path(__file__).parents[2] / "packaging" / "systemd" / "edgeseal-agent.service"
 SHIPPED_EXEC = "/usr/local/bin/edgeseal"
@@ -137,20 +137,11 @@ def _daemon_stderr(home: Path, tmp_path: Path, log_format: str, journal: str) ->
             env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         elif journal == "other":
             env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edgeseal.core",
-                "agent",
-                "run",
-                "--home",
-                str(home),
-                "--socket",
-                str(tmp_path / "agent.sock"),
-                "--log-format",
-                log_format,
-            ],
+        daemon = start_agent(
+            home,
+            tmp_path / "agent.sock",
+            "--log-format",
+            log_format,
             env={**env, "NOTIFY_SOCKET": str(notify_path)},
             stderr=err,
         )

@@ -284,29 +284,14 @@ def test_fail_on_advisory_refuses_an_affected_workstation_runtime(fleet, onnx_mo
         )
     assert not out.exists()
     env = {**os.environ, "EDGESEAL_KEYS": str(fleet.ring.path)}
-    proc = run(
-        "pack",
-        str(onnx_model),
-        "--name",
-        "classifier",
-        "--version",
-        "1",
-        "--signer",
-        "release",
-        "--to",
-        "dev-a",
-        "-o",
-        str(out),
-        "--advisories",
-        str(osv),
-        "--fail-on-advisory",
-        env=env,
-        check=1,
+    proc = _pack_cli(
+        onnx_model, out, "--advisories", str(osv), "--fail-on-advisory", env=env, check=1
     )
     assert "TEST-1" in proc.stderr and not out.exists()
 
 
-def _pack_cli(fleet, onnx_model: Path, out: Path, *extra: str, env: dict[str, str]):
+def _pack_cli(onnx_model: Path, out: Path, *extra: str, env: dict[str, str], check=0):
+    """``edgeseal pack`` of ``onnx_model`` as classifier v1 for dev-a, to ``out``."""
     return run(
         "pack",
         str(onnx_model),
@@ -322,6 +307,7 @@ def _pack_cli(fleet, onnx_model: Path, out: Path, *extra: str, env: dict[str, st
         str(out),
         *extra,
         env=env,
+        check=check,
     )
 
 
@@ -335,7 +321,7 @@ def test_pack_checks_no_advisories_by_default_and_says_so(fleet, onnx_model, tmp
         HTTP_PROXY="http://127.0.0.1:9",
         COLUMNS="200",
     )
-    proc = _pack_cli(fleet, onnx_model, tmp_path / "a.esb", env=env)
+    proc = _pack_cli(onnx_model, tmp_path / "a.esb", env=env)
     assert "runtime advisories: not checked (--advisories off, the default" in proc.stdout
     sbom = fleet.extras(tmp_path / "a.esb")["sbom"]
     props = {p["name"]: p["value"] for p in sbom["components"][0]["properties"]}
@@ -347,9 +333,7 @@ def test_an_unreachable_source_is_said_with_the_floor_named_as_the_floor(
 ):
     """The opset floor is what the SBOM asks of devices, not this workstation's runtime."""
     env = {**os.environ, "EDGESEAL_KEYS": str(fleet.ring.path), "COLUMNS": "300"}
-    proc = _pack_cli(
-        fleet, onnx_model, tmp_path / "b.esb", "--advisories", "http://127.0.0.1:9", env=env
-    )
+    proc = _pack_cli(onnx_model, tmp_path / "b.esb", "--advisories", "http://127.0.0.1:9", env=env)
     said = " ".join(proc.stdout.split())
     assert "runtime advisories not checked" in said
     assert "the SBOM asks devices for onnxruntime >= " in said
