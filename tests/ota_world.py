@@ -184,10 +184,14 @@ class FleetSide:
         seq: int | None = None,
         retain: bool | None = None,
         now: Any = None,
+        serve: bool = True,
         **kw: Any,
     ) -> bytes:
+        """Offer bundle ``key``; its chunks are served unless ``serve`` is off (then the
+        device's download waits, in progress, until :meth:`serve` adds them)."""
         b = describe_bundle(self.ws.bundles[key], chunk_bytes, self.ws.ring.anchor())
-        self.server.add(b)
+        if serve:
+            self.server.add(b)
         self.offers[key] = b
         signer, cert = self.ws.ring.load_signer("deployer")
         wire = sign_offer(
@@ -201,6 +205,10 @@ class FleetSide:
         )
         self.send(wire, to, retain=retain)
         return wire
+
+    def serve(self, key: str) -> None:
+        """Serve the chunks of an offer made with ``serve=False``."""
+        self.server.add(self.offers[key])
 
     def order(
         self, action: str, key: str, to: tuple[str, str] = ("device", "dev-a"), **kw: Any

@@ -504,6 +504,38 @@ def test_a_failure_said_before_a_resumed_offer_does_not_halt_it_again(
 
 
 @pytest.mark.mqtt
+def test_a_halt_with_auto_fallback_orders_back_the_devices_still_updating_too(
+    world, controller, fresh_broker
+):
+    """Timeline: one device committed v2, one is still downloading it, the rest were
+    offered and said nothing; the operator halts. Both the committed and the downloading
+    device are ordered back (the downloading one would else commit v2 after the halt),
+    and so are the silent ones, which may have started; those keep their phase, so a
+    resume offers them v2 again."""
+    ctl = controller(on=fresh_broker)
+    policy = Policy(parse_waves("100%"), wave_timeout=60, auto_fallback=True)
+    r = _deploy(ctl, world, "v2", policy, group_offer=False)
+    _offered(ctl, r)
+    done, busy, *silent = world.ids
+    _say(ctl, done, state="committed", reason="", rollout=r.id, offered=2, active=2)
+    _say(ctl, busy, state="downloading", reason="", rollout=r.id, offered=2, active=1)
+    assert ctl.step(r.id).state == "running"
+    ordered: list[str] = []
+    real_order = ctl.order
+
+    def order(rollout, action, devices, reason=""):
+        ordered.extend(f"{action} {d}" for d in devices)
+        return real_order(rollout, action, devices, reason)
+
+    ctl.order = order
+    ctl.halt(r.id, "halted by the operator")
+    assert sorted(ordered) == sorted(f"fall-back {d}" for d in world.ids)
+    phases = ctl.store.phases(r.id)
+    assert phases[done].phase == phases[busy].phase == "fallen-back"
+    assert all(phases[d].phase == "offered" for d in silent)
+
+
+@pytest.mark.mqtt
 @pytest.mark.slow
 def test_a_broker_restart_mid_rollout_does_not_lose_the_rollout(
     world, fleet, controller, fresh_broker

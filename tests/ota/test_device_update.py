@@ -7,6 +7,7 @@ import http.server
 import json
 import signal
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -111,6 +112,27 @@ def test_a_fall_back_order_returns_to_the_fallback_slot_and_a_late_one_is_ignore
     fleet_side.order("fall-back", "v2", reason="operator")
     wait_for(lambda: _serving(dev) == 1, what="fall-back")
     fleet_side.send(late, ("device", "dev-a"))
+    _install(fleet_side, "v3", dev)
+    assert _serving(dev) == 3
+
+
+def test_a_fall_back_order_during_the_download_stops_the_update_for_good(fleet_side, device):
+    """A halted rollout orders back a device still downloading: the download and its
+    partial file go, v1 keeps serving, and chunks that arrive later install nothing."""
+    dev = device()
+    _install(fleet_side, "v1", dev)
+    fleet_side.offer("v2", serve=False)
+    wait_for(lambda: fleet_side.state("dev-a") == "downloading", what="the download to start")
+    incoming = dev.agent.home.path / "ota" / "incoming"
+    assert list(incoming.iterdir())
+    fleet_side.order("fall-back", "v2", reason="rollout r-1 halted")
+    wait_for(lambda: fleet_side.state("dev-a") == "fallen-back", what="the update to stop")
+    st = fleet_side.model_status("dev-a")
+    assert st["active"] == 1 and "rollout r-1 halted" in st["reason"], st
+    assert not list(incoming.iterdir()) and dev.channel.updater.download is None
+    fleet_side.serve("v2")
+    time.sleep(2)  # time for chunks a live download would take
+    assert _serving(dev) == 1 and fleet_side.state("dev-a") == "fallen-back"
     _install(fleet_side, "v3", dev)
     assert _serving(dev) == 3
 

@@ -203,6 +203,20 @@ def test_a_late_order_about_another_version_is_ignored(fleet, deployer):
     assert ok.verdict == "accept"
 
 
+def test_a_fall_back_order_about_the_update_in_progress_stops_it(fleet, deployer):
+    """A halted rollout orders back a device still downloading or on trial: the order is
+    about the pending version, not the active one, and is taken (else that device would
+    commit the halted version later). Another pending version keeps the order stale."""
+    order = _offer(deployer, action="fall-back", version=2, fields={})
+    pending = SlotView(active=(1, OTHER), pending=(2, BID))
+    d = _judge(fleet, deployer, order, slots=pending)
+    assert d.verdict == "accept" and "in progress" in d.reason
+    other = SlotView(active=(1, OTHER), pending=(3, "cd" * 16))
+    assert _judge(fleet, deployer, order, slots=other).verdict == "ignore"
+    finalize = _offer(deployer, action="finalize", version=2, fields={})
+    assert _judge(fleet, deployer, finalize, slots=pending).verdict == "ignore"
+
+
 def test_an_interrupted_update_resumes_at_the_right_step():
     assert (
         resume_step("downloading", staged=False, active_bundle=None, offer_bundle=BID) == "download"

@@ -475,8 +475,10 @@ class Controller:
         self, rollout_id: str, reason: str, *, phases: Mapping[str, str] | None = None
     ) -> RolloutRecord:
         """Stop the rollout: no new offers; clear the retained offers of devices that have
-        not started; with ``auto_fallback``, order the halted wave's devices that
-        committed the new version back to their fallback slot."""
+        not started; with ``auto_fallback``, order the halted wave's devices back: those
+        that committed the new version to their fallback slot, and those still
+        downloading, testing or on trial out of the update (else they would commit it
+        later, after the halt)."""
         r = self.store.rollout(rollout_id)
         if r is None:
             raise RolloutError(f"no rollout {rollout_id!r}")
@@ -489,8 +491,12 @@ class Controller:
         if r.policy.auto_fallback:
             wave = self.store.waves(r.id)[r.wave]
             current = phases or {d: rows[d].phase for d in wave.devices}
-            back = sorted(d for d in wave.devices if current.get(d) == "committed")
-            self.order(r, "fall-back", back, reason=f"rollout {r.id} halted: {reason}")
+            # Offered devices may have started without saying so yet: they are ordered
+            # too (a device with nothing in progress ignores the order as stale) but keep
+            # their phase, so a resume offers again to those that never started.
+            reached = {d for d in wave.devices if current.get(d) in {"committed", *IN_PROGRESS}}
+            back = sorted(d for d in reached if current.get(d) != "offered")
+            self.order(r, "fall-back", sorted(reached), reason=f"rollout {r.id} halted: {reason}")
             if back:
                 ordered = ("fallen-back", "ordered back: rollout halted", None)
                 self.store.set_phases(r.id, dict.fromkeys(back, ordered), now)

@@ -144,7 +144,11 @@ def _judge_offer(msg: ControlMessage, slots: SlotView) -> Decision:  # noqa: PLR
 
 
 def _judge_order(msg: ControlMessage, slots: SlotView) -> Decision:
-    """Orders are about one version: a late order about another is stale, and harmless."""
+    """Orders are about one version: a late order about another is stale, and harmless.
+    A fall-back order about the update in progress stops it (a halted rollout orders its
+    wave back, and a device still downloading or on trial must not commit later)."""
+    if msg.action == "fall-back" and slots.pending == (msg.version, msg.bundle_id):
+        return Decision("accept", f"v{msg.version} is in progress: it stops")
     active = slots.active
     if active is None or active != (msg.version, msg.bundle_id):
         what = f"v{active[0]}" if active else "nothing"

@@ -391,8 +391,25 @@ class Updater:
             if sm is not None:
                 sm.quarantine(reason)  # the agent falls back by itself when it can
             return
-        self.agent.fall_back(msg.model, reason)
+        if self._slots(msg.model).pending == (msg.version, msg.bundle_id):
+            self._stop_update(msg.model, msg.bundle_id, reason)
+        else:
+            self.agent.fall_back(msg.model, reason)
         self._set_state(msg.model, "fallen-back", reason=reason, rollout=msg.rollout)
+
+    def _stop_update(self, model: str, bundle_id: str, reason: str) -> None:
+        """Stop the update in progress (ordered back before it committed): the download
+        and its partial file go, a trial is dropped with its staged slot; what serves
+        stays as it is."""
+        d = self.download
+        if d is not None and d.msg.bundle_id == bundle_id:
+            self.download = None
+            os.close(d.fd)
+            d.path.unlink(missing_ok=True)
+        self._abort_trial(model, reason)
+        with contextlib.suppress(EdgesealError):
+            self.agent.discard_staged(model, reason)
+        log.info("%s: the update to %s stopped: %s", model, bundle_id[:16], reason)
 
     # -- downloading -------------------------------------------------------------------
 
