@@ -19,6 +19,7 @@ PURE = [
     "edgeseal.core._hpke",
     "edgeseal.core._verify",
     "edgeseal.core._bundle",
+    "edgeseal.core.sealing",
 ]
 FORBIDDEN = [
     "socket",
