@@ -14,8 +14,10 @@ import typer
 from typer.testing import CliRunner
 
 from edgeseal.core import cli
+from edgeseal.core.errors import EdgesealError, UsageError
+from edgeseal.ota.controller import RolloutError
 from edgeseal.ota.rollout import Policy
-from edgeseal.ota.rollout_store import RolloutRecord, open_store
+from edgeseal.ota.rollout_store import RolloutRecord, RolloutStoreError, open_store
 from helpers import NOW
 
 
@@ -87,3 +89,22 @@ def test_status_json_gives_times_as_rfc_3339(store, monkeypatch):
     assert opened == datetime.fromtimestamp(NOW.timestamp() + 1, timezone.utc)
     # the machine-readable verdict keeps its rule, for tools that match on it
     assert doc["waves"][1]["verdict"].startswith("halt: R1:")
+
+
+def test_an_unknown_rollout_is_a_usage_error_that_exits_2(store, monkeypatch):
+    """RolloutError is in the error tree as a usage mistake (the operator names another
+    rollout): ``--json`` names its type and the CLI exits 2, as it did when it was a
+    ValueError; a store that cannot be opened stays a rejection (exit 1)."""
+    assert issubclass(RolloutError, UsageError) and not issubclass(RolloutError, ValueError)
+    assert issubclass(RolloutStoreError, EdgesealError)
+    assert not issubclass(RolloutStoreError, UsageError)
+    root = typer.main.get_command(cli.app)
+    if "ota" not in getattr(root, "commands", {}):
+        cli._register_parts()
+    result = CliRunner().invoke(
+        cli.app, ["ota", "status", "r-nope", "--store", store, "--json"], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 2, result.output
+    doc = json.loads(result.stdout)
+    assert doc["error"] == "RolloutError" and doc["exit_code"] == 2
+    assert "no rollout 'r-nope'" in doc["message"]

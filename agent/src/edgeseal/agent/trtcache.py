@@ -47,13 +47,22 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeseal.core import _hpke, _stream
 from edgeseal.core.encoding import canonical_json
 from edgeseal.core.errors import DecryptError, RuntimeBackendError
 from edgeseal.core.files import atomic_write
 from edgeseal.core.keys import key_id
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import is_bundle_id
+from edgeseal.core.sealing import (
+    KEY_LEN,
+    TAG_LEN,
+    WRAPPED_KEY_LEN,
+    SectionCipher,
+    chunk_cipher,
+    sealed_size,
+    unwrap_key,
+    wrap_key,
+)
 
 __all__ = [
     "MAX_FILES",
@@ -75,7 +84,7 @@ FORMAT = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FILES = 256
 CHUNK_BYTES = 1024 * 1024
-SEALED_KEY_LEN = _hpke.ENC_LEN + _stream.KEY_LEN + _hpke.TAG_LEN
+SEALED_KEY_LEN = WRAPPED_KEY_LEN
 #: File systems whose files live only in memory (tmpfs pages can go to swap; see docs).
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 _NAME = re.compile(r"[A-Za-z0-9._+=-]{1,200}")
@@ -104,14 +113,13 @@ def _key_info(prefix: bytes) -> bytes:
     return _KEY_INFO + hashlib.sha256(prefix).digest()
 
 
-def _cipher(key: bytes, bundle_id: str, name: str, size: int) -> _stream.SectionCipher:
-    return _stream.SectionCipher(
+def _cipher(key: bytes, bundle_id: str, name: str, size: int) -> SectionCipher:
+    return chunk_cipher(
         key,
         bundle_id=bundle_id,
-        section=f"trt-cache/{name}",
+        name=f"trt-cache/{name}",
         plaintext_size=size,
         chunk_size=CHUNK_BYTES,
-        cipher=_stream.AES_256_GCM,
     )
 
 
@@ -127,9 +135,9 @@ def seal_cache(
         raise ValueError(f"more than {MAX_FILES} engine files")
     header = _header(bundle_id, key_id(device_public_key), sizes)
     prefix = MAGIC + struct.pack(">I", len(header)) + header
-    cache_key = bytearray(secrets.token_bytes(_stream.KEY_LEN))
+    cache_key = bytearray(secrets.token_bytes(KEY_LEN))
     try:
-        out = [prefix, _hpke.seal(device_public_key, bytes(cache_key), info=_key_info(prefix))]
+        out = [prefix, wrap_key(device_public_key, bytes(cache_key), info=_key_info(prefix))]
         for name in sorted(sizes):
             data = memoryview(files[name])
             c = _cipher(bytes(cache_key), bundle_id, name, sizes[name])
@@ -192,19 +200,14 @@ def open_cache(
             raise ValueError("not a sealed engine cache")
         prefix, sizes = _unverified_layout(blob, bundle_id, key_store.key_id, max_bytes)
         body = len(prefix) + SEALED_KEY_LEN
-        expected = body + sum(_stream.sealed_size(s, CHUNK_BYTES) for s in sizes.values())
+        expected = body + sum(sealed_size(s, CHUNK_BYTES) for s in sizes.values())
         if expected != len(blob):
             raise ValueError("length does not match the header")
         cache_key = bytearray(
-            _hpke.open_with_ecdh(
-                bytes(blob[len(prefix) : body]),
-                ecdh=key_store.ecdh,
-                recipient_point=_hpke.point_bytes(key_store.public_key),
-                info=_key_info(prefix),
-            )
+            unwrap_key(bytes(blob[len(prefix) : body]), key_store, info=_key_info(prefix))
         )
         try:
-            if len(cache_key) != _stream.KEY_LEN:
+            if len(cache_key) != KEY_LEN:
                 raise ValueError("cache key of the wrong length")
             pos = body
             for name in sorted(sizes):
@@ -213,9 +216,9 @@ def open_cache(
                 view = memoryview(out)
                 for i in range(c.count):
                     size = c.plaintext_len(i)
-                    chunk = blob[pos : pos + size + _stream.TAG_LEN]
+                    chunk = blob[pos : pos + size + TAG_LEN]
                     c.open_into(i, chunk, view[i * CHUNK_BYTES : i * CHUNK_BYTES + size])
-                    pos += size + _stream.TAG_LEN
+                    pos += size + TAG_LEN
         finally:
             cache_key[:] = bytes(len(cache_key))
     except (ValueError, DecryptError, UnicodeDecodeError, AttributeError) as e:
@@ -346,7 +349,7 @@ class EngineCache:
             return {}
         # Largest possible sealed cache within max_bytes: header, key, one tag per chunk.
         bound = MAX_HEADER_BYTES + 12 + SEALED_KEY_LEN + self.max_bytes
-        bound += _stream.TAG_LEN * (self.max_bytes // CHUNK_BYTES + MAX_FILES)
+        bound += TAG_LEN * (self.max_bytes // CHUNK_BYTES + MAX_FILES)
         if size > bound:
             log.warning("sealed TensorRT engine cache %s is too large: ignored", self.sealed_path)
             return {}

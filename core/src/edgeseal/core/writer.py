@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeseal.core import _hpke
+from edgeseal.core._bundle import content_key_info, signed_message
 from edgeseal.core._stream import AES_256_GCM, CIPHERS, KEY_LEN, SectionCipher
 from edgeseal.core.encoding import canonical_json
 from edgeseal.core.errors import PathError
@@ -45,16 +46,6 @@ class RecipientKey:
 
     device: str
     public_key: ec.EllipticCurvePublicKey
-
-
-def content_key_info(bundle_id: str) -> bytes:
-    """HPKE ``info`` for the content key: binds each wrapped key to its bundle."""
-    return b"edgeseal/v1/content-key\x00" + bundle_id.encode("ascii")
-
-
-def signed_message(header: bytes, manifest: bytes, trust: bytes) -> bytes:
-    """What the bundle signature covers: every byte before the signature."""
-    return header + manifest + trust
 
 
 def _seal_section(

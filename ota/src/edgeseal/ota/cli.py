@@ -40,7 +40,12 @@ from edgeseal.core.files import atomic_write, reported_as_path_error
 from edgeseal.core.keyring import Keyring, default_keys_dir
 from edgeseal.core.keys import passphrase_from
 from edgeseal.ota.broker import BrokerSetup, acl_text
-from edgeseal.ota.controller import DEFAULT_CHUNK_BYTES, Controller, rollout_report
+from edgeseal.ota.controller import (
+    DEFAULT_CHUNK_BYTES,
+    Controller,
+    RolloutError,
+    rollout_report,
+)
 from edgeseal.ota.enroll import CONTROLLER, FleetCA, default_ca_dir, make_csr
 from edgeseal.ota.mqtt import MqttConnection
 from edgeseal.ota.registry import GroupRegistry
@@ -431,7 +436,7 @@ def _rollout_id(st: RolloutStore, rollout: str | None) -> str:
         return rollout
     newest = st.rollouts(limit=1)
     if not newest:
-        raise ValueError("no rollouts in this store yet (edgeseal ota deploy ...)")
+        raise RolloutError("no rollouts in this store yet (edgeseal ota deploy ...)")
     return newest[0].id
 
 
@@ -714,7 +719,7 @@ def _operate(
     rid = _rollout_id(st, rollout)
     r = st.rollout(rid)
     if r is None:
-        raise ValueError(f"no rollout {rid!r}")
+        raise RolloutError(f"no rollout {rid!r}")
     return _controller(st, keys_dir=keys_dir, signer=r.signer, **conn), st, rid
 
 

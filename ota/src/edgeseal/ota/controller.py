@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgeseal.core.errors import UsageError
 from edgeseal.core.keys import Signer
 from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.messages import make_message
@@ -70,8 +71,11 @@ MAX_STATUS_BYTES = 256 * 1024
 OFFER_VALIDITY_DAYS = 7
 
 
-class RolloutError(ValueError):
-    """A rollout cannot be made or changed as asked (no such rollout, empty group...)."""
+class RolloutError(UsageError):
+    """A rollout cannot be made or changed as asked (no such rollout, empty group...).
+
+    The operator fixes it by changing the command (another group, rollout id or bundle,
+    halting the running rollout first): a :class:`UsageError`, so the CLI exits 2."""
 
 
 def _now_utc(ts: float) -> datetime:

@@ -37,8 +37,8 @@ __all__ = [
     "PostgresStore",
     "RolloutRecord",
     "RolloutStore",
+    "RolloutStoreError",
     "SqliteStore",
-    "StoreError",
     "WaveRecord",
     "default_store_path",
     "open_store",
@@ -69,7 +69,7 @@ _SCHEMA = (
 _IN_BATCH = 500
 
 
-class StoreError(EdgesealError):
+class RolloutStoreError(EdgesealError):
     """The rollout store cannot be opened or used."""
 
     hint = "check --store (a SQLite path or a postgresql:// URL) and that it is reachable"
@@ -443,7 +443,7 @@ class SqliteStore(RolloutStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._init_schema()
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open the rollout store {self.path}: {e}") from e
+            raise RolloutStoreError(f"cannot open the rollout store {self.path}: {e}") from e
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -456,7 +456,7 @@ class SqliteStore(RolloutStore):
             except sqlite3.Error as e:
                 if self._db.in_transaction:
                     self._db.rollback()
-                raise StoreError(f"rollout store {self.path}: {e}") from e
+                raise RolloutStoreError(f"rollout store {self.path}: {e}") from e
             except BaseException:
                 if self._db.in_transaction:
                     self._db.rollback()
@@ -478,7 +478,7 @@ class PostgresStore(RolloutStore):
         try:
             import psycopg
         except ImportError as e:
-            raise StoreError(
+            raise RolloutStoreError(
                 "a postgresql:// store needs psycopg: pip install 'edgeseal-ota[postgres]'"
             ) from e
         self._psycopg = psycopg
@@ -486,7 +486,7 @@ class PostgresStore(RolloutStore):
             self._db = psycopg.connect(url, autocommit=True)
             self._init_schema()
         except psycopg.Error as e:
-            raise StoreError(f"cannot open the PostgreSQL rollout store: {e}") from e
+            raise RolloutStoreError(f"cannot open the PostgreSQL rollout store: {e}") from e
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
@@ -495,7 +495,7 @@ class PostgresStore(RolloutStore):
                 with self._db.transaction(), self._db.cursor() as cur:
                     yield cur
             except self._psycopg.Error as e:
-                raise StoreError(f"PostgreSQL rollout store: {e}") from e
+                raise RolloutStoreError(f"PostgreSQL rollout store: {e}") from e
 
     def close(self) -> None:
         self._db.close()
