@@ -51,6 +51,7 @@ __all__ = [
     "BundleFile",
     "VerifiedBundle",
     "VerifyPolicy",
+    "check_policy",
     "parse_version",
     "unwrap_content_key",
     "verify_prelude",
@@ -106,6 +107,10 @@ class VerifiedBundle:
     #: The device's trust state as it would be after accepting this bundle (root chain
     #: followed, carried list taken): the store merges it in when it commits.
     trust_state: TrustState
+    #: SHA-256 of the verified prelude (header, manifest, trust block, signature): a copy
+    #: of this bundle is checked against it (:meth:`BundleFile.check_copy_of`), not
+    #: verified again.
+    prelude_sha256: str = ""
 
 
 def _unverified_trust(unverified_block: bytes) -> tuple[list[object], object, object]:
@@ -165,18 +170,21 @@ def verify_prelude(
             f"signer {signer.name!r} may not sign model {manifest.model_name!r} "
             f"(allowed: {', '.join(signer.model_patterns)})"
         )
-    _check_policy(manifest, policy)
+    check_policy(manifest, policy)
     trust = {
         "rotations": rotations,
         "signer": unverified_cert,
         "revocations": unverified_revocations,
     }
+    prelude_sha256 = hashlib.sha256(unverified_prefix[: header.payload_offset]).hexdigest()
     return VerifiedBundle(
-        header, manifest, manifest_bytes, signer, anchor, revocations, trust, state
+        header, manifest, manifest_bytes, signer, anchor, revocations, trust, state, prelude_sha256
     )
 
 
-def _check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:
+def check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:
+    """V8-V10 of a verified manifest against ``policy``. Pure. :func:`verify_prelude`
+    runs it; an open of a copy of a verified bundle runs it again with its own policy."""
     # V8: at install time the bundle is not expired and not from the future.
     if policy.now is not None:
         if policy.now >= manifest.expires:
@@ -274,6 +282,31 @@ class BundleFile:
 
     def verify(self, policy: VerifyPolicy) -> VerifiedBundle:
         return verify_prelude(self.read_prefix(policy.limits), file_len=self.size, policy=policy)
+
+    def check_copy_of(self, bundle: VerifiedBundle) -> None:
+        """This file is a copy of ``bundle`` (verified from another file moments ago), so
+        it is checked by digest instead of verified again: its length is the one the
+        verified header declares (V1) and its prelude hashes to the verified prelude's
+        SHA-256, so the signature V6 checked covers it byte for byte. Its payload is
+        checked chunk by chunk against the verified manifest's digests (V13) by
+        :meth:`check_chunk_digests` or while decrypting."""
+        h = bundle.header
+        if not bundle.prelude_sha256:
+            raise ValueError("the verified bundle carries no prelude digest")
+        # V1 (by comparison): exactly as long as the verified bundle.
+        if self.size != h.total_len:
+            kind = "truncated" if self.size < h.total_len else "trailing data"
+            raise MalformedBundleError(
+                f"{kind}: the verified bundle has {h.total_len} bytes, this copy {self.size}"
+            )
+        # V6 (by comparison): the prelude is the one whose signature was verified.
+        if hashlib.sha256(self._read_exact(0, h.payload_offset)).hexdigest() != (
+            bundle.prelude_sha256
+        ):
+            raise SignatureError(
+                "the copy's header, manifest or trust block differs from the verified "
+                "bundle's: its signature does not cover them"
+            )
 
     def check_chunk_digests(self, bundle: VerifiedBundle) -> None:
         """V13's first half, which needs no key: every sealed chunk is the one the signed
