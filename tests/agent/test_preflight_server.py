@@ -147,3 +147,25 @@ def test_a_server_that_never_answers_is_killed_at_the_deadline():
         assert pf._server is None  # killed, not left behind
     finally:
         pf.close()
+
+
+def test_a_process_forked_from_the_agent_starts_its_own_server_and_leaves_the_parents(
+    preflight,
+):
+    """multiprocessing's fork start method copies the agent's Preflight into the child:
+    the child must not use the parent's control socket, nor kill the parent's server."""
+    _check(preflight)
+    pid = _server_pid(preflight)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked process
+        code = 1
+        try:
+            _check(preflight)
+            code = 0 if _server_pid(preflight) != pid else 2
+            preflight.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _server_pid(preflight) == pid
+    _check(preflight)

@@ -303,6 +303,9 @@ class _Server:
 
     def __init__(self, command: Sequence[str]) -> None:
         self.command = tuple(command)
+        #: The process that started it: a process forked from that one (multiprocessing)
+        #: inherits this object but must neither use nor stop its parent's server.
+        self.owner = os.getpid()
         ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {**os.environ, **_SINGLE_THREADED}
         try:
@@ -316,11 +319,16 @@ class _Server:
             theirs.close()
         self.ctl = ctl
 
+    def mine(self) -> bool:
+        return self.owner == os.getpid()
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def close(self) -> None:
         self.ctl.close()  # the server exits when its control socket closes
+        if not self.mine():
+            return
         try:
             self.proc.wait(timeout=SERVER_GRACE)
         except subprocess.TimeoutExpired:
@@ -328,6 +336,8 @@ class _Server:
 
     def kill(self) -> None:
         self.ctl.close()
+        if not self.mine():
+            return
         self.proc.kill()
         self.proc.wait()
 
@@ -373,6 +383,9 @@ class Preflight:
 
     def _ensure_server(self) -> _Server:
         server = self._server
+        if server is not None and not server.mine():
+            server.ctl.close()  # our copy of the socket; the parent's server serves on
+            server = self._server = None
         if server is not None and (not server.alive() or server.command != tuple(self.command)):
             server.kill()
             server = self._server = None
