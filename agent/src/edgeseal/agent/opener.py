@@ -31,7 +31,14 @@ from edgeseal.core.extras import decode_extras
 from edgeseal.core.keystore import KeyStore
 from edgeseal.core.manifest import Manifest
 from edgeseal.core.oms import OmsError, verify_split_signature
-from edgeseal.core.reader import BundleFile, VerifiedBundle, VerifyPolicy, unwrap_content_key, wipe
+from edgeseal.core.reader import (
+    BundleFile,
+    VerifiedBundle,
+    VerifyPolicy,
+    check_policy,
+    unwrap_content_key,
+    wipe,
+)
 from edgeseal.core.weights import parse_weights_index
 
 __all__ = ["OmsError", "OpenedModel", "check_oms", "open_bundle"]
@@ -105,13 +112,26 @@ def open_bundle(
     progress: Progress | None = None,
     preflight: Preflight | None = None,
     engine_cache_dir: Path | None = None,
+    verified: VerifiedBundle | None = None,
 ) -> OpenedModel:
     """Open ``path`` into memory and build its session. ``engine_cache_dir`` is where
     this model's sealed TensorRT engine caches live (the agent's model store); without
-    it, TensorRT runs with its engine cache off."""
+    it, TensorRT runs with its engine cache off.
+
+    ``verified``: ``path`` is a copy of this bundle, verified from another file moments
+    ago (the agent's staged slot): it is checked against it by digest instead of being
+    verified again (:meth:`~edgeseal.core.reader.BundleFile.check_copy_of`), and V8-V10
+    are checked again against ``policy``."""
     buffers: dict[str, SecretBuffer] = {}
     with BundleFile.open(path) as bf:
-        vb = bf.verify(policy)
+        if verified is None:
+            vb = bf.verify(policy)  # V1-V11
+        else:
+            # V1 and V6 by digest comparison with the verified prelude; V13-V14 below
+            # check every chunk and section of this copy against the verified manifest.
+            bf.check_copy_of(verified)
+            check_policy(verified.manifest, policy)  # V8-V10, with this open's policy
+            vb = verified
         content_key = unwrap_content_key(vb.manifest, key_store)
         try:
             for entry in vb.manifest.sections:

@@ -8,7 +8,9 @@ flatbuffer that crashes the runtime. Runtimes are C++; a crash in one would take
 daemon down with every model it serves.
 
 So before the agent builds a session from a graph, :class:`Preflight` hands the graph
-to a fresh child process (``python -m edgeseal.agent.preflight``), which
+to a child process, forked for this one check by the pre-flight server
+(``python -m edgeseal.agent.preflight``, :mod:`edgeseal.agent.preflight_server`, started
+by the agent on its first check, kept running, restarted if it dies), which
 
 1. checks its structure (:func:`check_onnx_graph`): external data only through the
    sealed weights' placeholder, standard operator domains (or the model's own local
@@ -20,8 +22,9 @@ to a fresh child process (``python -m edgeseal.agent.preflight``), which
 
 A refusal is :class:`ModelRejectedError`; a child killed by a signal (SIGSEGV, abort,
 the OOM killer) or past its deadline is :class:`RuntimeCrashError`. Either way the agent
-lives on and the open fails. The child is undumpable and exits after one model, so the
-kernel, not Python, disposes of its copy of the graph.
+lives on and the open fails, and so does the server. The child is undumpable and exits
+after one model, so the kernel, not Python, disposes of its copy of the graph; the
+server never holds a model byte.
 
 Limits: crashes that depend on weight values or that happen only while running (not
 while loading) are not caught here; a runtime with a GPU/NPU execution provider is
@@ -35,14 +38,18 @@ import logging
 import math
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
+import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from edgeseal.agent.memory import SecretBuffer
+from edgeseal.agent.preflight_server import REQUEST, STATUS
 from edgeseal.core.config import Limits, RuntimeConfig
 from edgeseal.core.errors import RuntimeBackendError
 from edgeseal.core.weights import PLACEHOLDER_LOCATION, TensorEntry
@@ -252,28 +259,27 @@ def _check(request: dict[str, Any], payload: bytes) -> None:
     _load_onnx(payload, entries, request["runtime"])
 
 
-def main() -> None:
-    """The child: one request on stdin, one JSON answer on the original stdout."""
-    from edgeseal.agent.memory import make_process_undumpable
-
-    make_process_undumpable()
-    answer_fd = os.dup(1)
-    os.dup2(2, 1)  # whatever a runtime prints goes to stderr, not into the answer
-    data = sys.stdin.buffer.read()
-    (n,) = struct.unpack(">I", data[:4])
-    request = json.loads(data[4 : 4 + n])
+def answer_for(data: bytes) -> bytes:
+    """One check, as the child runs it: ``data`` is the request (a length-prefixed JSON
+    header, then the graph); returns the JSON answer. Never raises for a bad model."""
     try:
+        (n,) = struct.unpack(">I", data[:4])
+        request = json.loads(data[4 : 4 + n])
         _check(request, data[4 + n :])
         answer: dict[str, Any] = {"ok": True}
     except ModelRejectedError as e:
         answer = {"ok": False, "message": str(e)}
     except Exception as e:  # an unexpected failure is a refusal too, never a pass
         answer = {"ok": False, "message": f"pre-flight check failed: {type(e).__name__}: {e}"}
-    try:
-        with os.fdopen(answer_fd, "wb") as out:
-            out.write(json.dumps(answer).encode())
-    except BrokenPipeError:  # the agent went away (stopped or killed): nobody to answer
-        os._exit(1)
+    return json.dumps(answer).encode()
+
+
+def main() -> None:
+    """``python -m edgeseal.agent.preflight``: the pre-flight server (see
+    :mod:`edgeseal.agent.preflight_server`)."""
+    from edgeseal.agent.preflight_server import main as serve
+
+    serve()
 
 
 # --- the agent's side ----------------------------------------------------------------
@@ -286,14 +292,119 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-@dataclass
-class Preflight:
-    """Runs the pre-flight check of one model in a fresh child process."""
+#: How long past a check's deadline the agent waits for the server's own report before it
+#: takes the server for hung and kills it.
+SERVER_GRACE = 2.0
+MAX_ANSWER_BYTES = 1 << 16
 
-    command: Sequence[str] = field(
-        default_factory=lambda: [sys.executable, "-m", "edgeseal.agent.preflight"]
-    )
-    timeout: float = DEFAULT_TIMEOUT
+
+class _Server:
+    """One running pre-flight server and the agent's end of its control socket."""
+
+    def __init__(self, command: Sequence[str]) -> None:
+        self.command = tuple(command)
+        #: The process that started it: a process forked from that one (multiprocessing)
+        #: inherits this object but must neither use nor stop its parent's server.
+        self.owner = os.getpid()
+        ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {**os.environ, **_SINGLE_THREADED}
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                list(command), stdin=theirs.fileno(), env=env, close_fds=True
+            )
+        except OSError:
+            ctl.close()
+            raise
+        finally:
+            theirs.close()
+        self.ctl = ctl
+
+    def mine(self) -> bool:
+        return self.owner == os.getpid()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        self.ctl.close()  # the server exits when its control socket closes
+        if not self.mine():
+            return
+        try:
+            self.proc.wait(timeout=SERVER_GRACE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        self.ctl.close()
+        if not self.mine():
+            return
+        self.proc.kill()
+        self.proc.wait()
+
+
+#: Keeps the server single-threaded, so forking it is safe: no BLAS or OpenMP thread pools.
+_SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class Preflight:
+    """Runs the pre-flight check of each model in a child forked for it by a pre-flight
+    server (:mod:`edgeseal.agent.preflight_server`), which this object starts on its first
+    check (``command``) and restarts when it has died or ``command`` has changed.
+
+    Checks are serialised. ``timeout`` bounds each check, including the server's start
+    when it is started for it; a check past it is killed, and a server that does not
+    report within :data:`SERVER_GRACE` after that is killed too."""
+
+    def __init__(
+        self, command: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.command: Sequence[str] = (
+            command if command is not None else [sys.executable, "-m", "edgeseal.agent.preflight"]
+        )
+        self.timeout = timeout
+        self._check_lock = threading.Lock()
+        self._server: _Server | None = None
+        self._finalizer = weakref.finalize(self, Preflight._stop, [None])
+
+    @staticmethod
+    def _stop(holder: list[_Server | None]) -> None:
+        if holder[0] is not None:
+            holder[0].close()
+
+    def _ensure_server(self) -> _Server:
+        server = self._server
+        if server is not None and not server.mine():
+            server.ctl.close()  # our copy of the socket; the parent's server serves on
+            server = self._server = None
+        if server is not None and (not server.alive() or server.command != tuple(self.command)):
+            server.kill()
+            server = self._server = None
+        if server is None:
+            try:
+                server = _Server(self.command)
+            except OSError as e:
+                raise RuntimeBackendError(f"cannot start the pre-flight server: {e}") from e
+            self._server = server
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, Preflight._stop, [server])
+        return server
+
+    def close(self) -> None:
+        """Stop the server (a later check starts a new one)."""
+        with self._check_lock:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
 
     def check(
         self,
@@ -327,41 +438,72 @@ class Preflight:
         ).encode()
         header = struct.pack(">I", len(request)) + request
         # The message holds the graph (for TFLite, the whole model): assembled in a locked
-        # buffer and wiped, never as a heap copy left behind, unwiped, once freed.
+        # buffer and wiped, never as a heap copy left behind, unwiped, once freed. It goes
+        # to the child through a socket pair, never through a file.
         message = SecretBuffer(len(header) + len(graph))
         try:
             message.view[: len(header)] = header
             message.view[len(header) :] = graph
-            proc = subprocess.run(  # noqa: S603 - our own interpreter and module
-                list(self.command),
-                input=message.view,
-                stdout=subprocess.PIPE,
-                timeout=self.timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise RuntimeCrashError(
-                f"loading the model did not finish within {self.timeout:g} s (child killed)"
-            ) from e
-        except OSError as e:
-            raise RuntimeBackendError(f"cannot start the pre-flight check: {e}") from e
+            with self._check_lock:
+                answer, code, timed_out = self._run(message.view)
         finally:
             message.close()
-        if proc.returncode < 0:
+        if timed_out:
             raise RuntimeCrashError(
-                f"loading the model crashed the runtime ({_signal_name(proc.returncode)}); "
+                f"loading the model did not finish within {self.timeout:g} s (child killed)"
+            )
+        if code < 0:
+            raise RuntimeCrashError(
+                f"loading the model crashed the runtime ({_signal_name(code)}); "
                 "the agent is unaffected"
             )
         try:
-            answer = json.loads(proc.stdout)
+            parsed = json.loads(answer)
         except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
+            parsed = None
+        if not isinstance(parsed, dict):
             raise RuntimeCrashError(
-                f"the pre-flight child exited with status {proc.returncode} without an answer"
+                f"the pre-flight child exited with status {code} without an answer"
             )
-        if not answer.get("ok"):
-            raise ModelRejectedError(str(answer.get("message", "refused")))
+        if not parsed.get("ok"):
+            raise ModelRejectedError(str(parsed.get("message", "refused")))
+
+    def _run(self, message: memoryview) -> tuple[bytes, int, bool]:
+        """One check through the server: (the child's answer, its exit status, whether it
+        was killed at the deadline)."""
+        deadline = time.monotonic() + self.timeout
+        server = self._ensure_server()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                socket.send_fds(server.ctl, [REQUEST.pack(b"C", self.timeout)], [theirs.fileno()])
+            finally:
+                theirs.close()
+            answer = b""
+            try:
+                mine.settimeout(max(0.001, deadline - time.monotonic()))
+                mine.sendall(message)
+                mine.shutdown(socket.SHUT_WR)
+                while len(answer) <= MAX_ANSWER_BYTES and (chunk := mine.recv(1 << 16)):
+                    answer += chunk
+            except OSError:  # the child died or hung: the server says which
+                pass
+            server.ctl.settimeout(max(0.001, deadline - time.monotonic()) + SERVER_GRACE)
+            status = _recv_exact(server.ctl, STATUS.size)
+        except OSError as e:
+            server.kill()
+            self._server = None
+            if isinstance(e, TimeoutError):
+                return b"", 0, True
+            raise RuntimeCrashError(f"the pre-flight server failed: {e}") from e
+        finally:
+            mine.close()
+        if len(status) != STATUS.size:
+            server.kill()
+            self._server = None
+            raise RuntimeCrashError("the pre-flight server exited during the check")
+        code, timed_out = STATUS.unpack(status)
+        return answer, code, timed_out
 
 
 class UnsafeNoPreflight(Preflight):

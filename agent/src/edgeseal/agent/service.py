@@ -28,7 +28,7 @@ from edgeseal.agent.version import __version__
 from edgeseal.core.config import Config
 from edgeseal.core.errors import EdgesealError, NotARecipientError, RollbackError
 from edgeseal.core.keystore import KeyStore
-from edgeseal.core.reader import BundleFile, VerifyPolicy
+from edgeseal.core.reader import BundleFile, VerifiedBundle, VerifyPolicy
 from edgeseal.hardware.floors import FileFloors, TpmFloors, VersionFloors
 
 __all__ = ["Agent", "NoSuchModelError", "ShadowStats", "floors_for"]
@@ -134,6 +134,8 @@ class Agent:
         #: Candidates run beside the serving model on live traffic (an OTA trial).
         self._shadows: dict[str, _Shadow] = {}
         self._shadow_cv = threading.Condition()
+        #: What :meth:`stage` verified, per model, carried to :meth:`check_staged`.
+        self._staged_verified: dict[str, VerifiedBundle] = {}
 
     # -- policy ------------------------------------------------------------------------
 
@@ -162,7 +164,14 @@ class Agent:
 
     # -- opening -----------------------------------------------------------------------
 
-    def _open(self, path: Path, *, installing: bool, model: str | None) -> ServingModel:
+    def _open(
+        self,
+        path: Path,
+        *,
+        installing: bool,
+        model: str | None,
+        verified: VerifiedBundle | None = None,
+    ) -> ServingModel:
         opened = open_bundle(
             path,
             key_store=self.key_store,
@@ -171,6 +180,7 @@ class Agent:
             preflight=None if installing else InstalledSlot(),
             # Sealed TensorRT engine caches (runtime.trt_engine_cache) live by the slots.
             engine_cache_dir=self.store.root / model / "trt-cache" if model else None,
+            verified=verified,
         )
         return ServingModel.start(opened, self.config.agent, self._quarantined)
 
@@ -178,45 +188,76 @@ class Agent:
         """Open a bundle as an install would (floor, expiry, golden vectors), not serving."""
         return self._open(bundle, installing=True, model=model)
 
-    def stage(self, bundle: Path) -> tuple[str, int]:
-        """Verify ``bundle`` for installing (trust, expiry, floor) and copy it into the
-        free slot; the serving slot is untouched. Returns (model, version)."""
+    def verify(self, bundle: Path) -> VerifiedBundle:
+        """Verify ``bundle`` for installing (V1-V11: trust, signature, expiry, target,
+        floor) and that it is wrapped for this device (V12's lookup, no key needed). The
+        result is what :meth:`stage` takes, so the file is verified once."""
         with BundleFile.open(bundle) as bf:
             vb = bf.verify(self.policy(None, installing=True))
-            # V12 and V13 as far as they need no key, before the store is touched: a
-            # bundle for another device, or a corrupted or spliced payload, must not
-            # displace the fallback slot it would be staged into.
-            if vb.manifest.recipient_for(self.key_store.key_id) is None:
-                raise NotARecipientError(
-                    f"bundle {vb.manifest.model_name} v{vb.manifest.version} is not wrapped "
-                    "for this device's key"
-                )
-            bf.check_chunk_digests(vb)
+        if vb.manifest.recipient_for(self.key_store.key_id) is None:
+            raise NotARecipientError(
+                f"bundle {vb.manifest.model_name} v{vb.manifest.version} is not wrapped "
+                "for this device's key"
+            )
         name, version = vb.manifest.model_name, vb.manifest.version
         floor = self.store.floors.get(name)
-        if version < floor:
+        if version < floor:  # V10 (the policy above names no model, so no floor)
             raise RollbackError(
                 f"{name} v{version} is below this device's version floor {floor} "
                 "(an older release is not accepted back)"
             )
-        self.store.stage(name, bundle, version=version, bundle_id=vb.manifest.bundle_id)
+        return vb
+
+    def stage(self, bundle: Path, *, verified: VerifiedBundle | None = None) -> tuple[str, int]:
+        """Copy ``bundle`` into the free slot; the serving slot is untouched. Returns
+        (model, version). ``verified`` is what :meth:`verify` returned for ``bundle``
+        (verified here when not given). The bundle is verified once: the copy is checked
+        against that result by digest, and the result is carried to
+        :meth:`check_staged`."""
+        vb = verified if verified is not None else self.verify(bundle)
+        name, version = vb.manifest.model_name, vb.manifest.version
+
+        def check_copy(copy: Path) -> None:
+            # The bytes copied are the bytes verified: the prelude by its digest (V1, V6),
+            # every sealed chunk by the manifest's digests (V13's first half, no key
+            # needed), before the copy displaces anything: a bundle changed after its
+            # verification, or a corrupted or spliced payload, must not displace the
+            # fallback slot it would be staged into.
+            with BundleFile.open(copy) as bf:
+                bf.check_copy_of(vb)
+                bf.check_chunk_digests(vb)
+
+        self.store.stage(
+            name, bundle, version=version, bundle_id=vb.manifest.bundle_id, check_copy=check_copy
+        )
+        self._staged_verified[name] = vb
         return name, version
 
     def check_staged(self, name: str) -> ServingModel:
         """Open the staged copy as an install would and run its golden vectors. The
-        caller commits it (:meth:`commit_staged`) or discards it."""
+        caller commits it (:meth:`commit_staged`) or discards it. A copy staged by this
+        agent is checked against its carried verification by digest; one staged before
+        a restart is verified in full."""
         journal = self.store.journal(name)
         if journal.staged is None:
             raise StoreError(f"nothing is staged for {name}")
+        vb = self._staged_verified.pop(name, None)
+        slot = journal.slots.get(journal.staged)
+        if vb is not None and (slot is None or slot.bundle_id != vb.manifest.bundle_id):
+            vb = None  # staged by someone else since: not what was verified here
         try:
             return self._open(
-                self.store.slot_path(name, journal.staged), installing=True, model=name
+                self.store.slot_path(name, journal.staged),
+                installing=True,
+                model=name,
+                verified=vb,
             )
         except BaseException as e:
             self.store.discard_staged(name, f"{type(e).__name__}: {e}")
             raise
 
     def discard_staged(self, name: str, reason: str) -> None:
+        self._staged_verified.pop(name, None)
         self.store.discard_staged(name, reason)
 
     def commit_staged(self, name: str, checked: ServingModel) -> dict[str, Any]:

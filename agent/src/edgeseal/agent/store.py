@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -212,8 +212,19 @@ class ModelStore:
         j = self.journal(model)
         return self.slot_path(model, j.active) if j.active else None
 
-    def stage(self, model: str, bundle: Path, *, version: int, bundle_id: str) -> Path:
+    def stage(
+        self,
+        model: str,
+        bundle: Path,
+        *,
+        version: int,
+        bundle_id: str,
+        check_copy: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Copy ``bundle`` into the free slot (atomically) and record it as staged.
+
+        ``check_copy`` is called with the copy, whole and synced, before anything else
+        changes: an error from it removes the copy and propagates, the store as it was.
 
         Order: the copy to a temporary file, whole and synced; then the journal; then the
         rename over the slot's file; then the directory's sync. A failure up to the
@@ -234,6 +245,13 @@ class ModelStore:
             dest = self.slot_path(model, slot)
             failed = f"cannot stage {model} v{version} in slot {slot}"
             tmp = self._copy_in(bundle, dest, failed)
+            if check_copy is not None:
+                try:
+                    check_copy(tmp)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                    raise
             was_fallback = j.fallback == slot
             if was_fallback:
                 j.fallback = None

@@ -10,6 +10,7 @@ them. Nothing here decrypts the payload.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,6 +43,7 @@ from edgeseal.core.truststate import TrustState
 __all__ = [
     "VerifiedBundle",
     "VerifyPolicy",
+    "check_policy",
     "parse_version",
     "unwrap_content_key",
     "verify_prelude",
@@ -94,6 +96,10 @@ class VerifiedBundle:
     #: The device's trust state as it would be after accepting this bundle (root chain
     #: followed, carried list taken): the store merges it in when it commits.
     trust_state: TrustState
+    #: SHA-256 of the verified prelude (header, manifest, trust block, signature): a copy
+    #: of this bundle is checked against it (``BundleFile.check_copy_of``), not verified
+    #: again.
+    prelude_sha256: str = ""
 
 
 def _unverified_trust(unverified_block: bytes) -> tuple[list[object], object, object]:
@@ -153,18 +159,21 @@ def verify_prelude(
             f"signer {signer.name!r} may not sign model {manifest.model_name!r} "
             f"(allowed: {', '.join(signer.model_patterns)})"
         )
-    _check_policy(manifest, policy)
+    check_policy(manifest, policy)
     trust = {
         "rotations": rotations,
         "signer": unverified_cert,
         "revocations": unverified_revocations,
     }
+    prelude_sha256 = hashlib.sha256(unverified_prefix[: header.payload_offset]).hexdigest()
     return VerifiedBundle(
-        header, manifest, manifest_bytes, signer, anchor, revocations, trust, state
+        header, manifest, manifest_bytes, signer, anchor, revocations, trust, state, prelude_sha256
     )
 
 
-def _check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:
+def check_policy(manifest: Manifest, policy: VerifyPolicy) -> None:
+    """V8-V10 of a verified manifest against ``policy``. Pure. :func:`verify_prelude`
+    runs it; an open of a copy of a verified bundle runs it again with its own policy."""
     # V8: at install time the bundle is not expired and not from the future.
     if policy.now is not None:
         if policy.now >= manifest.expires:

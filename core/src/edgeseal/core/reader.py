@@ -23,12 +23,13 @@ from edgeseal.core._stream import SectionCipher
 from edgeseal.core._verify import (
     VerifiedBundle,
     VerifyPolicy,
+    check_policy,
     parse_version,
     unwrap_content_key,
     verify_prelude,
 )
 from edgeseal.core.config import Limits
-from edgeseal.core.errors import DigestMismatchError, MalformedBundleError
+from edgeseal.core.errors import DigestMismatchError, MalformedBundleError, SignatureError
 from edgeseal.core.layout import HEADER_LEN, parse_header
 from edgeseal.core.manifest import SectionEntry
 
@@ -36,6 +37,7 @@ __all__ = [
     "BundleFile",
     "VerifiedBundle",
     "VerifyPolicy",
+    "check_policy",
     "parse_version",
     "unwrap_content_key",
     "verify_prelude",
@@ -84,6 +86,31 @@ class BundleFile:
 
     def verify(self, policy: VerifyPolicy) -> VerifiedBundle:
         return verify_prelude(self.read_prefix(policy.limits), file_len=self.size, policy=policy)
+
+    def check_copy_of(self, bundle: VerifiedBundle) -> None:
+        """This file is a copy of ``bundle`` (verified from another file moments ago), so
+        it is checked by digest instead of verified again: its length is the one the
+        verified header declares (V1) and its prelude hashes to the verified prelude's
+        SHA-256, so the signature V6 checked covers it byte for byte. Its payload is
+        checked chunk by chunk against the verified manifest's digests (V13) by
+        :meth:`check_chunk_digests` or while decrypting."""
+        h = bundle.header
+        if not bundle.prelude_sha256:
+            raise ValueError("the verified bundle carries no prelude digest")
+        # V1 (by comparison): exactly as long as the verified bundle.
+        if self.size != h.total_len:
+            kind = "truncated" if self.size < h.total_len else "trailing data"
+            raise MalformedBundleError(
+                f"{kind}: the verified bundle has {h.total_len} bytes, this copy {self.size}"
+            )
+        # V6 (by comparison): the prelude is the one whose signature was verified.
+        if hashlib.sha256(self._read_exact(0, h.payload_offset)).hexdigest() != (
+            bundle.prelude_sha256
+        ):
+            raise SignatureError(
+                "the copy's header, manifest or trust block differs from the verified "
+                "bundle's: its signature does not cover them"
+            )
 
     def check_chunk_digests(self, bundle: VerifiedBundle) -> None:
         """V13's first half, which needs no key: every sealed chunk is the one the signed

@@ -41,7 +41,6 @@ from edgeseal.core.encoding import b64d, b64e, canonical_json, format_time, utcn
 from edgeseal.core.errors import EdgesealError
 from edgeseal.core.files import atomic_write, describe_os_error
 from edgeseal.core.manifest import is_bundle_id
-from edgeseal.core.reader import BundleFile
 from edgeseal.core.trust import TrustAnchor
 from edgeseal.ota.decide import (
     AT_REST,
@@ -601,15 +600,16 @@ class Updater:
                     digest.update(block)
             if digest.hexdigest() != msg.sha256:
                 raise OtaMessageError("the downloaded bundle does not match the offer's digest")
-            with BundleFile.open(path) as bf:
-                vb = bf.verify(self.agent.policy(msg.model, installing=True))
+            # Verified once (V1-V11, V12's lookup); staging checks its copy against this
+            # result by digest, and opening the staged copy carries it too.
+            vb = self.agent.verify(path)
             m = vb.manifest
             if (m.model_name, m.version, m.bundle_id) != (msg.model, msg.version, msg.bundle_id):
                 raise OtaMessageError(
                     f"the bundle is {m.model_name} v{m.version} ({m.bundle_id[:8]}), "
                     f"not what the offer names ({msg.model} v{msg.version})"
                 )
-            self.agent.stage(path)
+            self.agent.stage(path, verified=vb)
         except (EdgesealError, OSError) as e:
             path.unlink(missing_ok=True)
             self._set_state(msg.model, "failed", reason=f"verify: {type(e).__name__}: {e}")
