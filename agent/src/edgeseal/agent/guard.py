@@ -32,6 +32,7 @@ from edgeseal.core.profile import CompiledProfile, InputTooLargeError, compile_p
 __all__ = ["InferResult", "IntegrityError", "QuarantinedError", "ServingModel"]
 
 Array = npt.NDArray[Any]
+_SUM = np.add.reduce
 
 
 class IntegrityError(EdgesealError):
@@ -200,8 +201,8 @@ class ServingModel:
 
         Every check runs on every call, vectorised over the whole batch: names, dtypes,
         shapes and rows per call from the compiled schema; finiteness and range from two
-        reductions per input (:meth:`CompiledProfile.check`); finite outputs; one OOD
-        score per row from precomputed matrices.
+        reductions per input (:meth:`CompiledProfile.check`); finite outputs (one sum
+        each); one OOD score per row from precomputed matrices. No input is copied.
         """
         if self.quarantined is not None:
             raise QuarantinedError(
@@ -216,7 +217,10 @@ class ServingModel:
             self.counters.rejected += 1
             raise
         outputs = self.opened.run(feed)
-        size = sum(v.nbytes for v in outputs.values() if isinstance(v, np.ndarray))
+        size = 0
+        for value in outputs.values():
+            if isinstance(value, np.ndarray):
+                size += value.nbytes
         if size > self.config.max_output_bytes:
             self.counters.rejected += 1
             raise InputTooLargeError(
@@ -229,20 +233,26 @@ class ServingModel:
             if (
                 isinstance(value, np.ndarray)
                 and value.dtype.kind == "f"
-                and not math.isfinite(value.sum())
+                and not math.isfinite(_SUM(value, axis=None))
                 and not np.isfinite(value).all()
             ):
                 self.counters.rejected += 1
                 raise IntegrityError(f"output {name} has NaN or infinite values")
-        scores = checks.scores(feed) if checks.scorers else None
         ood_rows = 0
         ood = None
-        if scores is not None:
-            ood_rows = int(np.count_nonzero(scores > self.config.ood_threshold))
-            ood = [round(s, 4) for s in scores.tolist()]
+        if checks.scorers:
+            # Plain floats from here: a batch's scores are a few, and the list goes out
+            # in the answer anyway (NaN is above no threshold, as in numpy).
+            scores = checks.scores(feed)
+            if scores is not None:
+                threshold = self.config.ood_threshold
+                values = scores.tolist()
+                ood_rows = sum(1 for s in values if s > threshold)
+                ood = [round(s, 4) for s in values]
         # Rows are counted on the first input that has a batch axis (a scalar input, such
-        # as a sample rate, has none); a feed of scalars only is one row.
-        rows = next((int(v.shape[0]) for v in feed.values() if np.ndim(v)), 1 if feed else 0)
+        # as a sample rate, has none); a feed of scalars only is one row. The feed passed
+        # the schema check: its values are arrays.
+        rows = next((v.shape[0] for v in feed.values() if v.ndim), 1 if feed else 0)
         with self._lock:
             c = self.counters
             c.requests += 1
