@@ -185,6 +185,40 @@ def test_a_model_corrupted_in_memory_is_quarantined_and_falls_back(fleet, traine
         agent.close()
 
 
+def test_scheduled_checks_run_on_their_own_thread_on_the_request_schedule(
+    fleet, trained, device
+):
+    """Timeline: golden vectors are due every 3 requests; v2 serves over v1, and its
+    weights' signs flip in memory (answers stay finite, so calls go on); calls 1-3 answer
+    from v2, the third without running the check itself; the check runs on a thread of its
+    own, finds the golden vectors broken, quarantines v2, and the store falls back to v1."""
+    agent = _agent(device, "[agent]\ngolden_every_requests = 3\n")
+    try:
+        agent.install(_bundle(fleet, trained, 1))
+        agent.install(_bundle(fleet, trained, 2, model="m2"))
+        sm = agent.model("clf")
+        ran_on: list[str] = []
+        check_golden = sm._golden_problems
+
+        def recorded() -> list[str]:
+            ran_on.append(threading.current_thread().name)
+            return check_golden()
+
+        sm._golden_problems = recorded  # type: ignore[method-assign]
+        view = sm.opened.buffers["weights"].view
+        for i in range(3, len(view), 4):  # the sign bit of every float32 weight
+            view[i] ^= 0x80
+        for _ in range(3):
+            assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 2
+        assert wait_for(lambda: agent.model("clf").identity["version"] == 1, timeout=20)
+        assert ran_on == ["edgeseal-check-clf"]
+        assert sm.quarantined and "golden" in sm.quarantined
+        assert [e["event"] for e in agent.events][-2:] == ["quarantined", "fell_back"]
+        assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 1
+    finally:
+        agent.close()
+
+
 def _weights_offset(tflite: bytes) -> int:
     """Where the largest buffer of a TFLite flatbuffer (the dense layer's weights) starts."""
     import ai_edge_litert.schema_py_generated as schema

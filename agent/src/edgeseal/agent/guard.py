@@ -75,6 +75,11 @@ class ServingModel:
     _last_golden: float = 0.0
     _last_digest: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # One integrity check at a time, held apart from ``_lock`` (the counters every call
+    # takes) so that calls are not held up while the weights are hashed; and whether a
+    # scheduled check was claimed and has not finished yet.
+    _check_lock: threading.Lock = field(default_factory=threading.Lock)
+    _check_claimed: bool = False
     _checks: CompiledProfile | None = None
     _identity: dict[str, Any] | None = None
     # Calls in flight, and whether a replacement took over: the memory is wiped only once
@@ -164,15 +169,54 @@ class ServingModel:
 
     def self_check(self, *, golden: bool = True, digest: bool = True) -> list[str]:
         """Run the checks now; quarantine on failure. Returns the problems found."""
+        with self._check_lock:
+            problems = self._run_checks(golden=golden, digest=digest)
+        if problems:
+            self.quarantine("; ".join(problems))
+        return problems
+
+    def _run_checks(self, *, golden: bool, digest: bool) -> list[str]:
+        """The checks asked for, with ``_check_lock`` held; then the schedule restarts."""
+        problems = (self._digest_problems() if digest else []) + (
+            self._golden_problems() if golden else []
+        )
+        now = time.monotonic()
         with self._lock:
-            problems = (self._digest_problems() if digest else []) + (
-                self._golden_problems() if golden else []
-            )
-            now = time.monotonic()
             if golden:
                 self._last_golden, self._since_golden = now, 0
             if digest:
                 self._last_digest = now
+        return problems
+
+    def claim_due_checks(self, now: float | None = None) -> bool:
+        """True, for one caller only, when a scheduled check is due and none is claimed
+        yet: that caller then runs :meth:`run_due_checks` (on a thread of its choice)."""
+        golden, digest = self.due_checks(now)
+        if not (golden or digest):
+            return False
+        with self._lock:
+            if self._check_claimed:
+                return False
+            self._check_claimed = True
+            return True
+
+    def run_due_checks(self) -> list[str]:
+        """Run the scheduled checks that are due now and release the claim; quarantine on
+        failure. A check that cannot run at all (the runtime fails on the golden vectors)
+        quarantines too: the model's integrity can no longer be shown. Returns the
+        problems found."""
+        try:
+            with self._check_lock:
+                golden, digest = self.due_checks()
+                if not (golden or digest):
+                    return []
+                try:
+                    problems = self._run_checks(golden=golden, digest=digest)
+                except Exception as e:  # any failure here is the model's
+                    problems = [f"the scheduled integrity check failed to run: {e}"]
+        finally:
+            with self._lock:
+                self._check_claimed = False
         if problems:
             self.quarantine("; ".join(problems))
         return problems
