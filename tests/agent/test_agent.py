@@ -185,9 +185,7 @@ def test_a_model_corrupted_in_memory_is_quarantined_and_falls_back(fleet, traine
         agent.close()
 
 
-def test_scheduled_checks_run_on_their_own_thread_on_the_request_schedule(
-    fleet, trained, device
-):
+def test_scheduled_checks_run_on_their_own_thread_on_the_request_schedule(fleet, trained, device):
     """Timeline: golden vectors are due every 3 requests; v2 serves over v1, and its
     weights' signs flip in memory (answers stay finite, so calls go on); calls 1-3 answer
     from v2, the third without running the check itself; the check runs on a thread of its
