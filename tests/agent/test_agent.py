@@ -26,7 +26,7 @@ from edgeseal.agent.device import DeviceHome
 from edgeseal.agent.guard import IntegrityError
 from edgeseal.agent.service import Agent
 from edgeseal.core.config import AccessRule, load_config
-from edgeseal.core.errors import RollbackError
+from edgeseal.core.errors import InputError, RollbackError
 from edgeseal.hardware.floors import FileFloors
 from edgeseal.packager import pack as pack_module
 from edgeseal.packager.pack import PackOptions
@@ -127,6 +127,45 @@ def test_a_bundle_whose_golden_vectors_fail_is_refused_and_serving_is_unchanged(
         agent.close()
 
 
+def test_guarded_calls_count_ood_rows_refuse_bad_values_anywhere_and_take_strided_inputs(
+    fleet, trained, device
+):
+    """Through ``Agent.infer`` on a real bundle: a row whose last value is far out
+    (range check off, so the OOD score alone sees it) is the one row counted; a NaN or an
+    out-of-range value in the last element of a batch is refused and counted as
+    rejected; a strided view answers as its contiguous copy does."""
+    agent = _agent(device, "[agent]\nrange_margin = 0.0\n")
+    ranged = _agent(device)
+    try:
+        agent.install(_bundle(fleet, trained, 1))
+        ranged.load_all()
+        x = np.repeat(_x(trained), 8, axis=0)  # 32 rows
+        base = agent.infer("clf", {"input": x})
+        assert base.ood is not None and len(base.ood) == 32
+        shifted = x.copy()
+        shifted[17, -1] += 1e3
+        r = agent.infer("clf", {"input": shifted})
+        assert r.ood is not None and r.ood[17] > 1.0
+        assert r.ood_rows == base.ood_rows + (base.ood[17] <= 1.0)
+        assert agent.model("clf").counters.ood_rows == base.ood_rows + r.ood_rows
+        for model, bad in ((agent, np.nan), (ranged, 1e6)):
+            broken = x.copy()
+            broken[-1, -1] = bad
+            with pytest.raises(InputError):
+                model.infer("clf", {"input": broken})
+            assert model.model("clf").counters.rejected == 1
+        wide = np.repeat(x, 2, axis=1)
+        strided = wide[:, ::2]
+        assert not strided.flags.c_contiguous
+        got = agent.infer("clf", {"input": strided})
+        want = agent.infer("clf", {"input": np.ascontiguousarray(strided)})
+        np.testing.assert_array_equal(got.outputs["probs"], want.outputs["probs"])
+        assert got.ood == want.ood
+    finally:
+        agent.close()
+        ranged.close()
+
+
 def test_a_model_corrupted_in_memory_is_quarantined_and_falls_back(fleet, trained, device):
     agent = _agent(device)
     try:
@@ -142,6 +181,38 @@ def test_a_model_corrupted_in_memory_is_quarantined_and_falls_back(fleet, traine
         assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 1
         assert agent.store.journal("clf").slots["b"].state.startswith("failed")
         assert [e["event"] for e in agent.events][-2:] == ["quarantined", "fell_back"]
+    finally:
+        agent.close()
+
+
+def test_scheduled_checks_run_on_their_own_thread_on_the_request_schedule(fleet, trained, device):
+    """Timeline: golden vectors are due every 3 requests; v2 serves over v1, and its
+    weights' signs flip in memory (answers stay finite, so calls go on); calls 1-3 answer
+    from v2, the third without running the check itself; the check runs on a thread of its
+    own, finds the golden vectors broken, quarantines v2, and the store falls back to v1."""
+    agent = _agent(device, "[agent]\ngolden_every_requests = 3\n")
+    try:
+        agent.install(_bundle(fleet, trained, 1))
+        agent.install(_bundle(fleet, trained, 2, model="m2"))
+        sm = agent.model("clf")
+        ran_on: list[str] = []
+        check_golden = sm._golden_problems
+
+        def recorded() -> list[str]:
+            ran_on.append(threading.current_thread().name)
+            return check_golden()
+
+        sm._golden_problems = recorded  # type: ignore[method-assign]
+        view = sm.opened.buffers["weights"].view
+        for i in range(3, len(view), 4):  # the sign bit of every float32 weight
+            view[i] ^= 0x80
+        for _ in range(3):
+            assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 2
+        assert wait_for(lambda: agent.model("clf").identity["version"] == 1, timeout=20)
+        assert ran_on == ["edgeseal-check-clf"]
+        assert sm.quarantined and "golden" in sm.quarantined
+        assert [e["event"] for e in agent.events][-2:] == ["quarantined", "fell_back"]
+        assert agent.infer("clf", {"input": _x(trained)}).model["version"] == 1
     finally:
         agent.close()
 

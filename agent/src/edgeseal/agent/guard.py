@@ -32,6 +32,7 @@ from edgeseal.core.profile import CompiledProfile, InputTooLargeError, compile_p
 __all__ = ["InferResult", "IntegrityError", "QuarantinedError", "ServingModel"]
 
 Array = npt.NDArray[Any]
+_SUM = np.add.reduce
 
 
 class IntegrityError(EdgesealError):
@@ -74,6 +75,11 @@ class ServingModel:
     _last_golden: float = 0.0
     _last_digest: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # One integrity check at a time, held apart from ``_lock`` (the counters every call
+    # takes) so that calls are not held up while the weights are hashed; and whether a
+    # scheduled check was claimed and has not finished yet.
+    _check_lock: threading.Lock = field(default_factory=threading.Lock)
+    _check_claimed: bool = False
     _checks: CompiledProfile | None = None
     _identity: dict[str, Any] | None = None
     # Calls in flight, and whether a replacement took over: the memory is wiped only once
@@ -163,15 +169,54 @@ class ServingModel:
 
     def self_check(self, *, golden: bool = True, digest: bool = True) -> list[str]:
         """Run the checks now; quarantine on failure. Returns the problems found."""
+        with self._check_lock:
+            problems = self._run_checks(golden=golden, digest=digest)
+        if problems:
+            self.quarantine("; ".join(problems))
+        return problems
+
+    def _run_checks(self, *, golden: bool, digest: bool) -> list[str]:
+        """The checks asked for, with ``_check_lock`` held; then the schedule restarts."""
+        problems = (self._digest_problems() if digest else []) + (
+            self._golden_problems() if golden else []
+        )
+        now = time.monotonic()
         with self._lock:
-            problems = (self._digest_problems() if digest else []) + (
-                self._golden_problems() if golden else []
-            )
-            now = time.monotonic()
             if golden:
                 self._last_golden, self._since_golden = now, 0
             if digest:
                 self._last_digest = now
+        return problems
+
+    def claim_due_checks(self, now: float | None = None) -> bool:
+        """True, for one caller only, when a scheduled check is due and none is claimed
+        yet: that caller then runs :meth:`run_due_checks` (on a thread of its choice)."""
+        golden, digest = self.due_checks(now)
+        if not (golden or digest):
+            return False
+        with self._lock:
+            if self._check_claimed:
+                return False
+            self._check_claimed = True
+            return True
+
+    def run_due_checks(self) -> list[str]:
+        """Run the scheduled checks that are due now and release the claim; quarantine on
+        failure. A check that cannot run at all (the runtime fails on the golden vectors)
+        quarantines too: the model's integrity can no longer be shown. Returns the
+        problems found."""
+        try:
+            with self._check_lock:
+                golden, digest = self.due_checks()
+                if not (golden or digest):
+                    return []
+                try:
+                    problems = self._run_checks(golden=golden, digest=digest)
+                except Exception as e:  # any failure here is the model's
+                    problems = [f"the scheduled integrity check failed to run: {e}"]
+        finally:
+            with self._lock:
+                self._check_claimed = False
         if problems:
             self.quarantine("; ".join(problems))
         return problems
@@ -200,8 +245,8 @@ class ServingModel:
 
         Every check runs on every call, vectorised over the whole batch: names, dtypes,
         shapes and rows per call from the compiled schema; finiteness and range from two
-        reductions per input (:meth:`CompiledProfile.check`); finite outputs; one OOD
-        score per row from precomputed matrices.
+        reductions per input (:meth:`CompiledProfile.check`); finite outputs (one sum
+        each); one OOD score per row from precomputed matrices. No input is copied.
         """
         if self.quarantined is not None:
             raise QuarantinedError(
@@ -216,7 +261,10 @@ class ServingModel:
             self.counters.rejected += 1
             raise
         outputs = self.opened.run(feed)
-        size = sum(v.nbytes for v in outputs.values() if isinstance(v, np.ndarray))
+        size = 0
+        for value in outputs.values():
+            if isinstance(value, np.ndarray):
+                size += value.nbytes
         if size > self.config.max_output_bytes:
             self.counters.rejected += 1
             raise InputTooLargeError(
@@ -229,20 +277,26 @@ class ServingModel:
             if (
                 isinstance(value, np.ndarray)
                 and value.dtype.kind == "f"
-                and not math.isfinite(value.sum())
+                and not math.isfinite(_SUM(value, axis=None))
                 and not np.isfinite(value).all()
             ):
                 self.counters.rejected += 1
                 raise IntegrityError(f"output {name} has NaN or infinite values")
-        scores = checks.scores(feed) if checks.scorers else None
         ood_rows = 0
         ood = None
-        if scores is not None:
-            ood_rows = int(np.count_nonzero(scores > self.config.ood_threshold))
-            ood = [round(s, 4) for s in scores.tolist()]
+        if checks.scorers:
+            # Plain floats from here: a batch's scores are a few, and the list goes out
+            # in the answer anyway (NaN is above no threshold, as in numpy).
+            scores = checks.scores(feed)
+            if scores is not None:
+                threshold = self.config.ood_threshold
+                values = scores.tolist()
+                ood_rows = sum(1 for s in values if s > threshold)
+                ood = [round(s, 4) for s in values]
         # Rows are counted on the first input that has a batch axis (a scalar input, such
-        # as a sample rate, has none); a feed of scalars only is one row.
-        rows = next((int(v.shape[0]) for v in feed.values() if np.ndim(v)), 1 if feed else 0)
+        # as a sample rate, has none); a feed of scalars only is one row. The feed passed
+        # the schema check: its values are arrays.
+        rows = next((v.shape[0] for v in feed.values() if v.ndim), 1 if feed else 0)
         with self._lock:
             c = self.counters
             c.requests += 1

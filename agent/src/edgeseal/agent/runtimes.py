@@ -215,8 +215,11 @@ class OnnxSession:
             cache.persist()  # seal what the build wrote, wipe the plaintext
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The output names listed once at build time (ORT lists them on every call given
+        # None); a feed that is a dict already goes as it is.
+        feed = inputs if type(inputs) is dict else dict(inputs)
         try:
-            results = self._session.run(None, dict(inputs))
+            results = self._session.run(self.output_names, feed)
         except Exception as e:
             raise RuntimeBackendError(f"inference failed: {e}") from e
         return dict(zip(self.output_names, results, strict=False))

@@ -350,14 +350,29 @@ class Agent:
             sm = self.model(name)
         try:
             result = sm.infer(feed)
-            golden_due, digest_due = sm.due_checks()
-            if golden_due or digest_due:
-                sm.self_check(golden=golden_due, digest=digest_due)
+            if sm.claim_due_checks():
+                self._check_in_background(sm)
         finally:
             sm.release()
         if self._shadows:
             self._run_shadow(name, feed, result)
         return result
+
+    def _check_in_background(self, sm: ServingModel) -> None:
+        """Run ``sm``'s due integrity checks (golden vectors, digests of the weights) on a
+        thread of their own, started now: on schedule, but not on the caller's time. The
+        model stays open until they are done; a failure quarantines it as before."""
+        if not sm.acquire():  # retired meanwhile: its replacement keeps its own schedule
+            return
+
+        def work() -> None:
+            try:
+                sm.run_due_checks()
+            finally:
+                sm.release()
+
+        name = f"edgeseal-check-{sm.identity['model']}"
+        threading.Thread(target=work, name=name, daemon=True).start()
 
     # -- shadow inference (OTA trials) -----------------------------------------------------
 
@@ -426,9 +441,8 @@ class Agent:
             if sm.quarantined or not sm.acquire():
                 continue
             try:
-                golden_due, digest_due = sm.due_checks()
-                if golden_due or digest_due:
-                    sm.self_check(golden=golden_due, digest=digest_due)
+                if sm.claim_due_checks():
+                    sm.run_due_checks()
             finally:
                 sm.release()
 

@@ -151,6 +151,10 @@ def make_profile(inputs: Mapping[str, Array]) -> dict[str, Any]:
 
 
 _ARRAYS = ("mean", "std", "components", "variances")
+#: Accepted input shapes remembered per input (a server sees a few batch sizes).
+_SHAPES_KEPT = 64
+_MIN = np.minimum.reduce
+_MAX = np.maximum.reduce
 
 
 class _Scorer:
@@ -179,6 +183,10 @@ class _Scorer:
             self.proj = np.ascontiguousarray(comps.T)
             self.weights = (1.0 / var - 1.0 / rv) * (scale / d)
             self.energy = scale / (rv * d)
+            self.features = d
+            #: One weight per squared value of ``[c, z]``: the energy weight for each of
+            #: the ``d`` centred values, then the component weights.
+            self.coef = np.concatenate([np.full(d, self.energy), self.weights])
         else:
             axis = int(entry["axis"])
             self.axis = axis
@@ -205,11 +213,17 @@ class _Scorer:
         """Each row's score relative to the reference (1: the calibration's 99th pct)."""
         rows = x.shape[0]
         if self.kind == "pca":
-            c = x.reshape(rows, -1) - self.mean  # float64 from here on
-            z = c @ self.proj
-            out: npt.NDArray[np.float64] = (z * z) @ self.weights + np.einsum(
-                "ij,ij->i", c, c
-            ) * self.energy
+            # Four array operations, whatever the rows: the centred row ``c`` (float64
+            # from here on) and its projection ``z`` side by side in one buffer, squared
+            # in place, then one product with the weights gives
+            # ``energy * |c|**2 + weights . z**2`` per row.
+            d = self.features
+            y = np.empty((rows, d + self.weights.shape[0]))
+            c = y[:, :d]
+            np.subtract(x.reshape(rows, -1), self.mean, out=c)
+            np.matmul(c, self.proj, out=y[:, d:])
+            np.multiply(y, y, out=y)
+            out: npt.NDArray[np.float64] = y @ self.coef
             return out
         mean, inv = self._channel_vectors(x.ndim, x.dtype)
         zz = (x - mean) * inv
@@ -221,8 +235,11 @@ class _Scorer:
 class _InputCheck:
     """One input's schema and range check, compiled."""
 
-    def __init__(self, spec: TensorSpec, entry: Mapping[str, Any] | None, margin: float) -> None:
+    def __init__(
+        self, spec: TensorSpec, entry: Mapping[str, Any] | None, margin: float, max_rows: int
+    ) -> None:
         self.name = spec.name
+        self.max_rows = max_rows
         self.dtype = np.dtype(spec.dtype) if spec.dtype in np.sctypeDict else None
         self.dtype_name = spec.dtype
         self.want = tuple(spec.shape)
@@ -237,6 +254,25 @@ class _InputCheck:
             span = max(hi - lo, 1e-12) * margin
             self.lo, self.hi, self.ranged = lo - span, hi + span, True
             self.calibrated = (lo, hi)
+        #: Whether the values are reduced at all: finiteness for floats, range if profiled.
+        self.reduced = self.floating or self.ranged
+        #: Shapes already found to fit the schema and the rows limit, so that a repeated
+        #: shape costs one set lookup; at most ``_SHAPES_KEPT`` are kept.
+        self.shapes_ok: set[tuple[int, ...]] = set()
+
+    def shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        """What is wrong with ``shape`` (the schema's rank and fixed sizes, at most
+        ``max_rows`` rows), or None; a shape that fits is remembered, so a repeated one
+        costs a set lookup."""
+        if shape in self.shapes_ok:
+            return None
+        if len(shape) != self.ndim or any(shape[i] != w for i, w in self.fixed):
+            return f"shape {list(shape)}, the model takes {list(self.want)}"
+        if shape and shape[0] > self.max_rows:
+            return f"{shape[0]} rows, at most {self.max_rows} per call"
+        if len(self.shapes_ok) < _SHAPES_KEPT:
+            self.shapes_ok.add(shape)
+        return None
 
 
 class CompiledProfile:
@@ -261,7 +297,7 @@ class CompiledProfile:
         prof = self.raw.get("inputs", {})
         self.max_rows = max_rows
         self.names = frozenset(s.name for s in specs)
-        self.inputs = tuple(_InputCheck(s, prof.get(s.name), range_margin) for s in specs)
+        self.inputs = tuple(_InputCheck(s, prof.get(s.name), range_margin, max_rows) for s in specs)
         #: Input elements per call at most: max_rows rows of each input, a symbolic
         #: dimension counted at ``dim_factor`` times its size in the calibration rows;
         #: never more than ``max_elements``.
@@ -272,7 +308,9 @@ class CompiledProfile:
     def check(self, feed: Mapping[str, Array]) -> None:
         if len(feed) != len(self.names) or not self.names.issuperset(feed):
             _names_problem(self.names, feed)
-        elements = sum(a.size for a in feed.values())
+        elements = 0
+        for a in feed.values():
+            elements += a.size
         if elements > self.max_elements:
             self.too_large(elements)
         for c in self.inputs:
@@ -283,22 +321,22 @@ class CompiledProfile:
                     f"input {c.name}: dtype{order} {a.dtype.name}, the model takes "
                     f"{c.dtype_name}" + (" in little-endian order" if order else "")
                 )
-            shape = a.shape
-            if len(shape) != c.ndim or any(shape[i] != w for i, w in c.fixed):
-                raise InputError(
-                    f"input {c.name}: shape {list(a.shape)}, the model takes {list(c.want)}"
-                )
-            if a.ndim and a.shape[0] > self.max_rows:
-                raise InputError(
-                    f"input {c.name}: {a.shape[0]} rows, at most {self.max_rows} per call"
-                )
+            problem = c.shape_problem(a.shape)
+            if problem is not None:
+                raise InputError(f"input {c.name}: {problem}")
 
-            if not a.size or not (c.floating or c.ranged):
+            if not c.reduced or not a.size:
                 continue
-            # Two reductions check finiteness and range at once: NaN propagates through
-            # min and max and fails every comparison; an infinity lies outside any bound.
-            amin, amax = a.min(), a.max()
-            if c.lo <= amin and amax <= c.hi and (c.ranged or np.isfinite(amin - amax)):
+            # Two reductions check finiteness and range at once, whatever the layout (no
+            # copy of a strided input): NaN propagates through min and max and fails
+            # every comparison; an infinity lies outside any bound. The ufuncs' own
+            # reduce skips the Python wrappers of ``a.min()`` and ``a.max()``.
+            amin, amax = _MIN(a, axis=None), _MAX(a, axis=None)
+            if (
+                c.lo <= amin
+                and amax <= c.hi
+                and (c.ranged or (math.isfinite(amin) and math.isfinite(amax)))
+            ):
                 continue
             if c.floating and not np.isfinite(a).all():
                 raise InputError(f"input {c.name}: NaN or infinite values")
