@@ -513,7 +513,11 @@ _PHASE_COLUMNS = (
 
 
 #: How a closed wave's verdict reads ("pass: R3: 5 of 5 committed" is stored).
-_VERDICT_WORDS = {"pass": "passed", "done": "passed, the last wave", "halt": "halted"}
+_VERDICT_WORDS = {  # nosec B105 - the wave gate's actions ("pass"), not a password
+    "pass": "passed",
+    "done": "passed, the last wave",
+    "halt": "halted",
+}
 
 
 def _in_words(reason: str) -> str:
