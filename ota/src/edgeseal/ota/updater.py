@@ -348,12 +348,13 @@ class Updater:
             return Decision("refuse", str(e))
         if msg.trust is not None:  # verified statements: kept whatever is decided below
             self.agent.home.remember(msg.trust)
+        slots = self._slots(msg.model)
         decision = judge(
             msg,
             device_id=self.device_id,
             groups=self.config.groups,
             seqs=self._seqs(),
-            slots=self._slots(msg.model),
+            slots=slots,
         )
         if decision.verdict == "refuse":
             self._refuse(decision.reason, msg)
@@ -373,11 +374,12 @@ class Updater:
         if msg.action == "install":
             self._start(msg, unverified_wire)
         else:
-            self._order(msg)
+            self._order(msg, slots)
         self._record(msg)
         return decision
 
-    def _order(self, msg: ControlMessage) -> None:
+    def _order(self, msg: ControlMessage, slots: SlotView) -> None:
+        """Carry out an accepted order; ``slots`` are the ones it was judged against."""
         reason = f"{msg.action} ordered by {msg.signer.name}" + (
             f": {msg.reason}" if msg.reason else ""
         )
@@ -390,7 +392,7 @@ class Updater:
             if sm is not None:
                 sm.quarantine(reason)  # the agent falls back by itself when it can
             return
-        if self._slots(msg.model).pending == (msg.version, msg.bundle_id):
+        if slots.pending == (msg.version, msg.bundle_id):
             self._stop_update(msg.model, msg.bundle_id, reason)
         else:
             self.agent.fall_back(msg.model, reason)
